@@ -1,0 +1,593 @@
+"""Configuration: Kata's own configuration.toml, read unchanged, validated once.
+
+Who reads what in the file:
+
+| table             | owner        | what we do with it                                    |
+|-------------------|--------------|-------------------------------------------------------|
+| [hypervisor.qemu] | Kata         | how to build each VM (QEMU, kernel, initrd/image ...) |
+| [factory]         | Kata         | cache size, endpoint, templating                      |
+| [vmcache]         | kata-vmcache | settings Kata has no key for (accelerator, timeouts)  |
+| anything else     | Kata         | kept as-is for the Kata JSON of `Config` replies      |
+
+Kata's parser ignores tables it does not know, so `[vmcache]` is invisible to kata-runtime
+and the same file serves both. Inside the tables we read, Kata keys we do not use are
+accepted silently, unknown keys get a warning (a typo in Kata's own tables must not stop a
+host), and unknown keys in our own table are refused with a "did you mean" hint.
+
+Every problem in the file is collected and reported at once, each as
+`PATH:LINE: table.key: what is wrong (got X, expected Y)`. After `load()` returns, the rest of
+the program trusts the `Config` object: nothing downstream re-validates.
+
+Derived values (vCPUs, max vCPUs, memory, memory slots) follow Kata's loader
+(kata-containers/runtime `pkg/katautils/config.go`), so the VM we boot is the VM kata-runtime
+would have booted from the same file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import grp
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from .errors import ConfigError, ConfigProblem
+
+#: Kata's configuration lookup order (kata-containers/runtime, pkg/katautils).
+DEFAULT_CONFIG_PATHS = (
+    Path("/etc/kata-containers/configuration.toml"),
+    Path("/usr/share/defaults/kata-containers/configuration.toml"),
+)
+
+# Kata defaults (pkg/katautils/config-settings.go.in and the Makefile that fills it).
+KATA_DEFAULT_QEMU_PATH = "/usr/bin/qemu-system-x86_64"
+KATA_DEFAULT_KERNEL = "/usr/share/kata-containers/vmlinuz.container"
+KATA_DEFAULT_MACHINE_TYPE = "pc"
+KATA_DEFAULT_VCPUS = 1
+KATA_DEFAULT_MEMORY_MIB = 2048
+KATA_DEFAULT_MEMORY_SLOTS = 10
+KATA_MAX_QEMU_VCPUS = 240  # govmm's MaxVCPUs() on amd64
+KATA_DEFAULT_ENDPOINT = "/var/run/kata-containers/cache.sock"
+KATA_DEFAULT_TEMPLATE_PATH = "/run/vc/vm/template"
+
+OUR_TABLE = "vmcache"
+
+Accelerator = Literal["auto", "kvm", "tcg"]
+ReadyProbe = Literal["serial", "none"]
+LogFormat = Literal["text", "json"]
+
+# Keys Kata reads in [hypervisor.qemu] (1.x and 2.x). We use a few; the others are Kata's
+# business and must not produce warnings on a stock Kata file.
+KATA_QEMU_KEYS = frozenset(
+    """
+    path kernel initrd image firmware firmware_volume machine_accelerators cpu_features
+    kernel_params machine_type default_vcpus default_maxvcpus default_bridges default_memory
+    memory_slots memory_offset enable_virtio_mem disable_block_device_use shared_fs
+    virtio_fs_daemon valid_virtio_fs_daemon_paths virtio_fs_cache_size virtio_fs_extra_args
+    virtio_fs_cache virtio_fs_queue_size block_device_driver block_device_aio
+    block_device_cache_set block_device_cache_direct block_device_cache_noflush
+    enable_iothreads enable_mem_prealloc enable_hugepages enable_vhost_user_store
+    vhost_user_store_path valid_vhost_user_store_paths enable_iommu enable_iommu_platform
+    file_mem_backend valid_file_mem_backends pflashes enable_swap enable_debug
+    disable_nesting_checks msize_9p disable_image_nvdimm hotplug_vfio_on_root_bus
+    pcie_root_port hot_plug_vfio cold_plug_vfio pcie_switch_port disable_vhost_net
+    entropy_source valid_entropy_sources guest_hook_path rx_rate_limiter_max_rate
+    tx_rate_limiter_max_rate use_vsock valid_hypervisor_paths valid_jailer_paths jailer_path
+    ctlpath valid_ctlpaths enable_annotations guest_memory_dump_path guest_memory_dump_paging
+    confidential_guest sev_snp_guest enable_guest_swap seccompsandbox disable_selinux
+    disable_guest_selinux kernel_verity_params dial_timeout rootfs_type
+    disable_seccomp static_sandbox_resource_mgmt sgx_epc_size snp_id_block snp_id_auth
+    snp_guest_policy snp_certs_path extra_monitor_socket reclaim_guest_freed_memory
+    tdx_quote_generation_service_socket_port indep_iothreads
+    """.split()
+)
+OUR_KEYS = frozenset(
+    """
+    accelerator ready_timeout state_dir boot_parallelism stop_timeout ready_probe ready_line
+    max_memory socket_mode socket_group log_format
+    """.split()
+)
+KATA_FACTORY_KEYS = frozenset(
+    {"enable_template", "template_path", "vm_cache_number", "vm_cache_endpoint"}
+)
+
+
+@dataclass(frozen=True)
+class HypervisorSettings:
+    """`[hypervisor.qemu]`, resolved the way Kata resolves it."""
+
+    #: QEMU binary (Kata: `path`).
+    path: Path
+    #: Guest kernel (Kata: `kernel`).
+    kernel: Path
+    #: Initramfs; exactly one of initrd and image is set (Kata: `initrd`).
+    initrd: Path | None
+    #: Root disk image, attached read-only as Kata does (Kata: `image`).
+    image: Path | None
+    #: QEMU machine type (Kata: `machine_type`, default "pc").
+    machine_type: str
+    #: Extra kernel command line, split on white space (Kata: `kernel_params`).
+    kernel_params: tuple[str, ...]
+    #: vCPUs a VM boots with (Kata: `default_vcpus`; 0 -> 1, <0 or > host CPUs -> host CPUs).
+    vcpus: int
+    #: vCPU hot-plug ceiling (Kata: `default_maxvcpus`; 0 or > host CPUs -> host CPUs).
+    max_vcpus: int
+    #: Boot memory in MiB (Kata: `default_memory`, 0 -> 2048).
+    memory_mib: int
+    #: DIMM slots for memory hot-plug (Kata: `memory_slots`, 0 -> 10).
+    memory_slots: int
+    #: Kata's `enable_debug`: keeps the guest console verbose.
+    debug: bool
+
+
+@dataclass(frozen=True)
+class FactorySettings:
+    """`[factory]`."""
+
+    #: VMs kept booted and paused (Kata: `vm_cache_number`; 0 disables the cache).
+    vm_cache_number: int
+    #: gRPC Unix socket (Kata: `vm_cache_endpoint`).
+    vm_cache_endpoint: Path
+    #: Clone VMs from a saved template VM (Kata: `enable_template`).
+    enable_template: bool
+    #: Where the template's memory and device state live (Kata: `template_path`).
+    template_path: Path
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """`[vmcache]`: what Kata has no key for. Documented in etc/configuration.toml."""
+
+    #: "kvm", "tcg", or "auto" (KVM when /dev/kvm is usable, else TCG).
+    accelerator: Accelerator = "auto"
+    #: Seconds from QEMU start to the guest's ready signal before the boot counts as failed.
+    ready_timeout: float = 30.0
+    #: Runtime state: one directory per VM (QMP, console, record) for crash recovery.
+    state_dir: Path = Path("/run/kata-vmcache")
+    #: VMs booting at the same time.
+    boot_parallelism: int = 2
+    #: Seconds QEMU gets to exit after QMP `quit` before it is killed.
+    stop_timeout: float = 3.0
+    #: How readiness is decided: "serial" (a line on the guest's second serial port, as the
+    #: bundled demo guest prints) or "none" (ready once QEMU runs; for guests without a
+    #: signal, e.g. a stock Kata image, until an agent probe exists).
+    ready_probe: ReadyProbe = "serial"
+    #: The line the guest prints when it is up ("serial" probe).
+    ready_line: str = "KATA-VMCACHE-READY"
+    #: Hot-plug memory ceiling in MiB; 0 means the host's memory, as Kata does.
+    max_memory_mib: int = 0
+    #: Permission bits of the gRPC socket.
+    socket_mode: int = 0o600
+    #: Group owning the gRPC socket (a non-root runtime group with socket_mode 0660).
+    socket_group: str = ""
+    #: Log lines as "text" or "json".
+    log_format: LogFormat = "text"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    source: Path | None
+    hypervisor: HypervisorSettings
+    factory: FactorySettings
+    daemon: DaemonSettings
+    #: The parsed document, for rebuilding Kata's JSON exactly as Kata's loader sees it.
+    document: Mapping[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def max_memory_mib(self) -> int:
+        return self.daemon.max_memory_mib or host_memory_mib()
+
+
+@dataclass(frozen=True)
+class Warning_:
+    """A non-fatal remark about the file (unknown key in one of Kata's tables)."""
+
+    key: str
+    message: str
+    line: int | None
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}"
+
+
+def host_cpus() -> int:
+    return os.cpu_count() or 1
+
+
+def host_memory_mib() -> int:
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024))
+
+
+def find_config(explicit: Path | None) -> Path:
+    """The file to read: `explicit`, or the first of Kata's default paths that exists."""
+    if explicit is not None:
+        return explicit
+    for candidate in DEFAULT_CONFIG_PATHS:
+        if candidate.exists():
+            return candidate
+    tried = " or ".join(str(p) for p in DEFAULT_CONFIG_PATHS)
+    raise ConfigError(
+        [ConfigProblem("", f"no configuration file found (looked for {tried}; use --config PATH)")]
+    )
+
+
+def load(path: Path | None = None) -> tuple[Config, list[Warning_]]:
+    """Read, parse and validate a configuration file; raise ConfigError with every problem."""
+    path = find_config(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([ConfigProblem("", f"{path}: no such file")]) from None
+    except IsADirectoryError:
+        raise ConfigError([ConfigProblem("", f"{path}: is a directory, not a file")]) from None
+    except PermissionError:
+        raise ConfigError([ConfigProblem("", f"{path}: permission denied")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigProblem("", f"not UTF-8 text ({exc.reason})", path)]) from None
+    return parse(text, source=path)
+
+
+def parse(text: str, *, source: Path | None = None) -> tuple[Config, list[Warning_]]:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigProblem("", f"invalid TOML: {exc}", source)]) from None
+    v = _Validator(doc, text, source)
+    config = v.build()
+    if v.problems:
+        raise ConfigError(v.problems)
+    assert config is not None
+    return config, v.warnings
+
+
+# --- validation -------------------------------------------------------------------------
+
+_MISSING: Any = object()
+
+
+class _Validator:
+    """Collects problems while reading the document; `build()` returns None if any."""
+
+    def __init__(self, doc: Mapping[str, Any], text: str, source: Path | None) -> None:
+        self.doc = doc
+        self.source = source
+        self.lines = _KeyLines(text)
+        self.problems: list[ConfigProblem] = []
+        self.warnings: list[Warning_] = []
+
+    # reporting
+
+    def problem(self, key: str, message: str) -> None:
+        table, _, name = key.rpartition(".")
+        line = self.lines.find(table, name)
+        self.problems.append(ConfigProblem(key, message, self.source, line))
+
+    def warn(self, key: str, message: str) -> None:
+        table, _, name = key.rpartition(".")
+        self.warnings.append(Warning_(key, message, self.lines.find(table, name)))
+
+    # typed getters: each returns a usable default after recording a problem
+
+    def table(self, dotted: str) -> Mapping[str, Any]:
+        node: Any = self.doc
+        for part in dotted.split("."):
+            if not isinstance(node, Mapping):
+                return {}
+            node = node.get(part, {})
+        if not isinstance(node, Mapping):
+            self.problem(dotted, f"must be a table (got {_show(node)})")
+            return {}
+        return node
+
+    def get(
+        self,
+        table: Mapping[str, Any],
+        key: str,
+        kind: type | tuple[type, ...],
+        default: Any,
+        expected: str,
+    ) -> Any:
+        value = table.get(key.rpartition(".")[2], _MISSING)
+        if value is _MISSING:
+            return default
+        # bool is an int in Python; TOML keeps them apart and so do we.
+        if isinstance(value, bool) and bool not in _as_tuple(kind):
+            self.problem(key, f"wrong type (got {_show(value)}, expected {expected})")
+            return default
+        if not isinstance(value, kind):
+            self.problem(key, f"wrong type (got {_show(value)}, expected {expected})")
+            return default
+        return value
+
+    def check_keys(self, table: Mapping[str, Any], prefix: str, known: frozenset[str],
+                   *, strict: bool) -> None:
+        for key in table:
+            if key in known:
+                continue
+            hint = _suggest(key, known)
+            if strict:
+                self.problem(f"{prefix}.{key}", f"unknown key{hint}")
+            else:
+                self.warn(f"{prefix}.{key}", f"unknown key, ignored{hint}")
+
+    # the file's three tables
+
+    def build(self) -> Config | None:
+        hypervisor_tables = self.table("hypervisor")
+        others = sorted(k for k in hypervisor_tables if k != "qemu")
+        if "qemu" not in hypervisor_tables:
+            found = f" (found: {', '.join(others)})" if others else ""
+            self.problem("hypervisor.qemu", f"table missing: kata-vmcache drives QEMU{found}")
+        hv = self.hypervisor(self.table("hypervisor.qemu"))
+        fac = self.factory(self.table("factory"))
+        ours = self.ours(self.table(OUR_TABLE))
+        if self.problems or hv is None or fac is None or ours is None:
+            return None
+        return Config(self.source, hv, fac, ours, MappingProxyType(dict(self.doc)))
+
+    def hypervisor(self, t: Mapping[str, Any]) -> HypervisorSettings | None:
+        p = "hypervisor.qemu"
+        self.check_keys(t, p, KATA_QEMU_KEYS, strict=False)
+        qemu = self.existing_file(t, f"{p}.path", KATA_DEFAULT_QEMU_PATH, executable=True)
+        kernel = self.existing_file(t, f"{p}.kernel", KATA_DEFAULT_KERNEL)
+        initrd = self.existing_file(t, f"{p}.initrd", "")
+        image = self.existing_file(t, f"{p}.image", "")
+        if t.get("initrd") and t.get("image"):
+            self.problem(f"{p}.image",
+                         "cannot be set together with initrd (Kata boots one of them)")
+        elif not t.get("initrd") and not t.get("image"):
+            self.problem(f"{p}.initrd", "missing: set initrd or image (got neither)")
+        machine = self.get(t, f"{p}.machine_type", str, "", "a QEMU machine type like \"q35\"")
+        if machine and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", machine):
+            self.problem(f"{p}.machine_type", f"not a machine type (got {machine!r}, "
+                         "expected a name like \"q35\" or \"pc\")")
+        params = self.get(t, f"{p}.kernel_params", str, "", "a string of kernel parameters")
+        vcpus = self.get(t, f"{p}.default_vcpus", int, 0, "an integer")
+        max_vcpus = self.get(t, f"{p}.default_maxvcpus", int, 0, "an integer >= 0")
+        if max_vcpus < 0:
+            self.problem(f"{p}.default_maxvcpus", f"must be >= 0 (got {max_vcpus})")
+        memory = self.get(t, f"{p}.default_memory", int, 0, "an integer (MiB)")
+        if memory < 0:
+            self.problem(f"{p}.default_memory", f"must be >= 0 MiB (got {memory})")
+        elif 0 < memory < 64:
+            self.problem(f"{p}.default_memory", f"too small for a guest (got {memory} MiB, "
+                         "expected at least 64)")
+        slots = self.get(t, f"{p}.memory_slots", int, 0, "an integer")
+        if not 0 <= slots <= 255:
+            self.problem(f"{p}.memory_slots", f"out of range (got {slots}, expected 0 to 255)")
+        debug = self.get(t, f"{p}.enable_debug", bool, False, "true or false")
+
+        resolved_vcpus = _kata_vcpus(vcpus)
+        resolved_max = _kata_max_vcpus(max_vcpus)
+        if resolved_max < resolved_vcpus:
+            self.problem(f"{p}.default_maxvcpus", f"smaller than default_vcpus "
+                         f"(got {resolved_max}, expected >= {resolved_vcpus})")
+        if self.problems or qemu is None or kernel is None:
+            return None
+        return HypervisorSettings(
+            path=qemu,
+            kernel=kernel,
+            initrd=initrd,
+            image=image,
+            machine_type=machine or KATA_DEFAULT_MACHINE_TYPE,
+            kernel_params=tuple(params.split()),
+            vcpus=resolved_vcpus,
+            max_vcpus=resolved_max,
+            memory_mib=memory or KATA_DEFAULT_MEMORY_MIB,
+            memory_slots=slots or KATA_DEFAULT_MEMORY_SLOTS,
+            debug=debug,
+        )
+
+    def factory(self, t: Mapping[str, Any]) -> FactorySettings | None:
+        p = "factory"
+        self.check_keys(t, p, KATA_FACTORY_KEYS, strict=False)
+        number = self.get(t, f"{p}.vm_cache_number", int, 0, "an integer >= 0")
+        if number < 0:
+            self.problem(f"{p}.vm_cache_number", f"must be >= 0 (got {number}, "
+                         "expected the number of VMs to keep ready)")
+        elif number > 256:
+            self.problem(f"{p}.vm_cache_number", f"too large (got {number}, expected at most 256)")
+        endpoint = self.abs_path(t, f"{p}.vm_cache_endpoint", KATA_DEFAULT_ENDPOINT)
+        # sun_path is 108 bytes on Linux; a longer path fails late and obscurely in bind().
+        if endpoint is not None and len(os.fsencode(endpoint)) > 107:
+            self.problem(f"{p}.vm_cache_endpoint", f"too long for a Unix socket "
+                         f"(got {len(os.fsencode(endpoint))} bytes, expected at most 107)")
+        template = self.get(t, f"{p}.enable_template", bool, False, "true or false")
+        template_path = self.abs_path(t, f"{p}.template_path", KATA_DEFAULT_TEMPLATE_PATH)
+        if endpoint is None or template_path is None:
+            return None
+        return FactorySettings(number, endpoint, template, template_path)
+
+    def ours(self, t: Mapping[str, Any]) -> DaemonSettings | None:
+        p = OUR_TABLE
+        d = DaemonSettings()
+        self.check_keys(t, p, OUR_KEYS, strict=True)
+        accel = self.choice(t, f"{p}.accelerator", ("auto", "kvm", "tcg"), d.accelerator)
+        ready_timeout = self.positive(t, f"{p}.ready_timeout", d.ready_timeout, 3600)
+        stop_timeout = self.positive(t, f"{p}.stop_timeout", d.stop_timeout, 60)
+        state_dir = self.abs_path(t, f"{p}.state_dir", str(d.state_dir))
+        parallel = self.get(t, f"{p}.boot_parallelism", int, d.boot_parallelism,
+                            "an integer from 1 to 64")
+        if not 1 <= parallel <= 64:
+            self.problem(f"{p}.boot_parallelism", f"out of range (got {parallel}, "
+                         "expected 1 to 64)")
+        probe = self.choice(t, f"{p}.ready_probe", ("serial", "none"), d.ready_probe)
+        ready_line = self.get(t, f"{p}.ready_line", str, d.ready_line, "a string")
+        if not ready_line.strip() or "\n" in ready_line:
+            self.problem(f"{p}.ready_line", f"must be one non-empty line (got {ready_line!r})")
+        max_memory = self.get(t, f"{p}.max_memory", int, 0, "an integer (MiB), 0 for host memory")
+        if max_memory < 0:
+            self.problem(f"{p}.max_memory", f"must be >= 0 MiB (got {max_memory})")
+        mode_text = self.get(t, f"{p}.socket_mode", str, "0600", "an octal string like \"0660\"")
+        mode = d.socket_mode
+        if not re.fullmatch(r"0?[0-7]{3}", mode_text):
+            self.problem(f"{p}.socket_mode", f"not an octal mode (got {mode_text!r}, "
+                         "expected \"0600\" or \"0660\")")
+        else:
+            mode = int(mode_text, 8)
+            if mode & 0o007:
+                self.problem(f"{p}.socket_mode", f"must not grant access to others "
+                             f"(got {mode_text!r}, expected \"0600\" or \"0660\")")
+            elif mode & 0o600 != 0o600:
+                self.problem(f"{p}.socket_mode", f"the owner needs read and write "
+                             f"(got {mode_text!r}, expected \"0600\" or \"0660\")")
+        group = self.get(t, f"{p}.socket_group", str, "", "a group name")
+        if group:
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                self.problem(f"{p}.socket_group", f"no such group on this host (got {group!r})")
+        log_format = self.choice(t, f"{p}.log_format", ("text", "json"), d.log_format)
+        if state_dir is None:
+            return None
+        return DaemonSettings(
+            accelerator=accel,
+            ready_timeout=ready_timeout,
+            state_dir=state_dir,
+            boot_parallelism=parallel,
+            stop_timeout=stop_timeout,
+            ready_probe=probe,
+            ready_line=ready_line,
+            max_memory_mib=max_memory,
+            socket_mode=mode,
+            socket_group=group,
+            log_format=log_format,
+        )
+
+    # value helpers
+
+    def choice(self, t: Mapping[str, Any], key: str, choices: tuple[str, ...], default: Any) -> Any:
+        expected = " or ".join(f'"{c}"' for c in choices)
+        value = self.get(t, key, str, default, expected)
+        if value not in choices:
+            hint = _suggest(value, frozenset(choices))
+            self.problem(key, f"not a valid choice (got {value!r}, expected {expected}){hint}")
+            return default
+        return value
+
+    def positive(self, t: Mapping[str, Any], key: str, default: float, most: float) -> float:
+        value = self.get(t, key, (int, float), default, "a number of seconds")
+        if not (math.isfinite(value) and 0 < value <= most):
+            self.problem(key, f"out of range (got {value}, expected seconds > 0 and <= {most:g})")
+            return default
+        return float(value)
+
+    def abs_path(self, t: Mapping[str, Any], key: str, default: str) -> Path | None:
+        value = self.get(t, key, str, default, "an absolute path")
+        if not value or not os.path.isabs(value):
+            self.problem(key, f"must be an absolute path (got {value!r})")
+            return None
+        if "\0" in value:
+            self.problem(key, "contains a NUL byte")
+            return None
+        return Path(os.path.normpath(value))
+
+    def existing_file(self, t: Mapping[str, Any], key: str, default: str,
+                      *, executable: bool = False) -> Path | None:
+        value = self.get(t, key, str, default, "a path to a file")
+        if not value:
+            return None
+        if "\0" in value:
+            self.problem(key, "contains a NUL byte")
+            return None
+        path = Path(value)
+        if not path.exists():
+            origin = "" if key.rpartition(".")[2] in t else " (Kata's default; set it)"
+            self.problem(key, f"no such file (got {value!r}){origin}")
+        elif not path.is_file():
+            self.problem(key, f"not a regular file (got {value!r})")
+        elif executable and not os.access(path, os.X_OK):
+            self.problem(key, f"not executable (got {value!r})")
+        elif not os.access(path, os.R_OK):
+            self.problem(key, f"not readable (got {value!r})")
+        # Kata resolves symlinks (ResolvePath) and so compares real paths: so do we.
+        return Path(os.path.realpath(path)) if path.exists() else path
+
+
+def _kata_vcpus(requested: int) -> int:
+    cpus = host_cpus()
+    if requested < 0 or requested > cpus:
+        return cpus
+    return requested or KATA_DEFAULT_VCPUS
+
+
+def _kata_max_vcpus(requested: int) -> int:
+    cpus = host_cpus()
+    value = cpus if requested == 0 or requested > cpus else requested
+    return min(value, KATA_MAX_QEMU_VCPUS)
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _show(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "a table"}
+    kind = names.get(type(value), type(value).__name__)
+    text = repr(value)
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{kind} {text}"
+
+
+def _suggest(key: str, known: frozenset[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+class _KeyLines:
+    """Line numbers of `key =` inside `[table]`, for messages (tomllib gives none)."""
+
+    _header = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
+    _key = re.compile(r"^\s*([A-Za-z0-9_\-\"']+)\s*=")
+
+    def __init__(self, text: str) -> None:
+        self._index: dict[tuple[str, str], int] = {}
+        self._tables: dict[str, int] = {}
+        table = ""
+        for number, line in enumerate(text.splitlines(), start=1):
+            if m := self._header.match(line):
+                table = m.group(1).replace('"', "").replace(" ", "")
+                self._tables.setdefault(table, number)
+            elif m := self._key.match(line):
+                self._index.setdefault((table, m.group(1).strip("\"'")), number)
+
+    def find(self, table: str, key: str) -> int | None:
+        return self._index.get((table, key)) or self._tables.get(f"{table}.{key}")
+
+
+def describe(config: Config) -> Iterator[tuple[str, str]]:
+    """The resolved settings as (dotted key, value) pairs, for `check-config`."""
+    def rows(prefix: str, obj: object, fmt: Callable[[str, Any], str]) -> Iterator[tuple[str, str]]:
+        for name in obj.__dataclass_fields__:  # type: ignore[attr-defined]
+            yield f"{prefix}.{name}", fmt(name, getattr(obj, name))
+
+    def plain(name: str, value: Any) -> str:
+        if value is None:
+            return "(unset)"
+        if isinstance(value, tuple):
+            return " ".join(value) or "(none)"
+        if name == "socket_mode":
+            return f"{value:04o}"
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return str(value)
+
+    yield from rows("hypervisor.qemu", config.hypervisor, plain)
+    yield from rows("factory", config.factory, plain)
+    yield from rows(OUR_TABLE, config.daemon, plain)

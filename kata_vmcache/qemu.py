@@ -1,0 +1,284 @@
+"""One QEMU process and, while we own it, its QMP session.
+
+`VMSpec` is everything that makes two VMs interchangeable (what Kata compares), and turns
+into a QEMU argument list; `VMPaths` is where one VM's sockets and files live; `QemuProcess`
+owns the process:
+
+    async with QemuProcess(spec.argv(paths), paths, log=log) as qemu:
+        await qemu.qmp.execute("cont")
+        ...                         # leaving the block stops QEMU unless it was released
+
+Lifecycle (after qemu's python/qemu/machine: launch, soft shutdown, hard shutdown, cleanup):
+
+- `start()` runs QEMU from an argument list (never a shell) in a session of its own, so a
+  terminal's Ctrl-C reaches the daemon but not the VMs, and a handed-off VM outlives us.
+  QEMU starts with `-S` (CPUs stopped) and the QMP connection is made before the guest runs.
+  If QEMU exits first, `LaunchError` carries the exit code and the tail of its log.
+- `stop()` is QMP `quit`, a bounded wait, then SIGKILL; always reaps; idempotent.
+- `release()` closes our QMP session and stops watching for ownership purposes: after a
+  hand-off QEMU's single QMP slot belongs to the receiver. We still reap the process when
+  it exits (it is our child), but never signal it again.
+
+The process is watched with a pidfd on the event loop: exit is noticed at once, with no
+polling and no SIGCHLD handler to share with asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+from qemu.qmp import QMPClient
+
+from .errors import LaunchError, VMDead
+
+# qemu.qmp logs every message at DEBUG and connection noise at INFO/WARNING.
+logging.getLogger("qemu.qmp").setLevel(logging.ERROR)
+
+LOG_TAIL_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """What a VM is made of. Two VMs with equal specs are interchangeable."""
+
+    qemu: Path
+    kernel: Path
+    initrd: Path | None
+    image: Path | None
+    machine_type: str
+    kernel_params: tuple[str, ...]
+    vcpus: int
+    max_vcpus: int
+    memory_mib: int
+    memory_slots: int
+    max_memory_mib: int
+    accelerator: Literal["kvm", "tcg"]
+
+    def argv(self, vm_id: str, uuid: str, paths: VMPaths) -> list[str]:
+        max_mem = max(self.max_memory_mib, self.memory_mib)
+        args = [
+            str(self.qemu),
+            "-name", f"kata-vmcache-{vm_id}",
+            "-uuid", uuid,
+            "-machine", f"{self.machine_type},accel={self.accelerator}",
+            "-cpu", "host" if self.accelerator == "kvm" else "max",
+            "-nodefaults", "-no-user-config", "-display", "none",
+            # A guest that panics or reboots must show up as a dead VM, not boot again
+            # behind our back with a state we did not check.
+            "-no-reboot",
+            "-m", f"{self.memory_mib}M,slots={self.memory_slots},maxmem={max_mem}M",
+            # Kata's SMP layout: one core per socket, a socket per possible vCPU, so
+            # hot-plugging a vCPU is plugging a socket.
+            "-smp", f"{self.vcpus},cores=1,threads=1,sockets={self.max_vcpus},"
+                    f"maxcpus={self.max_vcpus}",
+            "-kernel", str(self.kernel),
+            "-append", " ".join(self.kernel_params),
+            "-chardev", f"socket,id=console,path={paths.console},server=on,wait=off",
+            "-serial", "chardev:console",
+            "-chardev", f"socket,id=agent,path={paths.agent},server=on,wait=off",
+            "-serial", "chardev:agent",
+            "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+            "-S",
+        ]
+        if self.initrd is not None:
+            args += ["-initrd", str(self.initrd)]
+        if self.image is not None:
+            args += [
+                "-drive", f"file={self.image},format=raw,if=none,id=image,readonly=on",
+                "-device", "virtio-blk-pci,drive=image",
+            ]
+        return args
+
+
+@dataclass(frozen=True)
+class VMPaths:
+    """One VM's runtime directory and the files in it."""
+
+    dir: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.dir / "qmp.sock"
+
+    @property
+    def console(self) -> Path:
+        return self.dir / "console.sock"
+
+    @property
+    def agent(self) -> Path:
+        return self.dir / "agent.sock"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "qemu.log"
+
+    @property
+    def record(self) -> Path:
+        return self.dir / "vm.json"
+
+
+class QemuProcess:
+    """Owns one QEMU process: launch, QMP session, exit watch, shutdown."""
+
+    def __init__(self, argv: Sequence[str], paths: VMPaths, *, log: logging.Logger,
+                 on_exit: Callable[[int], None] | None = None) -> None:
+        self.argv = list(argv)
+        self.paths = paths
+        self.log = log
+        self._on_exit = on_exit
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pidfd: int | None = None
+        self._exited = asyncio.Event()
+        self._released = False
+        self.qmp: QMPClient | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and not self._exited.is_set()
+
+    async def __aenter__(self) -> QemuProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if not self._released:
+            await self.stop()
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Launch QEMU (CPUs stopped) and connect QMP; raise LaunchError on failure."""
+        loop = asyncio.get_running_loop()
+        self.paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(self.paths.log, "wb") as logfile:
+            try:
+                self._proc = subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logfile,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                raise LaunchError(f"cannot run {self.argv[0]}: {exc.strerror}",
+                                  argv=self.argv) from exc
+        self._pidfd = os.pidfd_open(self._proc.pid)
+        loop.add_reader(self._pidfd, self._reap)
+        try:
+            self.qmp = await self._connect_qmp(timeout)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _connect_qmp(self, timeout: float) -> QMPClient:
+        deadline = time.monotonic() + timeout
+        client = QMPClient(self.paths.dir.name)
+        while True:
+            if self._exited.is_set():
+                raise LaunchError("QEMU exited during start-up", argv=self.argv,
+                                  returncode=self.returncode, log_tail=self.log_tail())
+            try:
+                await client.connect(str(self.paths.qmp))
+                return client
+            except Exception as exc:
+                # The socket appears a few ms after exec; anything else is retried until
+                # QEMU exits (its log says why) or the deadline passes.
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"no QMP on {self.paths.qmp} after {timeout:g} s",
+                                      argv=self.argv, log_tail=self.log_tail()) from exc
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._exited.wait(), 0.02)
+
+    def _reap(self) -> None:
+        assert self._proc is not None
+        if self._proc.poll() is None:
+            return  # spurious wake-up
+        self._close_pidfd()
+        self._exited.set()
+        if self._on_exit is not None and not self._released:
+            self._on_exit(self._proc.returncode)
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def log_tail(self) -> str:
+        try:
+            with open(self.paths.log, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - LOG_TAIL_BYTES))
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    async def execute(self, command: str, arguments: dict[str, object] | None = None,
+                      *, timeout: float = 5.0) -> object:
+        """One QMP command, bounded in time; VMDead when QEMU is gone or silent."""
+        if self.qmp is None or not self.running:
+            raise VMDead(f"QEMU {self.pid} is not running")
+        try:
+            return await asyncio.wait_for(self.qmp.execute(command, arguments), timeout)
+        except TimeoutError as exc:
+            raise VMDead(f"QEMU {self.pid} did not answer QMP {command!r} "
+                         f"within {timeout:g} s") from exc
+        except (ConnectionError, EOFError) as exc:
+            raise VMDead(f"QEMU {self.pid} closed QMP during {command!r}") from exc
+
+    async def release(self) -> None:
+        """Give the process away: close QMP, never signal it again (we still reap it)."""
+        self._released = True
+        await self._disconnect_qmp()
+
+    async def _disconnect_qmp(self) -> None:
+        if self.qmp is not None:
+            client, self.qmp = self.qmp, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.disconnect(), 2.0)
+
+    async def wait(self, timeout: float | None = None) -> int | None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), timeout)
+        return self.returncode
+
+    async def stop(self, timeout: float = 3.0) -> None:
+        """QMP quit, bounded wait, SIGKILL; reaped on return. No-op once stopped."""
+        if self._proc is None or self._released:
+            return
+        if not self._exited.is_set():
+            if self.qmp is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.qmp.execute("quit"), min(timeout, 1.0))
+            await self.wait(timeout)
+        if not self._exited.is_set():
+            self.log.warning("QEMU %d ignored quit for %.1f s; killing it", self._proc.pid,
+                             timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._proc.pid, signal.SIGKILL)
+            await self.wait(5.0)
+            if not self._exited.is_set():  # only in D state; block briefly rather than leak
+                self._proc.wait(5.0)
+                self._reap()
+        await self._disconnect_qmp()
+        self._close_pidfd()

@@ -1,0 +1,156 @@
+"""The gRPC face of the cache: Kata's `cache.CacheService` on a Unix socket.
+
+The servicer is thin: each RPC is a call into the cache plus a message built from data
+prepared beforehand (the `Config` reply is built once; each VM's hand-off record is built
+when it becomes ready), so the hand-off path does as little as possible.
+
+Errors map to status codes a caller can act on: a closing cache is UNAVAILABLE, a VM that
+cannot be had before the caller's deadline is DEADLINE_EXCEEDED (grpc's own), anything of
+ours that goes wrong is INTERNAL with our one-line message.
+
+`bind()` owns the endpoint: it creates the parent directory, refuses to start while a live
+server answers there, replaces a stale socket file, and sets the socket's mode and group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import grp
+import json
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from google.protobuf import empty_pb2
+
+from . import kata
+from .config import Config
+from .errors import CacheClosed, EndpointInUse, VmcacheError
+from .factory.cache import VMCache
+from .proto import cache_pb2, cache_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+#: Kata's messages are tiny; a peer sending megabytes is not a Kata runtime.
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+def config_reply(config: Config) -> cache_pb2.GrpcVMConfig:
+    vm_config = kata.vm_config(config.document)
+    return cache_pb2.GrpcVMConfig(
+        Data=json.dumps(vm_config, separators=(",", ":")).encode(),
+        AgentConfig=json.dumps(vm_config["AgentConfig"], separators=(",", ":")).encode(),
+    )
+
+
+class CacheServicer(cache_pb2_grpc.CacheServiceServicer):  # type: ignore[misc]
+    def __init__(self, cache: VMCache, config: Config, quit: Callable[[], None]) -> None:
+        self.cache = cache
+        self._config = config_reply(config)
+        self._quit = quit
+
+    async def Config(self, request: empty_pb2.Empty,
+                     context: grpc.aio.ServicerContext) -> cache_pb2.GrpcVMConfig:
+        return self._config
+
+    async def GetBaseVM(self, request: empty_pb2.Empty,
+                        context: grpc.aio.ServicerContext) -> cache_pb2.GrpcVM:
+        try:
+            vm = await self.cache.hand_off()
+        except CacheClosed as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except VmcacheError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        h = vm.handoff
+        assert h is not None
+        return cache_pb2.GrpcVM(id=h.id, hypervisor=h.hypervisor, cpu=h.cpu, memory=h.memory,
+                                cpuDelta=0)
+
+    async def Status(self, request: empty_pb2.Empty,
+                     context: grpc.aio.ServicerContext) -> cache_pb2.GrpcStatus:
+        return cache_pb2.GrpcStatus(
+            pid=os.getpid(),
+            vmstatus=[
+                cache_pb2.GrpcVMStatus(pid=vm.pid or 0, cpu=vm.spec.vcpus,
+                                       memory=vm.spec.memory_mib)
+                for vm in self.cache.owned()
+            ],
+        )
+
+    async def Quit(self, request: empty_pb2.Empty,
+                   context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        log.info("Quit requested over gRPC")
+        # Reply first: the caller waits for this answer, then for the socket to go away.
+        asyncio.get_running_loop().call_later(0.05, self._quit)
+        return empty_pb2.Empty()
+
+
+def probe_endpoint(path: Path) -> bool:
+    """True when something accepts connections on the Unix socket at `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+                return False
+            raise
+        return True
+
+
+def prepare_endpoint(path: Path) -> None:
+    """Make `path` bindable: parent dir, no live server, no stale socket."""
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise EndpointInUse(f"{path} exists and is not a socket; refusing to replace it")
+    if probe_endpoint(path):
+        raise EndpointInUse(f"a server is already answering on {path} "
+                            "(stop it with 'kata-vmcache destroy')")
+    log.info("replacing stale socket %s", path)
+    path.unlink()
+
+
+async def start_server(config: Config, servicer: CacheServicer) -> grpc.aio.Server:
+    endpoint = config.factory.vm_cache_endpoint
+    prepare_endpoint(endpoint)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", 4 * 1024 * 1024),
+        # Drop connections that say nothing: hostile or half-open peers must not pile up.
+        ("grpc.max_connection_idle_ms", 5 * 60 * 1000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ])
+    cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server)
+    # The socket must never exist with wider permissions than asked, not even briefly.
+    old = os.umask(0o177)
+    try:
+        server.add_insecure_port(f"unix:{endpoint}")
+        await server.start()
+    finally:
+        os.umask(old)
+    apply_permissions(endpoint, config.daemon.socket_mode, config.daemon.socket_group)
+    return server
+
+
+def apply_permissions(path: Path, mode: int, group: str) -> None:
+    if group:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    os.chmod(path, mode)
+
+
+def remove_endpoint(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()

@@ -1,0 +1,200 @@
+"""A VM as the daemon sees it: its state, its record on disk, its hand-off record.
+
+States (DESIGN.md):
+
+    booting ──> ready (paused, in the pool) ──> handed_off
+       │            │
+       ├──> failed  └──> dead          (any state but handed_off ──> dead when QEMU exits)
+       └──> dead
+
+Only `ready` VMs are handed out, each exactly once. Transitions are guarded: asking for one
+the state machine does not allow raises `VMStateError` naming the current and the required
+state, the way qemu.qmp's `@require` does.
+
+Each VM has a directory under `<state_dir>/vms/<id>/` with QEMU's sockets, its log and
+`vm.json`, rewritten atomically on every transition. A daemon restarted after a crash reads
+those records to stop the VMs it still owned and to leave handed-off VMs alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import logging
+import os
+import time
+import uuid as uuidlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import VMStateError
+from .qemu import QemuProcess, VMPaths, VMSpec
+
+
+class VMState(enum.Enum):
+    BOOTING = "booting"
+    READY = "ready"
+    HANDED_OFF = "handed_off"
+    DEAD = "dead"
+    FAILED = "failed"
+
+
+_ALLOWED: dict[VMState, frozenset[VMState]] = {
+    VMState.BOOTING: frozenset({VMState.READY, VMState.FAILED, VMState.DEAD}),
+    VMState.READY: frozenset({VMState.HANDED_OFF, VMState.DEAD}),
+    VMState.HANDED_OFF: frozenset(),
+    VMState.DEAD: frozenset(),
+    VMState.FAILED: frozenset({VMState.DEAD}),
+}
+
+
+def new_vm_id() -> str:
+    # Short: the id is part of socket paths, and sun_path holds 107 bytes.
+    return uuidlib.uuid4().hex[:12]
+
+
+@dataclass(frozen=True)
+class HandOff:
+    """What GetBaseVM sends for one VM, prepared before anyone asks (hot path)."""
+
+    id: str
+    hypervisor: bytes
+    cpu: int
+    memory: int
+
+
+class VM:
+    """One VM owned by the daemon, from launch until it is handed off or dead."""
+
+    def __init__(self, spec: VMSpec, state_dir: Path, *, log: logging.Logger,
+                 template: str | None = None) -> None:
+        self.id = new_vm_id()
+        self.uuid = str(uuidlib.uuid4())
+        self.spec = spec
+        self.paths = VMPaths(state_dir / "vms" / self.id)
+        self.log = log.getChild(self.id)
+        self.template = template
+        self.state = VMState.BOOTING
+        self.history: list[VMState] = [VMState.BOOTING]
+        self.reason = ""
+        self.created = time.time()
+        self.boot_seconds: float | None = None
+        self.handoff: HandOff | None = None
+        self.process = QemuProcess(spec.argv(self.id, self.uuid, self.paths), self.paths,
+                                   log=self.log, on_exit=self._qemu_exited)
+        self._exit_listeners: list[Any] = []
+
+    def __repr__(self) -> str:
+        return f"<VM {self.id} {self.state.value} pid={self.pid}>"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    # state machine
+
+    def require(self, *states: VMState) -> None:
+        if self.state not in states:
+            wanted = " or ".join(s.value for s in states)
+            raise VMStateError(f"VM {self.id} is {self.state.value}, needs to be {wanted}")
+
+    def transition(self, new: VMState, reason: str = "") -> None:
+        if new not in _ALLOWED[self.state]:
+            raise VMStateError(f"VM {self.id}: cannot go from {self.state.value} "
+                               f"to {new.value}")
+        self.state = new
+        self.history.append(new)
+        if reason:
+            self.reason = reason
+        self.write_record()
+
+    def on_exit(self, callback: Any) -> None:
+        """Call `callback(vm)` when QEMU exits while we own the VM."""
+        self._exit_listeners.append(callback)
+
+    def _qemu_exited(self, returncode: int) -> None:
+        if self.state in (VMState.BOOTING, VMState.READY, VMState.FAILED):
+            self.log.debug("QEMU %s exited with %s while %s", self.pid, returncode,
+                           self.state.value)
+            self.transition(VMState.DEAD, f"QEMU exited with code {returncode}")
+            for callback in self._exit_listeners:
+                callback(self)
+
+    # records
+
+    def write_record(self) -> None:
+        """vm.json, replaced atomically so a crash never leaves half a record."""
+        record = {
+            "id": self.id,
+            "state": self.state.value,
+            "pid": self.pid,
+            "owner_pid": os.getpid(),
+            "uuid": self.uuid,
+            "created": self.created,
+            "qmp": str(self.paths.qmp),
+            "console": str(self.paths.console),
+            "agent": str(self.paths.agent),
+        }
+        with contextlib.suppress(FileNotFoundError):
+            tmp = self.paths.record.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record))
+            tmp.replace(self.paths.record)
+
+    def hypervisor_record(self) -> dict[str, Any]:
+        """Kata's qemu hand-off record (virtcontainers/qemu.go `qemuGrpc`) plus ours.
+
+        Kata's receiver unmarshals ID, QmpChannelpath, State, NvdimmCount and QemuSMP and
+        ignores the rest; our client reads the extra keys (pid, console, agent, state dir).
+        """
+        s = self.spec
+        return {
+            "ID": self.id,
+            "QmpChannelpath": str(self.paths.qmp),
+            "State": {
+                "Bridges": [],
+                "HotpluggedVCPUs": [],
+                "HotpluggedMemory": 0,
+                "UUID": self.uuid,
+                "HotplugVFIOOnRootBus": False,
+                "VirtiofsdPid": 0,
+                "PCIeRootPort": 0,
+            },
+            "NvdimmCount": 1 if s.image is not None else 0,
+            "QemuSMP": {
+                "CPUs": s.vcpus,
+                "Cores": 1,
+                "Threads": 1,
+                "Sockets": s.max_vcpus,
+                "MaxCPUs": s.max_vcpus,
+            },
+            "Pid": self.pid,
+            "ConsolePath": str(self.paths.console),
+            "AgentPath": str(self.paths.agent),
+            "StateDir": str(self.paths.dir),
+            "MaxMemory": max(s.max_memory_mib, s.memory_mib),
+            "MemorySlots": s.memory_slots,
+        }
+
+    def prepare_handoff(self) -> None:
+        self.handoff = HandOff(
+            id=self.id,
+            hypervisor=json.dumps(self.hypervisor_record(), separators=(",", ":")).encode(),
+            cpu=self.spec.vcpus,
+            memory=self.spec.memory_mib,
+        )
+
+
+def read_records(state_dir: Path) -> Iterable[tuple[Path, dict[str, Any]]]:
+    """Every VM record under state_dir (unreadable ones as {}), for crash recovery."""
+    root = state_dir / "vms"
+    if not root.is_dir():
+        return
+    for entry in sorted(root.iterdir()):
+        try:
+            record = json.loads((entry / "vm.json").read_text())
+        except (OSError, ValueError):
+            record = {}
+        yield entry, record

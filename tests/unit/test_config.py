@@ -1,0 +1,186 @@
+"""Configuration: the shipped file loads, Kata's defaults apply, every bad input is named.
+
+Bad inputs live one per file in tests/data/config/bad/, each with its expected message on
+the first line (`# expect: ...`); @QEMU@, @KERNEL@ and @INITRD@ are replaced with real files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kata_vmcache import config as cfg
+from kata_vmcache.errors import ConfigError
+
+DATA = Path(__file__).parent.parent / "data" / "config"
+BAD = sorted((DATA / "bad").glob("*.toml"))
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def assets(tmp_path: Path) -> dict[str, Path]:
+    qemu = tmp_path / "qemu"
+    qemu.write_text("#!/bin/sh\n")
+    qemu.chmod(0o755)
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"kernel")
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(b"initrd")
+    return {"QEMU": qemu, "KERNEL": kernel, "INITRD": initrd}
+
+
+def materialise(src: Path, dest_dir: Path, assets: dict[str, Path]) -> Path:
+    text = src.read_text()
+    for name, path in assets.items():
+        text = text.replace(f"@{name}@", str(path))
+    dest = dest_dir / src.name
+    dest.write_text(text)
+    return dest
+
+
+def test_good_file_resolves_kata_defaults(tmp_path: Path, assets: dict[str, Path]) -> None:
+    config, warnings = cfg.load(materialise(DATA / "good.toml", tmp_path, assets))
+    h = config.hypervisor
+    assert h.path == assets["QEMU"]
+    assert h.initrd == assets["INITRD"] and h.image is None
+    assert h.machine_type == "q35"
+    assert h.kernel_params == ("console=ttyS0", "quiet")
+    assert (h.vcpus, h.memory_mib, h.memory_slots) == (1, 256, 4)
+    assert h.max_vcpus == cfg.host_cpus()  # Kata: 0 means the host's CPUs
+    assert config.factory.vm_cache_number == 2
+    assert config.factory.vm_cache_endpoint == Path("/run/kata-test/cache.sock")
+    assert config.factory.template_path == Path(cfg.KATA_DEFAULT_TEMPLATE_PATH)
+    assert config.daemon.accelerator == "tcg"
+    assert config.daemon.socket_mode == 0o600
+    assert warnings == []  # Kata keys we ignore are not warned about
+
+
+def test_kata_defaults_when_keys_are_absent(tmp_path: Path, assets: dict[str, Path]) -> None:
+    text = (f'[hypervisor.qemu]\npath = "{assets["QEMU"]}"\nkernel = "{assets["KERNEL"]}"\n'
+            f'initrd = "{assets["INITRD"]}"\n')
+    config, _ = cfg.parse(text)
+    assert config.hypervisor.machine_type == "pc"
+    assert config.hypervisor.memory_mib == 2048
+    assert config.hypervisor.memory_slots == 10
+    assert config.hypervisor.vcpus == 1
+    assert config.factory.vm_cache_number == 0
+    assert config.factory.vm_cache_endpoint == Path("/var/run/kata-containers/cache.sock")
+    assert config.daemon == cfg.DaemonSettings()
+
+
+def test_vcpus_clamped_like_kata(assets: dict[str, Path]) -> None:
+    base = (f'[hypervisor.qemu]\npath = "{assets["QEMU"]}"\nkernel = "{assets["KERNEL"]}"\n'
+            f'initrd = "{assets["INITRD"]}"\n')
+    assert cfg.parse(base + "default_vcpus = -1\n")[0].hypervisor.vcpus == cfg.host_cpus()
+    assert cfg.parse(base + "default_vcpus = 999\n")[0].hypervisor.vcpus == cfg.host_cpus()
+    assert cfg.parse(base + "default_maxvcpus = 999\n")[0].hypervisor.max_vcpus == min(
+        cfg.host_cpus(), cfg.KATA_MAX_QEMU_VCPUS)
+
+
+def test_symlinked_assets_resolve_to_real_paths(tmp_path: Path,
+                                                assets: dict[str, Path]) -> None:
+    link = tmp_path / "kernel-link"
+    link.symlink_to(assets["KERNEL"])
+    text = (f'[hypervisor.qemu]\npath = "{assets["QEMU"]}"\nkernel = "{link}"\n'
+            f'initrd = "{assets["INITRD"]}"\n')
+    assert cfg.parse(text)[0].hypervisor.kernel == assets["KERNEL"]
+
+
+@pytest.mark.parametrize("src", BAD, ids=[p.stem for p in BAD])
+def test_bad_input_is_named(src: Path, tmp_path: Path, assets: dict[str, Path]) -> None:
+    if src.stem == "maxvcpus_below_vcpus" and cfg.host_cpus() < 2:
+        pytest.skip("needs a host with 2 CPUs or more")
+    expected = src.read_text().splitlines()[0].removeprefix("# expect: ")
+    for name, path in assets.items():
+        expected = expected.replace(f"@{name}@", str(path))
+    path = materialise(src, tmp_path, assets)
+    with pytest.raises(ConfigError) as info:
+        cfg.load(path)
+    text = str(info.value)
+    assert expected in text
+    assert info.value.exit_code == 2
+    # each problem names the file, and the line when the key is in it
+    for problem in info.value.problems:
+        assert problem.path == path
+
+
+def test_problem_lines_point_at_the_key(tmp_path: Path, assets: dict[str, Path]) -> None:
+    path = materialise(DATA / "bad" / "cache_number_negative.toml", tmp_path, assets)
+    with pytest.raises(ConfigError) as info:
+        cfg.load(path)
+    (problem,) = info.value.problems
+    line = path.read_text().splitlines()[problem.line - 1] if problem.line else ""
+    assert line.startswith("vm_cache_number")
+    assert str(problem).startswith(f"{path}:{problem.line}: factory.vm_cache_number:")
+
+
+def test_all_problems_reported_at_once(tmp_path: Path, assets: dict[str, Path]) -> None:
+    text = (f'[hypervisor.qemu]\npath = "{assets["QEMU"]}"\nkernel = "/nope"\n'
+            f'initrd = "{assets["INITRD"]}"\ndefault_memory = -1\n'
+            '[factory]\nvm_cache_number = -3\n[vmcache]\naccelerator = "xen"\n')
+    with pytest.raises(ConfigError) as info:
+        cfg.parse(text)
+    keys = [p.key for p in info.value.problems]
+    assert keys == ["hypervisor.qemu.kernel", "hypervisor.qemu.default_memory",
+                    "factory.vm_cache_number", "vmcache.accelerator"]
+
+
+def test_unknown_key_in_kata_table_warns(assets: dict[str, Path]) -> None:
+    text = (f'[hypervisor.qemu]\npath = "{assets["QEMU"]}"\nkernel = "{assets["KERNEL"]}"\n'
+            f'initrd = "{assets["INITRD"]}"\ndefault_memroy = 512\n')
+    _, warnings = cfg.parse(text)
+    assert [str(w) for w in warnings] == [
+        "hypervisor.qemu.default_memroy: unknown key, ignored; did you mean 'default_memory'?"]
+    assert warnings[0].line == 5
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"{tmp_path}/absent.toml: no such file"):
+        cfg.load(tmp_path / "absent.toml")
+
+
+def test_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        cfg.load(tmp_path)
+
+
+def test_shipped_configuration_is_valid(tmp_path: Path, assets: dict[str, Path]) -> None:
+    """etc/configuration.toml documents every [vmcache] key and loads once its guest
+    assets (which only a Kata host has) point at files that exist."""
+    text = (ROOT / "etc" / "configuration.toml").read_text()
+    text = text.replace("/usr/share/kata-containers/vmlinuz.container", str(assets["KERNEL"]))
+    text = text.replace("/usr/share/kata-containers/kata-containers.img", str(assets["INITRD"]))
+    if not Path("/usr/bin/qemu-system-x86_64").exists():
+        text = text.replace("/usr/bin/qemu-system-x86_64", str(assets["QEMU"]))
+    path = tmp_path / "configuration.toml"
+    path.write_text(text)
+    config, warnings = cfg.load(path)
+    assert warnings == []
+    assert config.factory.vm_cache_number == 2
+    for key in cfg.OUR_KEYS:
+        assert f"\n{key} = " in text, f"[vmcache] {key} is not documented in the shipped file"
+
+
+def test_lookup_order_without_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    first, second = tmp_path / "etc.toml", tmp_path / "share.toml"
+    monkeypatch.setattr(cfg, "DEFAULT_CONFIG_PATHS", (first, second))
+    with pytest.raises(ConfigError, match="no configuration file found"):
+        cfg.find_config(None)
+    second.write_text("")
+    assert cfg.find_config(None) == second
+    first.write_text("")
+    assert cfg.find_config(None) == first
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root reads everything")
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    path.chmod(0)
+    with pytest.raises(ConfigError, match="permission denied"):
+        cfg.load(path)
+    shutil.rmtree(tmp_path, ignore_errors=True)
