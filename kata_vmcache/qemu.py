@@ -42,8 +42,9 @@ from qemu.qmp import QMPClient
 
 from .errors import LaunchError, VMDead
 
-# qemu.qmp logs every message at DEBUG and connection noise at INFO/WARNING.
-logging.getLogger("qemu.qmp").setLevel(logging.ERROR)
+# qemu.qmp logs every message at DEBUG and each failed connection at ERROR; we report
+# failures ourselves, with the VM's id and QEMU's own words.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 LOG_TAIL_BYTES = 4096
 
@@ -192,21 +193,25 @@ class QemuProcess:
     async def _connect_qmp(self, timeout: float) -> QMPClient:
         deadline = time.monotonic() + timeout
         client = QMPClient(self.paths.dir.name)
+        last_error: Exception | None = None
         while True:
             if self._exited.is_set():
                 raise LaunchError("QEMU exited during start-up", argv=self.argv,
                                   returncode=self.returncode, log_tail=self.log_tail())
-            try:
-                await client.connect(str(self.paths.qmp))
-                return client
-            except Exception as exc:
-                # The socket appears a few ms after exec; anything else is retried until
-                # QEMU exits (its log says why) or the deadline passes.
-                if time.monotonic() > deadline:
-                    raise LaunchError(f"no QMP on {self.paths.qmp} after {timeout:g} s",
-                                      argv=self.argv, log_tail=self.log_tail()) from exc
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._exited.wait(), 0.02)
+            # QEMU creates the socket a few ms after exec; connecting earlier only produces
+            # errors to throw away. Other failures are retried until QEMU exits (its log
+            # then says why) or the deadline passes.
+            if self.paths.qmp.exists():
+                try:
+                    await client.connect(str(self.paths.qmp))
+                    return client
+                except Exception as exc:
+                    last_error = exc
+            if time.monotonic() > deadline:
+                raise LaunchError(f"no QMP on {self.paths.qmp} after {timeout:g} s",
+                                  argv=self.argv, log_tail=self.log_tail()) from last_error
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), 0.01)
 
     def _reap(self) -> None:
         assert self._proc is not None
@@ -267,9 +272,16 @@ class QemuProcess:
         if self._proc is None or self._released:
             return
         if not self._exited.is_set():
+            asked = False
             if self.qmp is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.qmp.execute("quit"), min(timeout, 1.0))
+                    asked = True
+            if not asked:
+                # No QMP (still starting, or it stopped answering): SIGTERM is QEMU's
+                # other orderly way out.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self._proc.pid, signal.SIGTERM)
             await self.wait(timeout)
         if not self._exited.is_set():
             self.log.warning("QEMU %d ignored quit for %.1f s; killing it", self._proc.pid,

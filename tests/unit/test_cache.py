@@ -1,0 +1,260 @@
+"""Pool logic of VMCache, with a fake QEMU process at the seam (no VMs are booted here:
+tests/integration proves the same behaviour on real QEMU)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from kata_vmcache.errors import CacheClosed, LaunchError
+from kata_vmcache.factory import cache as cachemod
+from kata_vmcache.factory.cache import VMCache
+from kata_vmcache.qemu import VMSpec
+from kata_vmcache.vm import VM, VMState
+
+SPEC = VMSpec(qemu=Path("/bin/true"), kernel=Path("/k"), initrd=Path("/i"), image=None,
+              machine_type="q35", kernel_params=(), vcpus=1, max_vcpus=2, memory_mib=256,
+              memory_slots=4, max_memory_mib=1024, accelerator="tcg")
+
+
+class FakeProcess:
+    _next_pid = 100000
+
+    def __init__(self, vm: VM) -> None:
+        self.vm = vm
+        self.pid: int | None = None
+        self.running = False
+        self.released = False
+        self.stopped = False
+        self.paused = True
+
+    async def start(self) -> None:
+        FakeProcess._next_pid += 1
+        self.pid = FakeProcess._next_pid
+        self.running = True
+
+    async def execute(self, command: str, arguments: object = None,
+                      timeout: float = 5.0) -> object:
+        assert self.running and not self.released
+        if command == "query-status":
+            return {"status": "paused" if self.paused else "running"}
+        return {}
+
+    async def release(self) -> None:
+        self.released = True
+
+    async def stop(self, timeout: float = 3.0) -> None:
+        self.stopped = True
+        self.running = False
+
+    def die(self) -> None:
+        self.running = False
+        self.vm._qemu_exited(-9)
+
+
+class FakeFactory:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.gate: asyncio.Event | None = None  # when set, boots wait for it
+        self.fail_next = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.created: list[VM] = []
+
+    def create(self) -> VM:
+        vm = VM(SPEC, self.tmp, log=cachemod.log)
+        vm.process = FakeProcess(vm)  # type: ignore[assignment]
+        self.created.append(vm)
+        return vm
+
+    async def boot(self, vm: VM) -> None:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await vm.process.start()
+            if self.gate is not None:
+                await self.gate.wait()
+            else:
+                await asyncio.sleep(0)
+            if self.fail_next:
+                self.fail_next -= 1
+                vm.transition(VMState.FAILED, "boom")
+                raise LaunchError("guest exploded")
+            vm.boot_seconds = 0.01
+            vm.prepare_handoff()
+            vm.transition(VMState.READY)
+        finally:
+            self.in_flight -= 1
+
+
+@pytest_asyncio.fixture
+async def pool(tmp_path: Path) -> AsyncIterator[tuple[VMCache, FakeFactory]]:
+    factory = FakeFactory(tmp_path)
+    cache = VMCache(factory, 3, parallelism=2)
+    task = asyncio.create_task(cache.run())
+    yield cache, factory
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await cache.close()
+
+
+async def until(cache: VMCache, predicate: object, timeout: float = 5.0) -> None:
+    async def loop() -> None:
+        while not predicate():  # type: ignore[operator]
+            await cache.wait_changed()
+    await asyncio.wait_for(loop(), timeout)
+
+
+@pytest.mark.asyncio
+async def test_fills_to_target_with_bounded_parallelism(pool: tuple[VMCache, FakeFactory]) -> None:
+    cache, factory = pool
+    await until(cache, lambda: cache.ready_count == 3)
+    assert factory.max_in_flight <= 2
+    assert len(factory.created) == 3
+    assert all(vm.state is VMState.READY for vm in cache.owned())
+
+
+@pytest.mark.asyncio
+async def test_each_vm_handed_out_once_and_refilled(pool: tuple[VMCache, FakeFactory]) -> None:
+    cache, factory = pool
+    await until(cache, lambda: cache.ready_count == 3)
+    taken = [await cache.hand_off() for _ in range(5)]
+    assert len({vm.id for vm in taken}) == 5
+    for vm in taken:
+        assert vm.state is VMState.HANDED_OFF
+        assert vm.history == [VMState.BOOTING, VMState.READY, VMState.HANDED_OFF]
+        assert vm.process.released  # type: ignore[attr-defined]
+    await until(cache, lambda: cache.ready_count == 3)
+    assert cache.stats.handed_out == 5
+    assert not any(vm in cache.owned() for vm in taken)
+
+
+@pytest.mark.asyncio
+async def test_waiters_are_served_in_order_by_refills(tmp_path: Path) -> None:
+    factory = FakeFactory(tmp_path)
+    factory.gate = asyncio.Event()
+    cache = VMCache(factory, 1, parallelism=1)
+    task = asyncio.create_task(cache.run())
+    try:
+        waiters = [asyncio.create_task(cache.hand_off()) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert cache.waiting_clients == 3
+        factory.gate.set()
+        vms = await asyncio.wait_for(asyncio.gather(*waiters), 5)
+        assert len({vm.id for vm in vms}) == 3
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await cache.close()
+
+
+@pytest.mark.asyncio
+async def test_cancelled_waiter_loses_no_vm(tmp_path: Path) -> None:
+    factory = FakeFactory(tmp_path)
+    factory.gate = asyncio.Event()
+    cache = VMCache(factory, 1, parallelism=1)
+    task = asyncio.create_task(cache.run())
+    try:
+        impatient = asyncio.create_task(cache.hand_off())
+        await asyncio.sleep(0.01)
+        impatient.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await impatient
+        factory.gate.set()
+        await until(cache, lambda: cache.ready_count == 1)
+        assert cache.waiting_clients == 0
+        vm = await cache.hand_off()
+        assert vm.state is VMState.HANDED_OFF
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await cache.close()
+
+
+@pytest.mark.asyncio
+async def test_boot_failures_back_off_then_recover(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cachemod, "BACKOFF_START", 0.01)
+    factory = FakeFactory(tmp_path)
+    factory.fail_next = 3
+    cache = VMCache(factory, 2, parallelism=1)
+    task = asyncio.create_task(cache.run())
+    try:
+        await until(cache, lambda: cache.ready_count == 2)
+        assert cache.stats.boot_failures == 3
+        assert cache.stats.last_error == ""
+        failed = [vm for vm in factory.created if vm.state is VMState.FAILED]
+        assert len(failed) == 3
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await cache.close()
+
+
+def test_backoff_doubles_up_to_the_cap(tmp_path: Path) -> None:
+    cache = VMCache(FakeFactory(tmp_path), 1, parallelism=1)
+    delays = []
+    for _ in range(10):
+        cache._boot_failed("same reason")
+        delays.append(round(cache._not_before - time.monotonic()))
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]
+    assert cache.stats.boot_failures == 10
+    assert cache.stats.last_error == "same reason"
+
+
+@pytest.mark.asyncio
+async def test_dead_vm_leaves_pool_and_is_replaced(pool: tuple[VMCache, FakeFactory]) -> None:
+    cache, factory = pool
+    await until(cache, lambda: cache.ready_count == 3)
+    victim = cache.owned()[0]
+    victim.process.die()  # type: ignore[attr-defined]
+    assert victim not in cache.owned()
+    assert victim.state is VMState.DEAD
+    await until(cache, lambda: cache.ready_count == 3)
+    assert len(factory.created) == 4
+    assert cache.stats.died_in_pool == 1
+
+
+@pytest.mark.asyncio
+async def test_running_vm_is_never_handed_out(pool: tuple[VMCache, FakeFactory]) -> None:
+    cache, _ = pool
+    await until(cache, lambda: cache.ready_count == 3)
+    bad = cache.owned()[0]
+    bad.process.paused = False  # type: ignore[attr-defined]
+    got = await cache.hand_off()
+    assert got is not bad
+    assert bad.process.stopped  # type: ignore[attr-defined]
+
+
+@pytest.mark.asyncio
+async def test_close_stops_owned_vms_and_fails_waiters(tmp_path: Path) -> None:
+    factory = FakeFactory(tmp_path)
+    cache = VMCache(factory, 2, parallelism=2)
+    task = asyncio.create_task(cache.run())
+    await until(cache, lambda: cache.ready_count == 2)
+    handed = await cache.hand_off()
+    await until(cache, lambda: cache.ready_count == 2)
+    owned = cache.owned()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await cache.close()
+    assert all(vm.process.stopped for vm in owned)  # type: ignore[attr-defined]
+    assert not handed.process.stopped  # type: ignore[attr-defined]
+    with pytest.raises(CacheClosed):
+        await cache.hand_off()
+
+
+@pytest.mark.asyncio
+async def test_resize(pool: tuple[VMCache, FakeFactory]) -> None:
+    cache, _ = pool
+    await until(cache, lambda: cache.ready_count == 3)
+    cache.resize(1)
+    await until(cache, lambda: cache.ready_count == 1)
+    cache.resize(4)
+    await until(cache, lambda: cache.ready_count == 4)
