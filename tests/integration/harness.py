@@ -1,0 +1,189 @@
+"""Run the real daemon as a user would: `kata-vmcache --config FILE init` in a subprocess,
+with real signals, a real socket and real QEMU; and stop whatever a test took, by pid."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kata_vmcache.procs import pid_alive
+from kata_vmcache.vm import read_records
+
+CLI = [sys.executable, "-m", "kata_vmcache"]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
+             interval: float = 0.05) -> Any:
+    """Poll an observable condition until it holds; fail naming what did not happen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def qmp(path: Path, *commands: str | tuple[str, dict[str, Any]],
+        timeout: float = 10.0) -> list[Any]:
+    """Synchronous, dependency-free QMP: connect, negotiate, run commands, close."""
+    results = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        f = s.makefile("rwb")
+
+        def send(cmd: str, args: dict[str, Any] | None = None) -> Any:
+            msg: dict[str, Any] = {"execute": cmd}
+            if args:
+                msg["arguments"] = args
+            f.write(json.dumps(msg).encode() + b"\n")
+            f.flush()
+            while True:
+                line = f.readline()
+                if not line:
+                    if cmd == "quit":
+                        return None
+                    raise ConnectionError(f"QMP closed during {cmd}")
+                reply = json.loads(line)
+                if "event" in reply:
+                    continue
+                if "error" in reply:
+                    raise RuntimeError(f"QMP {cmd}: {reply['error']}")
+                return reply.get("return")
+
+        greeting = json.loads(f.readline())
+        assert "QMP" in greeting
+        send("qmp_capabilities")
+        for c in commands:
+            name, args = (c, None) if isinstance(c, str) else c
+            results.append(send(name, args))
+    return results
+
+
+def stop_taken_vm(record: dict[str, Any], timeout: float = 10.0) -> None:
+    """What a new owner does with a VM it no longer wants: QMP quit, then kill by pid."""
+    pid = record.get("Pid")
+    with contextlib.suppress(OSError, RuntimeError, ConnectionError):
+        qmp(Path(record["QmpChannelpath"]), "quit", timeout=3)
+    if isinstance(pid, int):
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not pid_alive(pid), timeout, f"QEMU {pid} to exit")
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not pid_alive(pid), 5, f"QEMU {pid} to die")
+    if record.get("StateDir"):
+        shutil.rmtree(record["StateDir"], ignore_errors=True)
+
+
+class Console:
+    """The guest's serial console, through QEMU's chardev socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.sock.settimeout(0.2)
+
+    def run(self, command: str, expect: str, timeout: float = 15.0) -> str:
+        seen = b""
+        self.sock.sendall(command.encode() + b"\n")
+        deadline = time.monotonic() + timeout
+        while expect.encode() not in seen:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"console never showed {expect!r}; got {seen[-500:]!r}")
+            with contextlib.suppress(TimeoutError):
+                seen += self.sock.recv(4096)
+        return seen.decode(errors="replace")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Daemon:
+    def __init__(self, config: Path, endpoint: Path, state_dir: Path) -> None:
+        self.config = config
+        self.endpoint = endpoint
+        self.state_dir = state_dir
+        self.proc: subprocess.Popen[str] | None = None
+        self.log_path = config.parent / "daemon.log"
+        self.taken: list[dict[str, Any]] = []
+
+    def start(self) -> Daemon:
+        self._log = open(self.log_path, "a")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([*CLI, "--config", str(self.config), "init"],
+                                     stdout=self._log, stderr=subprocess.STDOUT, text=True)
+        wait_for(lambda: self.serving() or self.proc.poll() is not None, 30,  # type: ignore[union-attr]
+                 "the daemon to serve")
+        assert self.proc.poll() is None, f"daemon exited: {self.log()}"
+        return self
+
+    def serving(self) -> bool:
+        return self.endpoint.exists() and self.cli("status").returncode == 0
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def records(self, state: str | None = None) -> list[dict[str, Any]]:
+        return [r for _, r in read_records(self.state_dir) if state is None
+                or r.get("state") == state]
+
+    def wait_ready(self, count: int, timeout: float = 90.0) -> list[dict[str, Any]]:
+        return wait_for(lambda: len(self.records("ready")) >= count and self.records("ready"),
+                        timeout, f"{count} ready VMs")  # type: ignore[no-any-return]
+
+    def cli(self, *args: str, timeout: float = 90.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, "--config", str(self.config), *args],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def get(self) -> dict[str, Any]:
+        result = self.cli("get")
+        assert result.returncode == 0, result.stderr
+        vm: dict[str, Any] = json.loads(result.stdout)
+        self.taken.append(vm["hypervisor"])
+        return vm
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        code = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                code = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        elif self.proc is not None:
+            code = self.proc.returncode
+        for record in self.taken:
+            stop_taken_vm(record)
+        self.taken.clear()
+        with contextlib.suppress(AttributeError):
+            self._log.close()
+        return code
+
+
+def write_config(dest: Path, text: str) -> Path:
+    dest.write_text(text)
+    return dest
+
+
+def run_cli(args: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
