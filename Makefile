@@ -36,7 +36,7 @@ test-unit: venv
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/mypy kata_vmcache
+	$(BIN)/mypy
 
 proto: venv
 	$(BIN)/python scripts/gen_proto.py

@@ -30,16 +30,17 @@ import grp
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-try:
+if sys.version_info >= (3, 11):  # noqa: UP036 - tomli stays the fallback the brief asks for
     import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
-    import tomli as tomllib  # type: ignore[no-redef]
+else:  # pragma: no cover
+    import tomli as tomllib
 
 from .errors import ConfigError, ConfigProblem
 

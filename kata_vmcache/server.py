@@ -49,7 +49,7 @@ def config_reply(config: Config) -> cache_pb2.GrpcVMConfig:
     )
 
 
-class CacheServicer(cache_pb2_grpc.CacheServiceServicer):  # type: ignore[misc]
+class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     def __init__(self, cache: VMCache, config: Config, quit: Callable[[], None]) -> None:
         self.cache = cache
         self._config = config_reply(config)

@@ -7,6 +7,7 @@ leftovers are then killed by pid so one leak does not cascade into the next test
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterator
@@ -51,10 +52,8 @@ def _no_leftover_processes() -> Iterator[None]:
     leaked_qemu = our_qemus() - before_qemu
     leaked_children = children() - before_children - leaked_qemu
     for pid in leaked_qemu | leaked_children:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     if leaked_qemu or leaked_children:
         pytest.fail(f"test left processes running: QEMU {sorted(leaked_qemu)}, "
                     f"children {sorted(leaked_children)} (killed now)")

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from kata_vmcache.demo_guest import DemoGuest, build_demo_guest, render_config
 
 from .harness import Daemon

@@ -40,7 +40,8 @@ class FakeProcess:
 
     async def execute(self, command: str, arguments: object = None,
                       timeout: float = 5.0) -> object:
-        assert self.running and not self.released
+        assert self.running
+        assert not self.released
         if command == "query-status":
             return {"status": "paused" if self.paused else "running"}
         return {}
@@ -122,7 +123,7 @@ async def test_fills_to_target_with_bounded_parallelism(pool: tuple[VMCache, Fak
 
 @pytest.mark.asyncio
 async def test_each_vm_handed_out_once_and_refilled(pool: tuple[VMCache, FakeFactory]) -> None:
-    cache, factory = pool
+    cache, _factory = pool
     await until(cache, lambda: cache.ready_count == 3)
     taken = [await cache.hand_off() for _ in range(5)]
     assert len({vm.id for vm in taken}) == 5

@@ -45,7 +45,8 @@ def test_good_file_resolves_kata_defaults(tmp_path: Path, assets: dict[str, Path
     config, warnings = cfg.load(materialise(DATA / "good.toml", tmp_path, assets))
     h = config.hypervisor
     assert h.path == assets["QEMU"]
-    assert h.initrd == assets["INITRD"] and h.image is None
+    assert h.initrd == assets["INITRD"]
+    assert h.image is None
     assert h.machine_type == "q35"
     assert h.kernel_params == ("console=ttyS0", "quiet")
     assert (h.vcpus, h.memory_mib, h.memory_slots) == (1, 256, 4)
