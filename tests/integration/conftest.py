@@ -10,15 +10,17 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from kata_vmcache.demo_guest import DemoGuest, build_demo_guest, render_config
 
 from .harness import Daemon
 
 
 @pytest.fixture(scope="session")
-def demo_guest() -> Iterator[DemoGuest]:
+def demo_guest() -> Iterator[Any]:
+    from kata_vmcache.demo_guest import build_demo_guest
+
     if not shutil.which("qemu-system-x86_64"):
         pytest.fail("qemu-system-x86_64 is not installed (run `make setup`)")
     root = Path(tempfile.mkdtemp(prefix="kvc-guest-"))
@@ -41,7 +43,9 @@ ConfigFactory = Callable[..., Path]
 
 
 @pytest.fixture
-def make_config(demo_guest: DemoGuest, workdir: Path) -> ConfigFactory:
+def make_config(demo_guest: Any, workdir: Path) -> ConfigFactory:
+    from kata_vmcache.demo_guest import render_config
+
     def make(cache_number: int = 2, name: str = "configuration.toml", **ours: object) -> Path:
         path = workdir / name
         path.write_text(render_config(demo_guest, endpoint=workdir / "cache.sock",

@@ -153,7 +153,7 @@ class Daemon:
         self.taken.append(vm["hypervisor"])
         return vm
 
-    def signal(self, sig: int) -> None:
+    def send_signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
 

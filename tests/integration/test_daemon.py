@@ -113,7 +113,7 @@ def test_signals_stop_cleanly(make_daemon: Callable[..., Daemon], sig: int) -> N
     d = make_daemon(cache_number=1)
     owned = [r["pid"] for r in d.wait_ready(1)]
     started = time.monotonic()
-    d.signal(sig)
+    d.send_signal(sig)
     assert d.wait(5) == 0
     assert time.monotonic() - started < 5
     assert not d.endpoint.exists()
@@ -173,9 +173,11 @@ def test_cli_errors_are_one_line(make_config: Callable[..., Path], workdir: Path
 def test_check_config_prints_resolved_settings(make_config: Callable[..., Path]) -> None:
     result = run_cli(["--config", str(make_config()), "check-config"])
     assert result.returncode == 0, result.stderr
-    settings = dict(line.split(" = ", 1) for line in result.stdout.splitlines()[1:])
-    assert {k: v.strip() for k, v in settings.items()}["factory.vm_cache_number"] == "2"
-    assert settings["vmcache.accelerator"].strip() == "tcg"
+    pairs = (line.split(" = ", 1) for line in result.stdout.splitlines()[1:])
+    settings = {key.strip(): value for key, value in pairs}
+    assert settings["factory.vm_cache_number"] == "2"
+    assert settings["vmcache.accelerator"] == "tcg"
+    assert settings["hypervisor.qemu.memory_mib"] == "256"
 
 
 def test_taken_vm_outlives_the_daemon(make_daemon: Callable[..., Daemon]) -> None:
