@@ -83,6 +83,8 @@ def stop_taken_vm(record: dict[str, Any], timeout: float = 10.0) -> None:
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
             wait_for(lambda: not pid_alive(pid), 5, f"QEMU {pid} to die")
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # ours if the daemon exited first (subreaper)
     if record.get("StateDir"):
         shutil.rmtree(record["StateDir"], ignore_errors=True)
 

@@ -191,3 +191,52 @@ def test_taken_vm_outlives_the_daemon(make_daemon: Callable[..., Daemon]) -> Non
     stop_taken_vm(taken["hypervisor"])
     assert not pid_alive(pid)
     assert os.path.exists(taken["hypervisor"]["StateDir"]) is False
+
+
+def test_config_rpc_carries_katas_json(daemon: Daemon) -> None:
+    """Config answers with Kata's VMConfig JSON derived from the same file, as kata-runtime
+    compares it: both vCPU fields, AgentType "kata", resolved asset paths."""
+    import asyncio
+    import tomllib
+
+    from kata_vmcache import kata
+    from kata_vmcache.client import CacheClient
+
+    async def fetch() -> tuple[dict[str, object], dict[str, object]]:
+        async with CacheClient(daemon.endpoint) as client:
+            return await client.config()
+
+    data, agent = asyncio.run(fetch())
+    expected = kata.vm_config(tomllib.loads(daemon.config.read_text()))
+    assert data == json.loads(json.dumps(expected))
+    assert data["AgentType"] == "kata"
+    assert agent == data["AgentConfig"]
+    hv = data["HypervisorConfig"]
+    assert isinstance(hv, dict)
+    assert hv["NumVCPUs"] == 1
+    assert hv["NumVCPUsF"] == 1.0
+    assert hv["MemorySize"] == 256
+    assert hv["HypervisorMachineType"] == "q35"
+    assert Path(hv["InitrdPath"]).is_file()
+
+
+def test_readiness_timeout_names_the_accelerator(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon(cache_number=1, ready_timeout=0.2)
+    wait_for(lambda: "guest not ready after 0.2 s under TCG" in d.log(), 30,
+             "the readiness timeout to be logged")
+    assert "raise ready_timeout" in d.log()
+    assert d.cli("status").returncode == 0  # the daemon keeps serving while boots fail
+    assert d.records("ready") == []
+
+
+def test_endpoint_parent_directory_is_created(make_config: Callable[..., Path],
+                                              workdir: Path) -> None:
+    endpoint = workdir / "run" / "kata" / "cache.sock"
+    config = make_config(cache_number=1)
+    config.write_text(config.read_text().replace(str(workdir / "cache.sock"), str(endpoint)))
+    d = Daemon(config, endpoint, workdir / "state")
+    try:
+        d.start()
+        assert stat.S_ISSOCK(endpoint.stat().st_mode)
+    finally:
+        d.stop()
