@@ -38,6 +38,11 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# The benchmark: a real daemon on the demo guest; writes bench/results/latest.{json,md} and
+# latency.png. Never fails because of a number. BENCH_ARGS="--samples 200" for more.
+bench: setup
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 proto: venv
 	$(BIN)/python scripts/gen_proto.py
 

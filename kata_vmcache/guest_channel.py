@@ -119,13 +119,16 @@ class GuestChannel:
         await self._exchange(None, lambda line: True if line == READY_LINE else None,
                              timeout, what="the ready line")
 
-    async def ping(self, timeout: float = 5.0) -> float:
-        """Round trip, in seconds, of a ping the guest answers after sleeping 0.2 s of
-        its own time (so a guest whose clock is frozen does not answer)."""
+    async def ping(self, timeout: float = 5.0, *, guest_sleep_ms: int = 10) -> float:
+        """Round trip, in seconds, of a ping the guest answers only after sleeping
+        `guest_sleep_ms` of its own time: any sleep needs the guest's timers, so a guest
+        whose clock is frozen never answers, however short the sleep."""
+        if not 1 <= guest_sleep_ms <= 60_000:
+            raise ValueError(f"guest_sleep_ms must be 1 to 60000 (got {guest_sleep_ms})")
         token = secrets.token_hex(8)
         expected = f"pong {token}"
         start = time.monotonic()
-        await self._exchange(f"ping {token}",
+        await self._exchange(f"ping {token} {guest_sleep_ms}",
                              lambda line: True if line == expected else None, timeout)
         return time.monotonic() - start
 

@@ -167,8 +167,8 @@ async def test_guest_boots_to_ready_and_answers_ping(demo_guest: DemoGuest,
                                                     machine: str) -> None:
     async with boot_demo_vm(demo_guest, machine) as vm:
         assert vm.channel is not None
-        rtt = await vm.channel.ping()
-        # The guest sleeps 0.2 s of its own time before answering.
+        rtt = await vm.channel.ping(guest_sleep_ms=200)
+        # The guest sleeps 0.2 s of its own time before answering: at least that passes here.
         assert 0.2 <= rtt < 5
         print(f"{machine}: ready after {vm.ready_seconds:.2f} s, ping {rtt * 1000:.0f} ms")
 
@@ -186,7 +186,7 @@ async def test_paused_guest_is_silent_and_resumes_from_a_new_qmp_connection(vm: 
     await vm.connect_qmp()
     await vm.execute("cont")
     # The pong of the timed-out ping arrives first and is skipped (wrong token).
-    assert await vm.channel.ping() >= 0.2
+    assert await vm.channel.ping(guest_sleep_ms=200) >= 0.2
     assert (await vm.execute("query-status"))["status"] == "running"
 
 
@@ -277,6 +277,18 @@ async def test_hot_added_cpu_and_memory_are_onlined(vm: DemoVM) -> None:
     after = await vm.channel.online()
     assert after.cpus == 2
     assert after.mem_kib >= before.mem_kib + 200 * MIB
-    assert await vm.channel.ping() >= 0.2
+    assert await vm.channel.ping(guest_sleep_ms=200) >= 0.2
     # Idempotent: nothing is left offline.
     assert (await vm.channel.online()).cpus == 2
+
+
+@pytest.mark.asyncio
+async def test_ping_sleep_is_guest_time(vm: DemoVM) -> None:
+    """The probe's sleep is the guest's own: a longer one takes longer, a bad one is refused."""
+    assert vm.channel is not None
+    short = await vm.channel.ping(guest_sleep_ms=1)
+    long = await vm.channel.ping(guest_sleep_ms=500)
+    assert long >= 0.5
+    assert long > short
+    with pytest.raises(ValueError, match="guest_sleep_ms"):
+        await vm.channel.ping(guest_sleep_ms=0)

@@ -306,7 +306,8 @@ async def test_channel_waits_for_ready_and_skips_stale_lines() -> None:
             verb, _, arg = cmd.partition(" ")
             if verb == "ping":
                 # A stale pong of someone else's ping, and an answer to a partial line.
-                writer.write(f"pong old\nerr unknown command\npong {arg}\n".encode())
+                token = arg.split()[0]
+                writer.write(f"pong old\nerr unknown command\npong {token}\n".encode())
             elif verb == "info":
                 writer.write(b"pong late\ninfo cpus=2 mem_kib=1024 uptime=3.5\n")
             elif verb == "time":

@@ -1,0 +1,364 @@
+"""`make bench`: the cache's numbers, side by side with what a user would get without it.
+
+Runs a real daemon (`python -m kata_vmcache init`) on the bundled demo guest, drives it from
+separate client processes (bench/worker.py) and writes:
+
+- bench/results/latest.json  every figure (the keys the issue names) plus raw samples;
+- bench/results/latest.md    a Markdown table with each figure's ratio to its reference;
+- bench/results/latency.png  the latency distributions.
+
+It never fails because of a number. Each phase waits for the cache to be full before it
+measures ("VM ready in the cache"), so hand-off samples never include a boot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = [sys.executable, str(ROOT / "bench" / "worker.py")]
+CLI = [sys.executable, "-m", "kata_vmcache"]
+CACHE = 8  # enough for 8 concurrent clients to find a ready VM each
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: timed out waiting for {what}")
+        time.sleep(0.05)
+    return value
+
+
+def qmp_quit(path: str) -> None:
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(3)
+            s.connect(path)
+            f = s.makefile("rwb")
+            f.readline()
+            for cmd in ("qmp_capabilities", "quit"):
+                f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+                f.flush()
+                f.readline()
+    except OSError:
+        pass
+
+
+def stop_vm(record: dict[str, Any]) -> None:
+    qmp_quit(record["QmpChannelpath"])
+    pid = record.get("Pid")
+    if isinstance(pid, int):
+        deadline = time.monotonic() + 5
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(record.get("StateDir", "/nonexistent"), ignore_errors=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def status_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def smaps_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Bench:
+    def __init__(self, samples: int, out: Path) -> None:
+        self.samples = samples
+        self.out = out
+        self.tmp = Path(tempfile.mkdtemp(prefix="kvc-bench-"))
+        self.taken: list[dict[str, Any]] = []
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.raw: dict[str, list[float]] = {}
+
+    # set-up
+
+    def start(self) -> None:
+        from kata_vmcache.demo_guest import build_demo, render_config
+
+        build = build_demo(ROOT / ".demo")
+        self.accelerator = build.accelerator
+        self.endpoint = self.tmp / "cache.sock"
+        self.state = self.tmp / "state"
+        self.config = self.tmp / "configuration.toml"
+        self.config.write_text(render_config(build.guest, endpoint=self.endpoint,
+                                             state_dir=self.state, cache_number=CACHE,
+                                             accelerator=build.accelerator))
+        self.daemon_log = open(self.tmp / "daemon.log", "wb")  # noqa: SIM115
+        self.daemon = subprocess.Popen([*CLI, "--config", str(self.config), "init"],
+                                       stdout=self.daemon_log, stderr=subprocess.STDOUT)
+        wait_for(self.endpoint.exists, 30, "the daemon's socket")
+
+    def ready(self) -> list[dict[str, Any]]:
+        from kata_vmcache.vm import read_records
+
+        return [r for _, r in read_records(self.state) if r.get("state") == "ready"]
+
+    def wait_full(self) -> list[dict[str, Any]]:
+        return wait_for(lambda: len(self.ready()) >= CACHE and self.ready(), 300,  # type: ignore[no-any-return]
+                        f"{CACHE} ready VMs")
+
+    def worker(self, *args: str) -> dict[str, Any]:
+        out = subprocess.run([*WORKER, *args], capture_output=True, check=True, timeout=600)
+        result: dict[str, Any] = json.loads(out.stdout)
+        self.taken += result.get("vms", [])
+        return result
+
+    def release_taken(self) -> None:
+        for record in self.taken:
+            stop_vm(record)
+        self.taken.clear()
+
+    def stop(self) -> None:
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.send_signal(signal.SIGTERM)
+            try:
+                self.daemon.wait(15)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+        self.release_taken()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # phases
+
+    def handoff_and_floor(self) -> None:
+        floors: list[float] = []
+        handoffs: list[float] = []
+        rounds = max(1, -(-self.samples // CACHE))
+        for i in range(rounds):
+            self.wait_full()
+            result = self.worker("handoff", "--endpoint", str(self.endpoint),
+                                 "--count", str(CACHE), "--floor", str(CACHE * 4))
+            floors += result["floor_ms"]
+            handoffs += result["handoff_ms"]
+            self.release_taken()
+            log(f"hand-off round {i + 1}/{rounds}: p50 {pct(handoffs, 50):.2f} ms")
+        self.raw["floor_ms"] = floors
+        self.raw["handoff_ms"] = handoffs
+
+    def concurrent(self, clients: int = 8, rounds: int = 4) -> None:
+        samples: list[float] = []
+        for _ in range(rounds):
+            self.wait_full()
+            at = time.monotonic_ns() + 1_500_000_000  # time for every process to start
+            procs = [subprocess.Popen([*WORKER, "once", "--endpoint", str(self.endpoint),
+                                       "--at", str(at)], stdout=subprocess.PIPE)
+                     for _ in range(clients)]
+            for p in procs:
+                out, _ = p.communicate(timeout=300)
+                result = json.loads(out)
+                samples += result["handoff_ms"]
+                self.taken += result["vms"]
+            self.release_taken()
+        self.raw["concurrent8_handoff_ms"] = samples
+
+    def refill(self) -> float:
+        self.wait_full()
+        result = self.worker("handoff", "--endpoint", str(self.endpoint), "--count", str(CACHE))
+        emptied = time.monotonic()
+        self.release_taken()
+        del result
+        self.wait_full()
+        minutes = (time.monotonic() - emptied) / 60
+        return CACHE / minutes
+
+    def memory(self) -> dict[str, float]:
+        assert self.daemon is not None
+        vm = self.wait_full()[0]
+        return {
+            "daemon_rss_mib": status_kb(self.daemon.pid, "VmRSS") / 1024,
+            "vm_rss_mib": smaps_kb(vm["pid"], "Rss") / 1024,
+            "vm_pss_mib": smaps_kb(vm["pid"], "Pss") / 1024,
+        }
+
+    def idle_cpu(self, seconds: float = 5.0) -> float:
+        assert self.daemon is not None
+        self.wait_full()
+        before = cpu_seconds(self.daemon.pid)
+        time.sleep(seconds)
+        return (cpu_seconds(self.daemon.pid) - before) / seconds * 100
+
+    def to_guest(self, rounds: int = 5) -> tuple[list[float], list[float]]:
+        cached: list[float] = []
+        for _ in range(rounds):
+            self.wait_full()
+            cached += self.worker("guest", "--endpoint", str(self.endpoint))["to_guest_ms"]
+            self.release_taken()
+        cold: list[float] = []
+        for _ in range(rounds):
+            cold += self.worker("cold", "--config", str(self.config))["to_guest_ms"]
+        return cached, cold
+
+
+def qemu_version() -> str:
+    out = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True)
+    return out.stdout.splitlines()[0] if out.stdout else "unknown"
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    rows = [
+        ("hand-off p50 / p99 (ms)", f"{r['handoff_p50_ms']:.2f} / {r['handoff_p99_ms']:.2f}",
+         f"{r['handoff_p50_ms'] / r['floor_p50_ms']:.2f}x the floor"),
+        ("gRPC floor: Status p50 / p99 (ms)", f"{r['floor_p50_ms']:.2f} / {r['floor_p99_ms']:.2f}",
+         "reference"),
+        ("8 concurrent clients: hand-off p50 (ms)", f"{r['concurrent8_handoff_p50_ms']:.2f}",
+         f"{r['concurrent8_handoff_p50_ms'] / r['floor_p50_ms']:.1f}x the floor"),
+        ("asking for a VM to guest answering, cached p50 (ms)",
+         f"{r['cached_to_guest_p50_ms']:.0f}",
+         f"{r['cold_to_guest_p50_ms'] / r['cached_to_guest_p50_ms']:.1f}x faster than cold"),
+        ("same, cold boot without cache p50 (ms)", f"{r['cold_to_guest_p50_ms']:.0f}",
+         "reference"),
+        ("refill (VMs ready per minute)", f"{r['refill_vms_per_min']:.1f}",
+         f"boot parallelism {r['boot_parallelism']}"),
+        ("daemon RSS (MiB)", f"{r['daemon_rss_mib']:.1f}", "target < 80"),
+        ("daemon CPU with a full cache (% of a core)", f"{r['daemon_idle_cpu_percent']:.2f}",
+         "target near 0"),
+        ("one cached VM: RSS / PSS (MiB)", f"{r['vm_rss_mib']:.1f} / {r['vm_pss_mib']:.1f}",
+         f"guest memory {r['vm_memory_mib']} MiB"),
+    ]
+    lines = [f"Machine: {m['cores']} cores, {m['memory_gib']:.0f} GiB, {m['accelerator'].upper()}, "
+             f"{m['qemu']}; {m['date']}", "",
+             "| figure | value | against its reference |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines) + "\n"
+
+
+def chart(raw: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (fast, slow) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fast_keys = [k for k in ("floor_ms", "handoff_ms", "concurrent8_handoff_ms") if raw.get(k)]
+    fast.boxplot([raw[k] for k in fast_keys], tick_labels=[
+        {"floor_ms": "Status (floor)", "handoff_ms": "GetBaseVM",
+         "concurrent8_handoff_ms": "GetBaseVM, 8 at once"}[k] for k in fast_keys],
+        showfliers=True)
+    fast.set_ylabel("ms")
+    fast.set_title("gRPC round trips from a separate client process")
+    slow_keys = [k for k in ("cached_to_guest_ms", "cold_to_guest_ms") if raw.get(k)]
+    slow.boxplot([raw[k] for k in slow_keys], tick_labels=[
+        {"cached_to_guest_ms": "through the cache", "cold_to_guest_ms": "cold boot"}[k]
+        for k in slow_keys])
+    slow.set_yscale("log")
+    slow.set_ylabel("ms (log)")
+    slow.set_title("asking for a VM -> guest answers")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=96, help="hand-off samples (default 96)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args.samples, args.out)
+    try:
+        bench.start()
+        log("phase: hand-off and floor")
+        bench.handoff_and_floor()
+        log("phase: 8 concurrent clients")
+        bench.concurrent()
+        log("phase: refill")
+        refill = bench.refill()
+        log("phase: memory and idle CPU")
+        memory = bench.memory()
+        idle = bench.idle_cpu()
+        log("phase: time to a running guest, cached and cold")
+        cached, cold = bench.to_guest()
+        bench.raw["cached_to_guest_ms"] = cached
+        bench.raw["cold_to_guest_ms"] = cold
+    finally:
+        bench.stop()
+    from kata_vmcache.config import load
+
+    config, _ = load(ROOT / ".demo" / "configuration.toml")
+    raw = bench.raw
+    result: dict[str, Any] = {
+        "handoff_p50_ms": pct(raw["handoff_ms"], 50),
+        "handoff_p99_ms": pct(raw["handoff_ms"], 99),
+        "floor_p50_ms": pct(raw["floor_ms"], 50),
+        "floor_p99_ms": pct(raw["floor_ms"], 99),
+        "cached_to_guest_p50_ms": statistics.median(cached),
+        "cold_to_guest_p50_ms": statistics.median(cold),
+        "refill_vms_per_min": refill,
+        **memory,
+        "daemon_idle_cpu_percent": idle,
+        "concurrent8_handoff_p50_ms": pct(raw["concurrent8_handoff_ms"], 50),
+        "concurrent8_handoff_p99_ms": pct(raw["concurrent8_handoff_ms"], 99),
+        "boot_parallelism": config.daemon.boot_parallelism,
+        "vm_memory_mib": config.hypervisor.memory_mib,
+        "samples": {k: len(v) for k, v in raw.items()},
+        "machine": {
+            "cores": os.cpu_count(),
+            "memory_gib": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30,
+            "accelerator": bench.accelerator,
+            "qemu": qemu_version(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        "raw": raw,
+    }
+    (args.out / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "latest.md").write_text(render_markdown(result))
+    chart(raw, args.out / "latency.png")
+    print(render_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
