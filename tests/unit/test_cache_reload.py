@@ -49,7 +49,7 @@ def stopped(vm: VM) -> bool:
 @pytest.mark.asyncio
 async def test_new_factory_retires_ready_vms_not_handed_off_ones(
         running: tuple[VMCache, SpecFactory], tmp_path: Path) -> None:
-    cache, old = running
+    cache, _ = running
     await until(cache, lambda: cache.ready_count == 2)
     handed = await cache.hand_off()
     await until(cache, lambda: cache.ready_count == 2)
