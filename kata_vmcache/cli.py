@@ -1,6 +1,6 @@
 """`kata-vmcache`: the command line.
 
-    kata-vmcache [--config PATH] [--debug] init | status | get | destroy | check-config
+    kata-vmcache [--config PATH] [--debug] init | status | get | destroy | reload | check-config
     kata-vmcache demo-guest DIR
 
 Errors are ours (`VmcacheError`): one line on stderr (one per problem for configuration
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import config as configmod
 from .client import CacheClient, not_running
-from .errors import ConfigError, UsageError, VmcacheError
+from .errors import ConfigError, ServerUnavailable, UsageError, VmcacheError
 from .logs import setup_logging
 from .procs import pid_alive
 
@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="how long to wait for a ready VM (default: 60)")
     client_command("destroy", "stop the server and the VMs it still owns")
+    p = client_command("reload", "make the running server re-read its configuration file "
+                                 "(SIGHUP) and report whether it applied it")
+    p.add_argument("--pid", type=int, metavar="PID",
+                   help="the server's pid (systemd's $MAINPID), instead of asking the endpoint")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait for the server's answer (default: 30)")
 
     sub.add_parser("check-config", help="validate the configuration, print resolved settings")
 
@@ -124,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         return asyncio.run(get(endpoint_of(args), timeout=args.timeout))
     if command == "destroy":
         return asyncio.run(destroy(endpoint_of(args)))
+    if command == "reload":
+        return asyncio.run(reload(args))
     if command == "demo-guest":
         from .demo_guest import build_demo
 
@@ -168,6 +176,37 @@ async def destroy(endpoint: Path, *, timeout: float = 10.0) -> int:
                                f"not stopped after {timeout:g} s")
         await asyncio.sleep(0.05)
     print(f"VM cache server pid = {pid} stopped")
+    return 0
+
+
+async def reload(args: argparse.Namespace) -> int:
+    """SIGHUP the server and wait for its verdict: one line, "applied" or "refused"."""
+    from .reload import request_reload
+
+    try:
+        config = load_config(args)
+    except ConfigError as exc:
+        # The server would refuse this file for the same reasons: say so without asking it.
+        for problem in exc.problems:
+            print(f"{PROG}: {problem}", file=sys.stderr)
+        print(f"{PROG}: reload refused: the configuration has errors; the server keeps its "
+              "settings", file=sys.stderr)
+        return exc.exit_code
+    pid: int | None = args.pid
+    if pid is None:
+        endpoint = args.endpoint or config.factory.vm_cache_endpoint
+        try:
+            async with CacheClient(endpoint) as client:
+                pid = (await client.status()).pid
+        except ServerUnavailable as exc:
+            raise ServerUnavailable(f"{exc}; a server started before vm_cache_endpoint was "
+                                    "changed still listens on the old path: pass --pid, "
+                                    "or restart it") from None
+    outcome = await request_reload(pid, config.daemon.state_dir, timeout=args.timeout)
+    if outcome.result == "refused":
+        print(f"{PROG}: reload refused: {outcome.message}", file=sys.stderr)
+        return 1
+    print(f"reload applied: {outcome.message}")
     return 0
 
 

@@ -7,11 +7,14 @@ Order of start-up (each step can fail with a one-line error, before anything is 
 1. refuse if a live server answers on the endpoint (a second daemon must not steal VMs);
 2. recover: stop the VMs a previous, crashed daemon still owned (their records say so),
    leave handed-off VMs alone, drop the records of VMs that are gone;
-3. bind the socket, start the pool, tell systemd READY.
+3. bind the socket, start the pool, tell systemd READY (notify.py; a no-op outside systemd).
 
-Shut-down (signal, Quit, or the pool failing): stop serving (grace period for in-flight
-replies), stop the pool (booting VMs are stopped by their factory), stop every ready VM,
-remove the socket. Handed-off VMs are never touched: they are not ours any more.
+While serving: WATCHDOG=1 pings and a STATUS= line kept current for systemd; SIGHUP reloads
+the configuration file (reload.py).
+
+Shut-down (signal, Quit, or the pool failing): tell systemd STOPPING, stop serving (grace
+period for in-flight replies), stop the pool (booting VMs are stopped by their factory), stop
+every ready VM, remove the socket. Handed-off VMs are never touched: they are not ours any more.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from .config import Config
 from .errors import UsageError
 from .factory.cache import VMCache
 from .factory.direct import DirectFactory
+from .notify import Notifier, publish_status, status_line
 from .procs import cmdline, pid_alive
+from .reload import Reloader, remove_outcome
 from .server import CacheServicer, prepare_endpoint, remove_endpoint, start_server
 from .vm import read_records
 
@@ -81,20 +86,26 @@ async def recover(state_dir: Path, *, timeout: float = 3.0) -> None:
         shutil.rmtree(vm_dir, ignore_errors=True)
 
 
-async def serve(config: Config, *, shutdown: asyncio.Event | None = None) -> None:
+async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
+                notifier: Notifier | None = None) -> None:
     """Run the VM cache server until `shutdown` is set, SIGTERM/SIGINT, or Quit."""
     if config.factory.vm_cache_number < 1:
         raise UsageError("factory.vm_cache_number is 0, which disables the VM cache "
                          "(set it to the number of VMs to keep ready)")
     shutdown = shutdown or asyncio.Event()
+    notifier = notifier or Notifier.from_environ()
+    reload_requested = asyncio.Event()  # set by SIGHUP, even before the reloader runs
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig, event in ((signal.SIGTERM, shutdown), (signal.SIGINT, shutdown),
+                       (signal.SIGHUP, reload_requested)):
         with contextlib.suppress(RuntimeError, ValueError):  # not the main thread (tests)
-            loop.add_signal_handler(sig, _on_signal, sig, shutdown)
+            loop.add_signal_handler(sig, _on_signal, sig, event)
             handled.append(sig)
 
     endpoint = config.factory.vm_cache_endpoint
+    # From the start: recovery and start-up run on the loop too, and must not stall it.
+    watchdog = asyncio.create_task(notifier.watchdog(), name="watchdog")
     try:
         prepare_endpoint(endpoint)
         state_dir = config.daemon.state_dir
@@ -111,6 +122,7 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None) -> Non
         log.info("serving %d %s VMs (%d vCPU, %d MiB) on %s", cache.target,
                  factory.accelerator.upper(), factory.spec.vcpus, factory.spec.memory_mib,
                  endpoint)
+        duties = _service_duties(config, cache, servicer, notifier, reload_requested)
         pool = asyncio.create_task(cache.run(), name="vm-pool")
         stop = asyncio.create_task(shutdown.wait(), name="shutdown")
         try:
@@ -118,6 +130,8 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None) -> Non
             if pool.done():
                 pool.result()  # the pool only ends by failing: surface why
         finally:
+            await _cancel(duties)
+            notifier.stopping()
             log.info("shutting down")
             stop.cancel()
             await server.stop(SERVER_GRACE)
@@ -125,14 +139,36 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None) -> Non
             with contextlib.suppress(asyncio.CancelledError):
                 await pool
             await cache.close()
+            remove_outcome(state_dir)
             # Last: `destroy` waits for the socket to vanish as the sign that all is stopped.
             remove_endpoint(endpoint)
             log.info("stopped (%d VMs handed out)", cache.stats.handed_out)
     finally:
+        await _cancel({watchdog})
         for sig in handled:
             loop.remove_signal_handler(sig)
 
 
-def _on_signal(sig: signal.Signals, shutdown: asyncio.Event) -> None:
+def _service_duties(config: Config, cache: VMCache, servicer: CacheServicer, notifier: Notifier,
+                    reload_requested: asyncio.Event) -> set[asyncio.Task[None]]:
+    """Once the socket serves: READY=1, the STATUS= line, and reloads on SIGHUP."""
+    reloader = Reloader(config, cache=cache, servicer=servicer, notifier=notifier,
+                        factory_for=DirectFactory)
+    reloader.started()
+    line = status_line(cache)
+    notifier.ready(line)
+    return {asyncio.create_task(publish_status(notifier, cache, sent=line), name="status"),
+            asyncio.create_task(reloader.run(reload_requested), name="reload")}
+
+
+async def _cancel(tasks: set[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _on_signal(sig: signal.Signals, event: asyncio.Event) -> None:
     log.info("received %s", sig.name)
-    shutdown.set()
+    event.set()

@@ -1,9 +1,13 @@
 """Logging set-up: one line per event, with a level, readable in a terminal and the journal.
 
 Text lines look like `2026-11-21 19:30:01.123 INFO  cache: VM 3f2a ready in 3.05 s`.
-Under systemd (JOURNAL_STREAM set) the timestamp is left to the journal. `json_lines`
-switches to one JSON object per line for log shippers. No colour codes, ever: the daemon's
-stderr is a pipe more often than a terminal.
+`json_lines` switches to one JSON object per line for log shippers. No colour codes, ever:
+the daemon's stderr is a pipe more often than a terminal.
+
+Under systemd, when stderr is the journal (JOURNAL_STREAM names its device and inode, as
+sd-daemon(3) says to check), the timestamp is left to the journal and each line starts with
+its syslog priority (`<3>` for errors): journald strips the prefix and records the priority,
+so `journalctl -p err -u kata-vmcache` finds the errors.
 """
 
 from __future__ import annotations
@@ -13,6 +17,34 @@ import logging
 import os
 import sys
 import time
+
+#: sd-daemon(3) prefixes: syslog priorities by logging level.
+PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+              logging.CRITICAL: 2}
+
+
+def stderr_is_journal() -> bool:
+    """True when stderr is the journal stream systemd connected (not merely inherited env)."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+class JournalPrefix(logging.Formatter):
+    """Wraps a formatter: every line of a record gets the record's `<priority>` prefix."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{PRIORITIES.get(record.levelno, 6)}>"
+        return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
 
 
 class JsonFormatter(logging.Formatter):
@@ -47,10 +79,10 @@ class TextFormatter(logging.Formatter):
 
 def setup_logging(*, debug: bool = False, json_lines: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if json_lines:
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(TextFormatter(timestamps="JOURNAL_STREAM" not in os.environ))
+    journal = stderr_is_journal()
+    formatter: logging.Formatter = (JsonFormatter() if json_lines
+                                    else TextFormatter(timestamps=not journal))
+    handler.setFormatter(JournalPrefix(formatter) if journal else formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

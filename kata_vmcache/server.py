@@ -55,6 +55,10 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self._config = config_reply(config)
         self._quit = quit
 
+    def set_config(self, config: Config) -> None:
+        """Answer `Config` from `config` from now on (a configuration reload)."""
+        self._config = config_reply(config)
+
     async def Config(self, request: empty_pb2.Empty,
                      context: grpc.aio.ServicerContext) -> cache_pb2.GrpcVMConfig:
         return self._config

@@ -64,6 +64,10 @@ class VMCache:
         self._closed = False
         self._failures = 0
         self._not_before = 0.0
+        # Live reload (replace_factory, set_parallelism): VMs still booting from a replaced
+        # factory, and the boot slots of run() so their number can change.
+        self._outdated: set[VM] = set()
+        self._boot_slots: asyncio.Semaphore | None = None
 
     # views
 
@@ -102,7 +106,7 @@ class VMCache:
     # the pool's background task
 
     async def run(self) -> None:
-        sem = asyncio.Semaphore(self.parallelism)
+        sem = self._boot_slots = asyncio.Semaphore(self.parallelism)
         async with asyncio.TaskGroup() as tasks:
             while not self._closed:
                 while self._boot_tasks + len(self._ready) < self.target and not self._closed:
@@ -168,11 +172,16 @@ class VMCache:
         self._offer(vm)
 
     def _offer(self, vm: VM, *, front: bool = False) -> None:
+        if self._retire_if_outdated(vm):
+            return
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(vm)
                 return
+        if len(self._ready) >= self.target:
+            self._retire(vm, "the cache is full (vm_cache_number was lowered)")
+            return
         if front:
             self._ready.appendleft(vm)
         else:
@@ -279,3 +288,59 @@ class VMCache:
         for _ in range(max(0, surplus)):
             self._background(self._stop(self._ready.pop()))
         self._wake.set()
+        self._notify()
+
+    # live reload
+
+    def replace_factory(self, factory: Factory) -> int:
+        """Boot from `factory` from now on, and retire what the old one built: ready VMs
+        are stopped at once (and replaced), VMs still booting are stopped when they finish.
+        VMs already handed off are not ours and are not touched. Returns the number of
+        ready VMs retired."""
+        self.factory = factory
+        # The old settings' failures say nothing about the new ones: boot again at once.
+        self._failures = 0
+        self._not_before = 0.0
+        self.stats.last_error = ""
+        self._outdated.update(self._booting)
+        retired = list(self._ready)
+        self._ready.clear()
+        for vm in retired:
+            self._background(self._stop(vm))
+        self._wake.set()
+        self._notify()
+        return len(retired)
+
+    def set_parallelism(self, parallelism: int) -> None:
+        """Change how many VMs boot at once; boots in flight finish as they are."""
+        change, self.parallelism = parallelism - self.parallelism, parallelism
+        slots = self._boot_slots
+        if slots is None or change == 0:
+            return  # run() has not started: it makes its slots from self.parallelism
+        for _ in range(change):
+            slots.release()
+        if change < 0:
+            # Withhold slots as boots finish; they are never given back, so the free slots
+            # plus those in use settle at the new number.
+            self._background(_withhold(slots, -change))
+
+    def _retire_if_outdated(self, vm: VM) -> bool:
+        """Stop `vm` instead of offering it when a reload changed the VM settings after
+        it started booting (or it was taken before, and is being put back)."""
+        spec = getattr(self.factory, "spec", None)
+        if vm in self._outdated or (spec is not None and vm.spec != spec):
+            self._outdated.discard(vm)
+            self._retire(vm, "built from settings that a reload replaced")
+            return True
+        return False
+
+    def _retire(self, vm: VM, why: str) -> None:
+        log.info("stopping VM %s: %s", vm.id, why)
+        self._background(self._stop(vm))
+        self._wake.set()
+        self._notify()
+
+
+async def _withhold(slots: asyncio.Semaphore, count: int) -> None:
+    for _ in range(count):
+        await slots.acquire()

@@ -120,11 +120,14 @@ class Daemon:
         self.proc: subprocess.Popen[str] | None = None
         self.log_path = config.parent / "daemon.log"
         self.taken: list[dict[str, Any]] = []
+        #: Extra environment for the daemon (NOTIFY_SOCKET, JOURNAL_STREAM, ...).
+        self.env: dict[str, str] = {}
 
     def start(self) -> Daemon:
         self._log = open(self.log_path, "a")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([*CLI, "--config", str(self.config), "init"],
-                                     stdout=self._log, stderr=subprocess.STDOUT, text=True)
+                                     stdout=self._log, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **self.env})
         wait_for(lambda: self.serving() or self.proc.poll() is not None, 30,  # type: ignore[union-attr]
                  "the daemon to serve")
         assert self.proc.poll() is None, f"daemon exited: {self.log()}"
