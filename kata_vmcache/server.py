@@ -85,10 +85,14 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                 vm = await asyncio.wait_for(self.cache.reserve(),
                                             max(0.0, remaining - DEADLINE_MARGIN))
         except TimeoutError:
+            # While boots fail, the caller learns why here: no VM is coming soon.
+            stats = self.cache.stats
+            failing = (f"; boots failing ({stats.consecutive_failures} in a row): "
+                       f"{stats.last_error}" if stats.last_error else "")
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"no VM became ready within the caller's deadline "
                                 f"({remaining:.1f} s; {self.cache.ready_count} ready, "
-                                f"{self.cache.booting_count} booting)")
+                                f"{self.cache.booting_count} booting{failing})")
         except CacheClosed as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except VmcacheError as exc:
