@@ -107,8 +107,11 @@ class CacheClient:
             if code == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
                 raise not_running(self.endpoint) from None
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # The server's own reason (e.g. why no VM is ready), when it gave one.
+                why = exc.details() or ""
+                why = f" ({why})" if why and why != "Deadline Exceeded" else ""
                 raise RemoteError(f"{method} on {self.endpoint}: no answer within "
-                                  f"{timeout or self.timeout:g} s") from None
+                                  f"{timeout or self.timeout:g} s{why}") from None
             raise RemoteError(f"{method} on {self.endpoint} failed: {code.name}: "
                               f"{exc.details()}") from None
 

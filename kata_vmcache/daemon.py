@@ -12,9 +12,10 @@ Order of start-up (each step can fail with a one-line error, before anything is 
 While serving: WATCHDOG=1 pings and a STATUS= line kept current for systemd; SIGHUP reloads
 the configuration file (reload.py).
 
-Shut-down (signal, Quit, or the pool failing): tell systemd STOPPING, stop serving (grace
-period for in-flight replies), stop the pool (booting VMs are stopped by their factory), stop
-every ready VM, remove the socket. Handed-off VMs are never touched: they are not ours any more.
+Shut-down (signal, Quit, or the pool failing): tell systemd STOPPING, callers still waiting
+for a VM get UNAVAILABLE at once, stop serving (grace period for replies being written), stop
+the pool (booting VMs are stopped by their factory), stop every ready VM, remove the socket.
+Handed-off VMs are never touched: they are not ours any more.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .errors import UsageError
 from .factory.cache import VMCache
 from .factory.direct import DirectFactory
 from .notify import Notifier, publish_status, status_line
-from .procs import cmdline, pid_alive
+from .procs import cmdline, pid_alive, pids
 from .reload import Reloader, remove_outcome
 from .server import CacheServicer, prepare_endpoint, remove_endpoint, start_server
 from .vm import read_records
@@ -40,6 +41,14 @@ from .vm import read_records
 log = logging.getLogger(__name__)
 
 SERVER_GRACE = 1.0
+
+
+def find_qemu(vm_id: str) -> int | None:
+    """The pid of VM vm_id's QEMU, found by the `-name` it was started with."""
+    for pid in pids():
+        if _is_our_qemu(pid, vm_id):
+            return pid
+    return None
 
 
 def _is_our_qemu(pid: int, vm_id: str) -> bool:
@@ -73,6 +82,10 @@ async def recover(state_dir: Path, *, timeout: float = 3.0) -> None:
     """Clean up after a daemon that did not stop cleanly (crash, SIGKILL, power loss)."""
     for vm_dir, record in read_records(state_dir):
         vm_id, pid, state = record.get("id", vm_dir.name), record.get("pid"), record.get("state")
+        if not isinstance(pid, int):
+            # No record yet: the daemon died between launching QEMU and writing vm.json.
+            # The directory's name is the VM's id, which is in QEMU's command line.
+            pid, state = find_qemu(vm_dir.name), state or "launching"
         alive = isinstance(pid, int) and _is_our_qemu(pid, vm_id)
         if state == "handed_off":
             if not alive:
@@ -134,6 +147,7 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
             notifier.stopping()
             log.info("shutting down")
             stop.cancel()
+            cache.refuse_new()
             await server.stop(SERVER_GRACE)
             pool.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -70,11 +70,21 @@ class LaunchError(VmcacheError):
         if returncode is not None:
             detail += f" (exit code {returncode})"
         if log_tail:
-            # The last line QEMU printed is almost always the reason; keep it on the line.
-            last = log_tail.strip().splitlines()[-1] if log_tail.strip() else ""
-            if last:
-                detail += f": {last}"
+            reason = qemu_reason(log_tail)
+            if reason:
+                detail += f": {reason}"
         super().__init__(detail)
+
+
+def qemu_reason(log_tail: str) -> str:
+    """The line of QEMU's output that says why it stopped: its last error line (QEMU
+    prefixes errors with its program name, and may add a hint after them, such as "Use
+    -machine help to list supported machines"), else its last line."""
+    lines = [line.strip() for line in log_tail.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("qemu"):
+            return line
+    return lines[-1] if lines else ""
 
 
 class GuestNotReady(LaunchError):

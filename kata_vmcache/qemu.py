@@ -18,6 +18,9 @@ Lifecycle (after qemu's python/qemu/machine: launch, soft shutdown, hard shutdow
 - `release()` closes our QMP session and stops watching for ownership purposes: after a
   hand-off QEMU's single QMP slot belongs to the receiver. We still reap the process when
   it exits (it is our child), but never signal it again.
+- `reclaim()` undoes a release whose hand-off reply never reached its receiver: it
+  reconnects QMP, and the process is ours again.
+- `kill()` is for a QEMU that stopped answering: SIGKILL at once, no `quit` to wait for.
 
 The process is watched with a pidfd on the event loop: exit is noticed at once, with no
 polling and no SIGCHLD handler to share with asyncio.
@@ -38,7 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from .errors import LaunchError, VMDead
 
@@ -47,6 +50,12 @@ from .errors import LaunchError, VMDead
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 LOG_TAIL_BYTES = 4096
+
+
+def opt_value(value: object) -> str:
+    """A value inside one of QEMU's `key=value,key=value` options: a comma is doubled, or
+    a path such as `/srv/a,readonly=off` would smuggle in options of its own."""
+    return str(value).replace(",", ",,")
 
 
 @dataclass(frozen=True)
@@ -85,18 +94,19 @@ class VMSpec:
                     f"maxcpus={self.max_vcpus}",
             "-kernel", str(self.kernel),
             "-append", " ".join(self.kernel_params),
-            "-chardev", f"socket,id=console,path={paths.console},server=on,wait=off",
+            "-chardev", f"socket,id=console,path={opt_value(paths.console)},server=on,wait=off",
             "-serial", "chardev:console",
-            "-chardev", f"socket,id=agent,path={paths.agent},server=on,wait=off",
+            "-chardev", f"socket,id=agent,path={opt_value(paths.agent)},server=on,wait=off",
             "-serial", "chardev:agent",
-            "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+            "-qmp", f"unix:{opt_value(paths.qmp)},server=on,wait=off",
             "-S",
         ]
         if self.initrd is not None:
             args += ["-initrd", str(self.initrd)]
         if self.image is not None:
             args += [
-                "-drive", f"file={self.image},format=raw,if=none,id=image,readonly=on",
+                "-drive", f"file={opt_value(self.image)},format=raw,if=none,id=image,"
+                          "readonly=on",
                 "-device", "virtio-blk-pci,drive=image",
             ]
         return args
@@ -142,6 +152,7 @@ class QemuProcess:
         self._pidfd: int | None = None
         self._exited = asyncio.Event()
         self._released = False
+        self._closing: asyncio.Future[None] | None = None
         self.qmp: QMPClient | None = None
 
     @property
@@ -155,6 +166,10 @@ class QemuProcess:
     @property
     def running(self) -> bool:
         return self._proc is not None and not self._exited.is_set()
+
+    @property
+    def released(self) -> bool:
+        return self._released
 
     async def __aenter__(self) -> QemuProcess:
         await self.start()
@@ -219,6 +234,10 @@ class QemuProcess:
             return  # spurious wake-up
         self._close_pidfd()
         self._exited.set()
+        if self.qmp is not None and self._closing is None:
+            # Close the dead session now: qemu.qmp's reader failed with EOF, and unless
+            # someone disconnects, asyncio logs that failure as never retrieved.
+            self._closing = asyncio.ensure_future(self._disconnect_qmp())
         if self._on_exit is not None and not self._released:
             self._on_exit(self._proc.returncode)
 
@@ -250,11 +269,53 @@ class QemuProcess:
                          f"within {timeout:g} s") from exc
         except (ConnectionError, EOFError) as exc:
             raise VMDead(f"QEMU {self.pid} closed QMP during {command!r}") from exc
+        except ExecuteError:
+            raise  # QEMU answered with an error: it is alive, the command failed
+        except QMPError as exc:
+            raise VMDead(f"QEMU {self.pid} lost its QMP session during {command!r} "
+                         f"({type(exc).__name__})") from exc
 
     async def release(self) -> None:
         """Give the process away: close QMP, never signal it again (we still reap it)."""
         self._released = True
         await self._disconnect_qmp()
+
+    async def reclaim(self, timeout: float = 2.0) -> None:
+        """Take back a released process: reconnect QMP. Raises VMDead when QEMU is gone or
+        its QMP slot does not answer (someone else holds it: then it is not ours)."""
+        if not self._released:
+            return
+        if not self.running:
+            raise VMDead(f"QEMU {self.pid} is not running")
+        client = QMPClient(self.paths.dir.name)
+        try:
+            # A busy slot accepts the connection but never greets: bound the wait.
+            await asyncio.wait_for(client.connect(str(self.paths.qmp)), timeout)
+        except (TimeoutError, OSError, QMPError) as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.disconnect(), 1.0)
+            raise VMDead(f"QEMU {self.pid}: cannot reconnect QMP ({exc or type(exc).__name__})"
+                         ) from exc
+        self.qmp = client
+        self._released = False
+        if self._exited.is_set() and self._on_exit is not None:
+            self._on_exit(self.returncode or 0)  # it died while released: report it now
+
+    async def kill(self) -> None:
+        """SIGKILL now and reap: for a QEMU that stopped answering, where `quit` would only
+        add a wait, and for a released one whose hand-off failed and cannot be reclaimed.
+        Unlike `stop()` it acts on a released process: the caller has decided."""
+        if self._proc is None:
+            return
+        if not self._exited.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._proc.pid, signal.SIGKILL)
+            await self.wait(5.0)
+            if not self._exited.is_set():  # only in D state; block briefly rather than leak
+                self._proc.wait(5.0)
+                self._reap()
+        await self._disconnect_qmp()
+        self._close_pidfd()
 
     async def _disconnect_qmp(self) -> None:
         if self.qmp is not None:

@@ -5,8 +5,14 @@ prepared beforehand (the `Config` reply is built once; each VM's hand-off record
 when it becomes ready), so the hand-off path does as little as possible.
 
 Errors map to status codes a caller can act on: a closing cache is UNAVAILABLE, a VM that
-cannot be had before the caller's deadline is DEADLINE_EXCEEDED (grpc's own), anything of
-ours that goes wrong is INTERNAL with our one-line message.
+cannot be had before the caller's deadline is DEADLINE_EXCEEDED (ours, sent just before the
+deadline so that a VM is never handed to a caller that is giving up), anything of ours that
+goes wrong is INTERNAL with our one-line message.
+
+A GetBaseVM whose client cancels or disconnects before the reply is written loses no VM:
+grpc.aio cancels the handler's task at whatever it awaits (waiting for a VM, checking it,
+releasing it), and the write of the reply itself is awaited (see `add_cache_service`), so
+every way out of the handler but a written reply returns the VM to the cache.
 
 `bind()` owns the endpoint: it creates the parent directory, refuses to start while a live
 server answers there, replaces a stale socket file, and sets the socket's mode and group.
@@ -35,10 +41,18 @@ from .errors import CacheClosed, EndpointInUse, VmcacheError
 from .factory.cache import VMCache
 from .proto import cache_pb2, cache_pb2_grpc
 
+SERVICE_NAME = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
+
 log = logging.getLogger(__name__)
 
 #: Kata's messages are tiny; a peer sending megabytes is not a Kata runtime.
 MAX_MESSAGE_BYTES = 64 * 1024
+#: GetBaseVM gives up this long before the caller's deadline: a reply racing the deadline
+#: could reach a caller that has just given up, and nobody would own that VM.
+DEADLINE_MARGIN = 0.1
+#: A connection must complete HTTP/2's opening within this time (grpc's default is 120 s):
+#: a peer that connects and says nothing must not hold a file descriptor for long.
+HANDSHAKE_TIMEOUT_MS = 5_000
 
 
 def config_reply(config: Config) -> cache_pb2.GrpcVMConfig:
@@ -64,17 +78,47 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         return self._config
 
     async def GetBaseVM(self, request: empty_pb2.Empty,
-                        context: grpc.aio.ServicerContext) -> cache_pb2.GrpcVM:
+                        context: grpc.aio.ServicerContext) -> None:
+        """Hand out one VM. Registered as a stream of one reply (`add_cache_service`): the
+        reply is written with `context.write()`, whose failure we can see."""
+        remaining = context.time_remaining()
         try:
-            vm = await self.cache.hand_off()
+            if remaining is None:
+                vm = await self.cache.reserve()
+            else:
+                vm = await asyncio.wait_for(self.cache.reserve(),
+                                            max(0.0, remaining - DEADLINE_MARGIN))
+        except TimeoutError:
+            # While boots fail, the caller learns why here: no VM is coming soon.
+            stats = self.cache.stats
+            failing = (f"; boots failing ({stats.consecutive_failures} in a row): "
+                       f"{stats.last_error}" if stats.last_error else "")
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no VM became ready within the caller's deadline "
+                                f"({remaining:.1f} s; {self.cache.ready_count} ready, "
+                                f"{self.cache.booting_count} booting{failing})")
         except CacheClosed as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except VmcacheError as exc:
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         h = vm.handoff
         assert h is not None
-        return cache_pb2.GrpcVM(id=h.id, hypervisor=h.hypervisor, cpu=h.cpu, memory=h.memory,
-                                cpuDelta=0)
+        reply = cache_pb2.GrpcVM(id=h.id, hypervisor=h.hypervisor, cpu=h.cpu, memory=h.memory,
+                                 cpuDelta=0)
+        try:
+            await self.cache.give(vm)
+            await context.write(reply)
+        except asyncio.CancelledError:
+            self.cache.take_back_later(vm, "GetBaseVM was cancelled before its reply was "
+                                           "written")
+            raise
+        except Exception as exc:
+            # The write failed: the client is gone. End the RPC as cancelled, which is what
+            # it is (raising the batch error would make grpc log it as a server bug).
+            self.cache.take_back_later(vm, "the client went away before the reply was "
+                                           f"written ({type(exc).__name__})")
+            raise asyncio.CancelledError from exc
+        self.cache.delivered(vm)
 
     async def Status(self, request: empty_pb2.Empty,
                      context: grpc.aio.ServicerContext) -> cache_pb2.GrpcStatus:
@@ -93,6 +137,37 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         # Reply first: the caller waits for this answer, then for the socket to go away.
         asyncio.get_running_loop().call_later(0.05, self._quit)
         return empty_pb2.Empty()
+
+
+def add_cache_service(servicer: CacheServicer, server: grpc.aio.Server) -> None:
+    """Register cache.CacheService as the generated `add_CacheServiceServicer_to_server`
+    does, except that GetBaseVM is served as a server stream of exactly one message.
+
+    On the wire the two are the same frames (response HEADERS, one DATA message, trailers),
+    so Kata's unary client cannot tell. The difference is on our side: a unary handler's
+    reply is sent after the handler returns, and if the client has gone by then grpc.aio
+    only logs the failed write (done callbacks cannot tell either: `context.cancelled()`
+    stays False, grpc/grpc#36193), so the VM would be lost. A streaming handler awaits
+    `context.write()`, which raises, or is cancelled, when the reply cannot be written.
+    """
+    empty = empty_pb2.Empty
+    handlers = {
+        "Config": grpc.unary_unary_rpc_method_handler(
+            servicer.Config, request_deserializer=empty.FromString,
+            response_serializer=cache_pb2.GrpcVMConfig.SerializeToString),
+        "GetBaseVM": grpc.unary_stream_rpc_method_handler(
+            servicer.GetBaseVM, request_deserializer=empty.FromString,
+            response_serializer=cache_pb2.GrpcVM.SerializeToString),
+        "Status": grpc.unary_unary_rpc_method_handler(
+            servicer.Status, request_deserializer=empty.FromString,
+            response_serializer=cache_pb2.GrpcStatus.SerializeToString),
+        "Quit": grpc.unary_unary_rpc_method_handler(
+            servicer.Quit, request_deserializer=empty.FromString,
+            response_serializer=empty.SerializeToString),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def probe_endpoint(path: Path) -> bool:
@@ -135,8 +210,9 @@ async def start_server(config: Config, servicer: CacheServicer) -> grpc.aio.Serv
         # Drop connections that say nothing: hostile or half-open peers must not pile up.
         ("grpc.max_connection_idle_ms", 5 * 60 * 1000),
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
     ])
-    cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server)
+    add_cache_service(servicer, server)
     # The socket must never exist with wider permissions than asked, not even briefly.
     old = os.umask(0o177)
     try:

@@ -7,7 +7,9 @@ States (DESIGN.md):
        ├──> failed  └──> dead          (any state but handed_off ──> dead when QEMU exits)
        └──> dead
 
-Only `ready` VMs are handed out, each exactly once. Transitions are guarded: asking for one
+Only `ready` VMs are handed out, each exactly once. One way back exists: a hand-off whose
+reply the client never received (it cancelled or vanished while the reply was being
+written) returns the VM to `ready` (`take_back`). Transitions are guarded: asking for one
 the state machine does not allow raises `VMStateError` naming the current and the required
 state, the way qemu.qmp's `@require` does.
 
@@ -109,6 +111,17 @@ class VM:
         self.history.append(new)
         if reason:
             self.reason = reason
+        self.write_record()
+
+    def take_back(self, reason: str) -> None:
+        """handed_off -> ready, for a hand-off whose reply never reached the client.
+
+        Not in the transition table on purpose: a handed-off VM is the client's, and only
+        the hand-off itself, having proof that its reply was not written, may undo it."""
+        self.require(VMState.HANDED_OFF)
+        self.state = VMState.READY
+        self.history.append(VMState.READY)
+        self.reason = reason
         self.write_record()
 
     def on_exit(self, callback: Any) -> None:

@@ -2,14 +2,25 @@
 
 `run()` is the pool's only background task: it keeps `ready + booting == target`, boots with
 at most `parallelism` VMs in flight, and backs off exponentially while boots fail (Kata's own
-cache gives up on the first error; a daemon that runs for months must not). `hand_off()`
-gives a ready VM to exactly one caller, waiting for the next one when the pool is empty.
+cache gives up on the first error; a daemon that runs for months must not). While boots
+fail, one attempt runs at a time. Beside it, one supervisor task asks every ready VM's QEMU
+for its status every `SUPERVISE_INTERVAL`; a VM that does not answer within
+`SUPERVISE_TIMEOUT`, or is not paused, leaves the pool at once and is killed.
+
+Hand-off is three steps, so that a server can undo it when its reply cannot be written:
+`reserve()` takes a ready VM and checks it (still the cache's), `give()` releases it (QMP
+closed, record says handed_off), `delivered()` counts it once the reply is written; a
+hand-off whose reply was not written goes back with `take_back_later()`. `hand_off()` does
+the three in one call.
 
 Invariants:
 - a VM is in at most one of `_ready`, a waiter's future, or a caller's hands;
 - only VMs in state `ready` whose QEMU is running are handed out, each once;
 - a VM that dies in the pool leaves it at once (pidfd exit watch) and is replaced;
-- `close()` stops every VM the cache still owns, never a handed-off one.
+- a VM that stops answering QMP leaves it within SUPERVISE_INTERVAL + SUPERVISE_TIMEOUT;
+- a VM taken out of the pool is handed off, put back, or stopped: never dropped;
+- `close()` stops every VM the cache still owns, never a handed-off one, and waits for the
+  stops it started in the background.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CacheClosed, VmcacheError
+from ..errors import CacheClosed, VmcacheError, VMDead
 from ..vm import VM, VMState
 from . import Factory
 from .direct import remove_vm_dir
@@ -32,6 +43,12 @@ log = logging.getLogger(__name__)
 
 BACKOFF_START = 1.0
 BACKOFF_CAP = 60.0
+#: Ready VMs are asked for their status this often, and must answer within the timeout:
+#: a hung QEMU is out of the pool within 1.5 s (the issue asks for 2 s).
+SUPERVISE_INTERVAL = 0.5
+SUPERVISE_TIMEOUT = 1.0
+#: The check right before a hand-off: the caller is waiting, so it is short too.
+HANDOFF_CHECK_TIMEOUT = 1.0
 
 
 @dataclass
@@ -40,7 +57,18 @@ class CacheStats:
     booted: int = 0
     boot_failures: int = 0
     died_in_pool: int = 0
+    #: Ready VMs killed for failing a health check (no QMP answer in time, not paused).
+    discarded: int = 0
+    #: Hand-offs undone because the reply could not be written (client cancelled or gone).
+    returned: int = 0
+    #: Why the latest boot failed; "" once a boot succeeds again.
     last_error: str = ""
+    #: Wall-clock time (time.time()) of the latest boot failure, 0 if none.
+    last_error_at: float = 0.0
+    #: Boot failures since the last successful boot.
+    consecutive_failures: int = 0
+    #: Wall-clock time before which no boot is attempted (backing off), 0 when not waiting.
+    next_boot_at: float = 0.0
     #: Seconds of the latest boots, newest last (for status tooling).
     boot_times: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=64))
@@ -102,14 +130,19 @@ class VMCache:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
 
     # the pool's background task
 
     async def run(self) -> None:
         sem = self._boot_slots = asyncio.Semaphore(self.parallelism)
         async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._supervise(), name="vm-supervisor")
             while not self._closed:
-                while self._boot_tasks + len(self._ready) < self.target and not self._closed:
+                while (self._boot_tasks + len(self._ready) < self.target and not self._closed
+                       # While boots fail, one attempt at a time: N QEMUs failing together
+                       # say nothing one does not, and each costs a launch.
+                       and not (self._failures and self._boot_tasks)):
                     self._boot_tasks += 1
                     tasks.create_task(self._boot_one(sem))
                 self._wake.clear()
@@ -148,6 +181,10 @@ class VMCache:
         self._failures += 1
         delay = min(BACKOFF_CAP, BACKOFF_START * 2 ** (self._failures - 1))
         self._not_before = time.monotonic() + delay
+        now = time.time()
+        self.stats.consecutive_failures = self._failures
+        self.stats.last_error_at = now
+        self.stats.next_boot_at = now + delay
         # Once per change of reason: a host with a broken kernel must not fill the journal.
         if reason != self.stats.last_error:
             log.error("VM boot failed: %s (retrying with backoff, next in %.0f s)", reason, delay)
@@ -161,6 +198,8 @@ class VMCache:
         self._failures = 0
         self._not_before = 0.0
         self.stats.last_error = ""
+        self.stats.consecutive_failures = 0
+        self.stats.next_boot_at = 0.0
         self.stats.booted += 1
         if vm.boot_seconds is not None:
             self.stats.boot_times.append(vm.boot_seconds)
@@ -228,37 +267,150 @@ class VMCache:
         return vm
 
     def put_back(self, vm: VM) -> None:
+        """Return a reserved VM: to the pool, or, when the cache is closing or the VM is no
+        longer fit, to a stop (a VM out of the pool must never be left running unowned)."""
         if vm.state is VMState.READY and vm.process.running and not self._closed:
-            self._offer(vm, front=True)
+            if not self._retire_if_outdated(vm):
+                self._offer(vm, front=True)
+        elif vm.state is VMState.READY:
+            self._background(self._stop(vm))
+        self._wake.set()
         self._notify()
 
-    async def hand_off(self) -> VM:
-        """Take a ready VM, check it is alive and paused, release it to the caller."""
+    async def reserve(self) -> VM:
+        """Take a ready VM and check it answers QMP and is paused. It stays the cache's:
+        the caller goes on with `give()` or returns it with `put_back()`."""
         while True:
             vm = await self.take()
             try:
-                status = await vm.process.execute("query-status", timeout=1.0)
+                status = await vm.process.execute("query-status", timeout=HANDOFF_CHECK_TIMEOUT)
             except VmcacheError as exc:
-                log.warning("VM %s failed its hand-off check (%s); dropping it", vm.id, exc)
-                await self._stop(vm)
+                self._discard(vm, f"failed its hand-off check ({exc})")
                 continue
             except asyncio.CancelledError:
                 self.put_back(vm)
                 raise
             if not isinstance(status, dict) or status.get("status") != "paused":
-                log.warning("VM %s is not paused (%s); dropping it", vm.id, status)
-                await self._stop(vm)
+                self._discard(vm, f"is not paused at hand-off (status {status})")
                 continue
-            break
-        # From here the VM is the caller's: nothing below may be interrupted half-way.
-        await asyncio.shield(vm.process.release())
+            return vm
+
+    async def give(self, vm: VM) -> None:
+        """Release a reserved VM to its new owner: our QMP session closed (QEMU's only QMP
+        slot is the receiver's), state handed_off on disk. Runs to the end even if the
+        caller is cancelled meanwhile, so the VM is never half given; then the
+        cancellation propagates and the caller decides (`take_back_later`)."""
+        job = asyncio.ensure_future(self._give(vm))
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            await job
+            raise
+
+    async def _give(self, vm: VM) -> None:
+        await vm.process.release()
         vm.transition(VMState.HANDED_OFF)
+        self._notify()
+
+    def delivered(self, vm: VM) -> None:
+        """The hand-off reply was written: the VM is the caller's for good."""
         self.stats.handed_out += 1
         log.info("VM %s handed out (QEMU pid %s)", vm.id, vm.pid)
-        self._notify()
+
+    async def hand_off(self) -> VM:
+        """Reserve, check and give a VM in one call (for callers with no reply to write)."""
+        vm = await self.reserve()
+        await self.give(vm)
+        self.delivered(vm)
         return vm
 
+    # undoing a hand-off whose reply was not written
+
+    def take_back_later(self, vm: VM, why: str) -> None:
+        """The reply handing `vm` out was not written (the caller cancelled, or its client
+        went away): return the VM to the pool, or stop it if it cannot be had back."""
+        self._background(self._take_back(vm, why))
+
+    async def _take_back(self, vm: VM, why: str) -> None:
+        if vm.state is VMState.READY and not vm.process.released:
+            self.put_back(vm)  # reserved, never given: still ours in every way
+            return
+        try:
+            vm.require(VMState.HANDED_OFF)
+            await vm.process.reclaim()
+            status = await vm.process.execute("query-status", timeout=HANDOFF_CHECK_TIMEOUT)
+            if not isinstance(status, dict) or status.get("status") != "paused":
+                raise VMDead(f"it is not paused any more (status {status})")
+        except VmcacheError as exc:
+            # Nobody received it, so nobody else may have it: stopping is the only way not
+            # to leak it.
+            log.warning("VM %s: %s; it cannot be taken back (%s), stopping it", vm.id, why, exc)
+            await vm.process.kill()
+            remove_vm_dir(vm)
+            return
+        vm.take_back(why)
+        self.stats.returned += 1
+        log.warning("VM %s back in the pool: %s", vm.id, why)
+        self.put_back(vm)
+
+    # supervision
+
+    async def _supervise(self) -> None:
+        """One task for the whole pool: every SUPERVISE_INTERVAL, every ready VM must answer
+        `query-status` within SUPERVISE_TIMEOUT, paused. Exits are seen at once by the pidfd
+        watch; this catches the QEMU that is alive but stuck (stopped, deadlocked, swapped
+        to death), which no exit watch can see."""
+        while not self._closed:
+            await asyncio.sleep(SUPERVISE_INTERVAL)
+            vms = list(self._ready)
+            if vms:
+                await asyncio.gather(*(self._check(vm) for vm in vms))
+
+    async def _check(self, vm: VM) -> None:
+        try:
+            status = await vm.process.execute("query-status", timeout=SUPERVISE_TIMEOUT)
+            problem = None
+            if not isinstance(status, dict) or status.get("status") != "paused":
+                problem = f"is not paused (status {status})"
+        except VmcacheError as exc:
+            problem = str(exc)
+        except Exception as exc:  # a surprise from the QMP library must not end supervision
+            problem = f"QMP failed: {exc!r}"
+        # A VM taken meanwhile is its hand-off's to check; one that exited is already gone.
+        if problem is not None and vm in self._ready:
+            self._ready.remove(vm)
+            self._discard(vm, problem)
+
+    def _discard(self, vm: VM, problem: str) -> None:
+        """Drop a VM that failed a health check: out of the pool now, a replacement boots
+        at once, and the VM is killed (SIGKILL: a QEMU that does not answer QMP would not
+        answer `quit` either)."""
+        log.warning("cached VM %s (QEMU pid %s) %s; killing it and booting a replacement",
+                    vm.id, vm.pid, problem)
+        self.stats.discarded += 1
+        if vm.state is VMState.READY:
+            vm.transition(VMState.DEAD, problem)
+        self._background(self._kill(vm))
+        self._wake.set()
+        self._notify()
+
+    async def _kill(self, vm: VM) -> None:
+        await vm.process.kill()
+        remove_vm_dir(vm)
+        self._notify()
+
     # shutdown
+
+    def refuse_new(self) -> None:
+        """Stop handing out: waiting and later callers get CacheClosed at once, so a daemon
+        that is shutting down answers them instead of letting them run into their deadline.
+        Hand-offs already past `reserve()` finish."""
+        self._closed = True
+        self._wake.set()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(CacheClosed("the VM cache is shutting down"))
 
     async def _stop(self, vm: VM) -> None:
         await vm.process.stop(self.stop_timeout)
@@ -269,16 +421,16 @@ class VMCache:
     async def close(self) -> None:
         """Stop handing out and stop every VM we own. Booting VMs are stopped by
         cancelling `run()` (their factory cleans up)."""
-        self._closed = True
-        self._wake.set()
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(CacheClosed("the VM cache is shutting down"))
+        self.refuse_new()
         vms = list(self._ready)
         self._ready.clear()
         if vms:
             await asyncio.gather(*(self._stop(vm) for vm in vms), return_exceptions=True)
+        # Stops, kills and take-backs started in the background must end before we do: a
+        # daemon exiting under them would leave their QEMU running. asyncio.wait, unlike
+        # gather, does not cancel them if this wait is cancelled.
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
         self._notify()
 
     def resize(self, target: int) -> None:
@@ -344,3 +496,8 @@ class VMCache:
 async def _withhold(slots: asyncio.Semaphore, count: int) -> None:
     for _ in range(count):
         await slots.acquire()
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("background VM task failed: %r", exc, exc_info=exc)

@@ -128,6 +128,10 @@ class DirectFactory:
                 await exited
         if ready in done and not ready.cancelled() and ready.exception() is None:
             return
+        if ready in done:
+            # The guest's serial port closing is usually QEMU exiting (a guest panic with
+            # -no-reboot); its exit code and log say more than the closed port does.
+            await vm.process.wait(1.0)
         if exited in done or not vm.process.running:
             raise LaunchError("QEMU exited before the guest was ready", argv=vm.process.argv,
                               returncode=vm.process.returncode,

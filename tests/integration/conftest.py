@@ -59,8 +59,9 @@ def make_config(demo_guest: Any, workdir: Path) -> ConfigFactory:
 def make_daemon(make_config: ConfigFactory, workdir: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def make(cache_number: int = 2, **ours: object) -> Daemon:
-        d = Daemon(make_config(cache_number, **ours), workdir / "cache.sock", workdir / "state")
+    def make(cache_number: int = 2, *, debug: bool = False, **ours: object) -> Daemon:
+        d = Daemon(make_config(cache_number, **ours), workdir / "cache.sock", workdir / "state",
+                   debug=debug)
         started.append(d)
         return d.start()
 
@@ -72,3 +73,23 @@ def make_daemon(make_config: ConfigFactory, workdir: Path) -> Iterator[Callable[
 @pytest.fixture
 def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
     return make_daemon()
+
+
+# Measurements: tests report what they measured (latencies, CPU, RSS, fds); the numbers
+# are printed at the end of the run, never asserted beyond generous sanity bounds.
+
+_MEASURED: list[tuple[str, str]] = []
+
+
+@pytest.fixture
+def report(request: pytest.FixtureRequest) -> Callable[[str, object], None]:
+    def record(what: str, value: object) -> None:
+        _MEASURED.append((f"{request.node.name}: {what}", str(value)))
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _MEASURED:
+        terminalreporter.section("measured")
+        for what, value in _MEASURED:
+            terminalreporter.write_line(f"{what} = {value}")

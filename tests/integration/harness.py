@@ -113,10 +113,12 @@ class Console:
 
 
 class Daemon:
-    def __init__(self, config: Path, endpoint: Path, state_dir: Path) -> None:
+    def __init__(self, config: Path, endpoint: Path, state_dir: Path, *,
+                 debug: bool = False) -> None:
         self.config = config
         self.endpoint = endpoint
         self.state_dir = state_dir
+        self.debug = debug
         self.proc: subprocess.Popen[str] | None = None
         self.log_path = config.parent / "daemon.log"
         self.taken: list[dict[str, Any]] = []
@@ -125,13 +127,19 @@ class Daemon:
 
     def start(self) -> Daemon:
         self._log = open(self.log_path, "a")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([*CLI, "--config", str(self.config), "init"],
+        debug = ["--debug"] if self.debug else []
+        self.proc = subprocess.Popen([*CLI, "--config", str(self.config), *debug, "init"],
                                      stdout=self._log, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, **self.env})
         wait_for(lambda: self.serving() or self.proc.poll() is not None, 30,  # type: ignore[union-attr]
                  "the daemon to serve")
         assert self.proc.poll() is None, f"daemon exited: {self.log()}"
         return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     def serving(self) -> bool:
         return self.endpoint.exists() and self.cli("status").returncode == 0

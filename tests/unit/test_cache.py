@@ -31,6 +31,7 @@ class FakeProcess:
         self.running = False
         self.released = False
         self.stopped = False
+        self.killed = False
         self.paused = True
 
     async def start(self) -> None:
@@ -52,6 +53,14 @@ class FakeProcess:
     async def stop(self, timeout: float = 3.0) -> None:
         self.stopped = True
         self.running = False
+
+    async def kill(self) -> None:
+        self.killed = True
+        self.running = False
+
+    async def reclaim(self, timeout: float = 2.0) -> None:
+        assert self.running
+        self.released = False
 
     def die(self) -> None:
         self.running = False
@@ -230,7 +239,9 @@ async def test_running_vm_is_never_handed_out(pool: tuple[VMCache, FakeFactory])
     bad.process.paused = False  # type: ignore[attr-defined]
     got = await cache.hand_off()
     assert got is not bad
-    assert bad.process.stopped  # type: ignore[attr-defined]
+    assert bad not in cache.owned()
+    await until(cache, lambda: bad.process.killed)  # type: ignore[attr-defined]
+    assert cache.stats.discarded == 1
 
 
 @pytest.mark.asyncio
