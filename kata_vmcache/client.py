@@ -276,6 +276,11 @@ async def get_vm(config: Config | None = None, *, cpus: int | None = None,
     cache's VM is taken as it is. With `wait_guest`, the call returns once the guest has
     answered a ping (GuestUnresponsive after `guest_timeout`), with its clock set and its
     random pool reseeded; a hot-plug always talks to the guest (it onlines what was added).
+
+    Errors, one line each: RequestError before anything is taken (the request cannot be
+    had); ServerUnavailable when no server listens (nothing is booted behind the caller's
+    back: that is the server's job); after the VM is taken, whatever went wrong (VMDead,
+    GuestUnresponsive, HotplugError, ...), with the VM already stopped.
     """
     if client is None:
         if endpoint is None:

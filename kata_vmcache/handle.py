@@ -431,7 +431,9 @@ class VMHandle:
         devices = []
         for slot in free[:count]:
             props = slot["props"]
-            device = "kvc-cpu-" + "-".join(str(props[k]) for k in sorted(props))
+            # e.g. kvc-cpu-core0-socket1-thread0: unique, and says where it sits.
+            device = "kvc-cpu-" + "-".join(f"{k.removesuffix('-id')}{props[k]}"
+                                           for k in sorted(props))
             await self.execute("device_add", {"driver": slot["type"], "id": device, **props})
             devices.append(device)
         return devices
