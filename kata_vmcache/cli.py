@@ -55,6 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
                               "(you own the VM afterwards)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="how long to wait for a ready VM (default: 60)")
+    p.add_argument("--resume", action="store_true",
+                   help="resume the VM (booting one directly if the configuration does not "
+                        "fit the cache's), and add --cpus/--memory by hot-plug")
+    p.add_argument("--cpus", type=int, metavar="N",
+                   help="with --resume: vCPUs wanted (default: the base VM's)")
+    p.add_argument("--memory", type=int, metavar="MiB",
+                   help="with --resume: memory wanted in MiB (default: the base VM's)")
+    p.add_argument("--wait-guest", action="store_true",
+                   help="with --resume: wait until the guest answers (its timers run), "
+                        "then set its clock and reseed its random pool")
+    p.add_argument("--guest-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="how long the guest has to answer (default: 10)")
     client_command("destroy", "stop the server and the VMs it still owns")
     p = client_command("reload", "make the running server re-read its configuration file "
                                  "(SIGHUP) and report whether it applied it")
@@ -127,6 +139,13 @@ def run(args: argparse.Namespace) -> int:
     if command == "status":
         return asyncio.run(status(endpoint_of(args), as_json=args.json))
     if command == "get":
+        if args.resume:
+            return get_resumed(args)
+        for flag, given in (("--cpus", args.cpus), ("--memory", args.memory),
+                            ("--wait-guest", args.wait_guest or None)):
+            if given is not None:
+                raise UsageError(f"{flag} needs --resume (plain `get` hands the VM over "
+                                 "paused, as kata-runtime takes it)")
         return asyncio.run(get(endpoint_of(args), timeout=args.timeout))
     if command == "destroy":
         return asyncio.run(destroy(endpoint_of(args)))
@@ -161,6 +180,35 @@ async def get(endpoint: Path, *, timeout: float) -> int:
     async with CacheClient(endpoint) as client:
         vm = await client.get_base_vm(timeout=timeout)
     print(json.dumps(vm.as_json()))
+    return 0
+
+
+def get_resumed(args: argparse.Namespace) -> int:
+    # The configuration decides whether the cache's VMs fit; with only --endpoint, the
+    # cache's VM is taken as it is (there is nothing of ours to compare it with).
+    config = None if args.endpoint is not None and args.config is None else load_config(args)
+    endpoint: Path | None = args.endpoint
+    if endpoint is None and config is not None:
+        endpoint = config.factory.vm_cache_endpoint
+    if args.guest_timeout <= 0:
+        raise UsageError(f"--guest-timeout must be > 0 seconds (got {args.guest_timeout:g})")
+    return asyncio.run(_get_resumed(config, endpoint, args))
+
+
+async def _get_resumed(config: configmod.Config | None, endpoint: Path | None,
+                       args: argparse.Namespace) -> int:
+    from .client import get_vm
+
+    vm = await get_vm(config, endpoint=endpoint, cpus=args.cpus, memory_mib=args.memory,
+                      wait_guest=args.wait_guest, guest_timeout=args.guest_timeout,
+                      timeout=args.timeout)
+    try:
+        print(json.dumps(vm.as_json()), flush=True)
+    except BaseException:
+        await vm.stop()  # nobody learnt of it: it must not run on unowned
+        raise
+    # The VM is the caller's: it runs on, and its QMP socket is free for them.
+    await vm.detach()
     return 0
 
 

@@ -113,3 +113,17 @@ class ServerUnavailable(VmcacheError):
 
 class RemoteError(VmcacheError):
     """The server answered a call with an error status (client side)."""
+
+
+class RequestError(UsageError):
+    """A client asked for a VM that cannot be had: fewer vCPUs or less memory than the base
+    VM, or more than its hot-plug ceiling (client side; nothing was taken)."""
+
+
+class GuestUnresponsive(VmcacheError):
+    """The guest did not answer the liveness probe in time (client side): it hangs, or its
+    clock is frozen."""
+
+
+class HotplugError(VmcacheError):
+    """QEMU or the guest did not take a hot-plugged vCPU or DIMM (client side)."""

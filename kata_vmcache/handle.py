@@ -1,0 +1,594 @@
+"""A VM the caller owns: what `client.get_vm()` returns.
+
+Ownership arrives with a hand-off record (`GrpcVM.hypervisor`: Kata's `ID`, `QmpChannelpath`,
+`QemuSMP`, plus our `Pid`, `AgentPath`, `ConsolePath`, `StateDir`, `MaxMemory`,
+`MemorySlots`), whether the VM came from the cache or was booted here. From `adopt()` on,
+the handle is the VM's only owner and the one thing that stops it:
+
+    async with VMHandle.adopt(base_vm) as vm:    # leaving the block stops the VM
+        await vm.connect(guest=True)            # QMP, and the guest's agent port
+        await vm.resume()                       # QMP `cont`
+        await vm.wait_guest(10)                 # a ping the guest answers after a sleep
+        await vm.hotplug(cpus=2, memory_mib=512)
+    ...
+    await vm.detach()   # instead of stopping: close our sessions, the VM runs on
+
+Stopping (`stop()`): QMP `quit`, a bounded wait, then SIGKILL; then the VM's state directory
+goes. The QEMU is usually another process's child (the daemon that booted it reaps it), so
+its exit is watched through a pidfd opened at adoption, never waitpid(); signals go through
+the same pidfd, so a recycled pid is never hit.
+
+Liveness: the demo guest answers `ping` only after sleeping on its own clock, so a guest
+whose timers do not run (paused, or restored without a working clock) is reported dead,
+not alive. A resumed guest's clock stood still while it was paused and its entropy pool is
+the one every VM from the same cache started with: `sync_guest()` sets the clock and mixes
+fresh bytes in (Kata's `SyncTime` and `ReseedRNG` after `Resume`).
+
+Hot-plug, as Kata does it (virtcontainers/qemu.go `hotplugAddCPUs`, `hotplugAddMemory`):
+
+- vCPUs: `query-hotpluggable-cpus` lists the free slots with the driver and the properties
+  (socket-id, core-id, thread-id) that place one; Kata's layout is one core per socket, so
+  each vCPU is one `device_add` of that driver.
+- memory: a `memory-backend-ram` object plus a `pc-dimm` device on it, one DIMM slot per
+  request; the VM was started with `slots` and `maxmem` headroom for this.
+
+The guest finishes a hot-plug asynchronously and acknowledges it through ACPI `_OST`, which
+QEMU reports as an `ACPI_DEVICE_OST` event. Only then may the guest's agent `online` the new
+CPUs and memory blocks; afterwards both QMP and the guest are asked what the VM has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Awaitable, Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+
+from .errors import GuestUnresponsive, HotplugError, RequestError, VMDead, VMStateError
+from .guest_channel import GuestChannel, GuestError, GuestInfo, GuestTimeout
+from .procs import cmdline
+
+if TYPE_CHECKING:
+    from .client import BaseVM
+
+log = logging.getLogger(__name__)
+# qemu.qmp logs every message at DEBUG and each failed connection at ERROR; we report
+# failures ourselves, naming the VM.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+MIB = 1024 * 1024
+#: The unit x86_64 Linux onlines hot-added memory in (its memory block, for guests with
+#: less than 64 GiB); a DIMM of another size would leave part of it offline.
+MEMORY_BLOCK_MIB = 128
+#: ACPI _OST status codes (ACPI 6.5, 6.3.5): success, and "insertion in progress".
+OST_SUCCESS = 0
+OST_IN_PROGRESS = 0x80
+#: How long QEMU gets to exit after `quit` (or SIGTERM) before SIGKILL.
+STOP_TIMEOUT = 3.0
+#: Bytes mixed into the guest's random pool after resume.
+SEED_BYTES = 64
+
+Source = Literal["cache", "direct"]
+T = TypeVar("T")
+
+
+class _OutOfTime(Exception):
+    """A bounded wait on the VM ran out (private: each caller turns it into its own error)."""
+
+
+class VMHandle:
+    """One VM the caller owns: its facts, its QMP session and agent port, and its end."""
+
+    def __init__(self, base: BaseVM, pidfd: int | None, *, source: Source, reason: str,
+                 keep: object = None) -> None:
+        self.base = base
+        self.source: Source = source
+        #: Why the VM was booted directly instead of taken from the cache ("" if it was not).
+        self.reason = reason
+        self.log = log.getChild(base.id)
+        #: The VM's vCPUs and memory now (the base VM's until a hot-plug).
+        self.vcpus = base.cpu
+        self.memory_mib = base.memory
+        self._pidfd = pidfd
+        self._exited = asyncio.Event()
+        self._qmp: QMPClient | None = None
+        self._guest: GuestChannel | None = None
+        self._detached = False
+        self._stopped = False
+        self._stop_lock = asyncio.Lock()
+        # A VM booted here is our child: its QemuProcess keeps reaping it once it exits.
+        self._keep = keep
+        if pidfd is not None:
+            asyncio.get_running_loop().add_reader(pidfd, self._on_exit)
+
+    @classmethod
+    def adopt(cls, base: BaseVM, *, source: Source = "cache", reason: str = "",
+              keep: object = None) -> VMHandle:
+        """Take ownership of the VM `base` describes. Synchronous on purpose: between the
+        hand-off and a handle that can stop the VM there is no point to be cancelled at.
+
+        Raises VMDead (after removing its state directory) when its QEMU is already gone.
+        """
+        pid = base.pid
+        if pid is None:
+            # A server that does not say (Kata's own): QMP is then the only way to stop it.
+            return cls(base, None, source=source, reason=reason, keep=keep)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            pidfd = None
+        # Opened first, checked second: the pidfd now pins the process we checked.
+        if pidfd is None or f"kata-vmcache-{base.id}" not in cmdline(pid):
+            if pidfd is not None:
+                os.close(pidfd)
+            _remove_dir(base.hypervisor.get("StateDir"))
+            raise VMDead(f"VM {base.id}: its QEMU (pid {pid}) is gone")
+        return cls(base, pidfd, source=source, reason=reason, keep=keep)
+
+    def __repr__(self) -> str:
+        return (f"<VMHandle {self.id} {self.source} pid={self.pid} vcpus={self.vcpus} "
+                f"memory={self.memory_mib}MiB>")
+
+    async def __aenter__(self) -> VMHandle:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if not self._detached:
+            await self.stop()
+
+    # --- facts ---------------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self.base.id
+
+    @property
+    def pid(self) -> int | None:
+        return self.base.pid
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The hand-off record, as the server sent it."""
+        return self.base.hypervisor
+
+    @property
+    def qmp_path(self) -> Path:
+        return self.base.qmp_path
+
+    @property
+    def console_path(self) -> Path | None:
+        return _path(self.record.get("ConsolePath"))
+
+    @property
+    def agent_path(self) -> Path | None:
+        return _path(self.record.get("AgentPath"))
+
+    @property
+    def state_dir(self) -> Path | None:
+        return _path(self.record.get("StateDir"))
+
+    @property
+    def max_vcpus(self) -> int:
+        smp = self.record.get("QemuSMP")
+        value = smp.get("MaxCPUs") if isinstance(smp, dict) else None
+        return value if isinstance(value, int) and value > 0 else self.base.cpu
+
+    @property
+    def max_memory_mib(self) -> int | None:
+        value = self.record.get("MaxMemory")
+        return value if isinstance(value, int) and value > 0 else None
+
+    @property
+    def memory_slots(self) -> int | None:
+        value = self.record.get("MemorySlots")
+        return value if isinstance(value, int) else None
+
+    @property
+    def running(self) -> bool:
+        """False once QEMU has exited (or we stopped watching it: detached, no pid)."""
+        return self._pidfd is not None and not self._exited.is_set()
+
+    @property
+    def detached(self) -> bool:
+        return self._detached
+
+    def as_json(self) -> dict[str, Any]:
+        """`kata-vmcache get`'s JSON plus what the VM has now and where it came from."""
+        out = {**self.base.as_json(), "vcpus": self.vcpus, "memoryMiB": self.memory_mib,
+               "source": self.source}
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+    # --- sessions ------------------------------------------------------------------------
+
+    async def connect(self, *, guest: bool = False, timeout: float = 5.0) -> None:
+        """Open our QMP session and, with `guest`, the guest's agent port."""
+        await self._connect_qmp(timeout)
+        if guest:
+            await self._guest_channel(timeout)
+
+    async def _connect_qmp(self, timeout: float) -> QMPClient:
+        if self._qmp is not None:
+            return self._qmp
+        self._require_running()
+        client = QMPClient(f"vm-{self.id}")
+        try:
+            async with asyncio.timeout(timeout):
+                await client.connect(str(self.qmp_path))
+        except TimeoutError:
+            await _disconnect(client)
+            # QEMU accepts one QMP client at a time; a second one is accepted by the kernel
+            # and then hears nothing, which looks exactly like a hung QEMU.
+            raise VMDead(f"VM {self.id}: no QMP greeting on {self.qmp_path} within "
+                         f"{timeout:g} s (QEMU hangs, or another client holds its QMP "
+                         "connection)") from None
+        except (QMPError, OSError) as exc:
+            raise VMDead(f"VM {self.id}: cannot connect to QMP at {self.qmp_path}: "
+                         f"{_cause(exc)}") from exc
+        self._qmp = client
+        return client
+
+    async def _guest_channel(self, timeout: float = 5.0) -> GuestChannel:
+        if self._guest is not None:
+            return self._guest
+        self._require_running()
+        path = self.agent_path
+        if path is None:
+            raise VMStateError(f"VM {self.id}: the hand-off record names no agent port "
+                               "(AgentPath); the guest cannot be asked anything")
+        try:
+            self._guest = await GuestChannel.connect(path, timeout=timeout)
+        except (GuestTimeout, OSError) as exc:
+            raise VMDead(f"VM {self.id}: cannot connect to the guest's agent port "
+                         f"{path}: {_cause(exc)}") from exc
+        return self._guest
+
+    async def execute(self, command: str, arguments: dict[str, object] | None = None,
+                      *, timeout: float = 5.0) -> Any:
+        """One QMP command on our session, bounded in time.
+
+        VMDead when QEMU is gone or silent; VMStateError when QEMU refuses the command.
+        """
+        qmp = await self._connect_qmp(timeout)
+        try:
+            return await self._until_exit(qmp.execute(command, arguments), timeout,
+                                          what=f"QMP {command!r}")
+        except _OutOfTime as exc:
+            raise VMDead(str(exc)) from None
+        except ExecuteError as exc:
+            raise VMStateError(f"VM {self.id}: QMP {command!r} failed: {exc}") from exc
+        except (QMPError, OSError, EOFError) as exc:
+            raise VMDead(f"VM {self.id}: QMP closed during {command!r}: "
+                         f"{_cause(exc)}") from exc
+
+    async def _until_exit(self, aw: Awaitable[T], timeout: float, *, what: str) -> T:
+        """Await `aw` within `timeout`: VMDead at once if QEMU exits first, _OutOfTime
+        (the callers say what it means) when the time is up."""
+        self._require_running()
+        task = asyncio.ensure_future(aw)
+        exited = asyncio.ensure_future(self._exited.wait())
+        try:
+            done, _ = await asyncio.wait({task, exited}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (task, exited):
+                if not t.done():
+                    t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await exited
+        if task in done:
+            return task.result()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        if exited in done:
+            raise VMDead(f"VM {self.id}: QEMU {self.pid} exited during {what}")
+        raise _OutOfTime(f"VM {self.id}: no answer to {what} within {timeout:g} s")
+
+    def _require_running(self) -> None:
+        if self._detached or self._stopped:
+            raise VMStateError(f"VM {self.id} is {'detached' if self._detached else 'stopped'}"
+                               "; this handle no longer controls it")
+        if self._exited.is_set():
+            raise VMDead(f"VM {self.id}: QEMU {self.pid} has exited")
+
+    # --- guest ---------------------------------------------------------------------------
+
+    async def resume(self) -> None:
+        """QMP `cont`: the paused VM runs."""
+        await self.execute("cont")
+
+    async def wait_guest(self, timeout: float = 10.0) -> float:
+        """Wait until the guest answers a ping (it sleeps on its own clock before it
+        answers); return the round trip in seconds. GuestUnresponsive after `timeout`."""
+        guest = await self._guest_channel()
+        try:
+            return await self._until_exit(guest.ping(timeout), timeout + 1.0,
+                                          what="the guest's ping")
+        except (GuestTimeout, _OutOfTime):
+            raise GuestUnresponsive(
+                f"VM {self.id}: the guest did not answer within {timeout:g} s (it hangs, "
+                "or its clock is frozen)") from None
+        except ConnectionError as exc:
+            raise VMDead(f"VM {self.id}: the agent port closed: {exc}") from exc
+
+    async def alive(self, timeout: float = 5.0) -> bool:
+        """True when the guest answers a ping within `timeout` (its timers run)."""
+        try:
+            await self.wait_guest(timeout)
+        except (GuestUnresponsive, VMDead):
+            return False
+        return True
+
+    async def sync_guest(self, timeout: float = 5.0) -> None:
+        """Set the guest's clock to now and mix fresh bytes into its random pool."""
+        guest = await self._guest_channel()
+        await self._guest_call(guest.set_time(timeout=timeout), timeout, "time")
+        await self._guest_call(guest.seed(os.urandom(SEED_BYTES), timeout=timeout), timeout,
+                               "seed")
+
+    async def info(self, timeout: float = 5.0) -> GuestInfo:
+        """What the guest itself sees: online CPUs, MemTotal, uptime."""
+        guest = await self._guest_channel()
+        return await self._guest_call(guest.info(timeout), timeout, "info")
+
+    async def _guest_call(self, aw: Awaitable[T], timeout: float, what: str) -> T:
+        try:
+            return await self._until_exit(aw, timeout + 1.0, what=f"the guest's {what!r}")
+        except (GuestTimeout, _OutOfTime) as exc:
+            raise GuestUnresponsive(f"VM {self.id}: {exc}") from None
+        except GuestError as exc:
+            raise VMStateError(f"VM {self.id}: {exc}") from exc
+        except ConnectionError as exc:
+            raise VMDead(f"VM {self.id}: the agent port closed: {exc}") from exc
+
+    # --- resources -----------------------------------------------------------------------
+
+    async def query_resources(self) -> tuple[int, int]:
+        """(vCPUs, memory in MiB) as QEMU counts them."""
+        cpus = await self.execute("query-cpus-fast")
+        summary = await self.execute("query-memory-size-summary")
+        memory = int(summary["base-memory"]) + int(summary.get("plugged-memory", 0))
+        return len(cpus), memory // MIB
+
+    async def hotplug(self, *, cpus: int | None = None, memory_mib: int | None = None,
+                      timeout: float = 30.0) -> None:
+        """Grow the VM to `cpus` vCPUs and `memory_mib` MiB and have the guest online them.
+
+        The added memory must be whole memory blocks (MEMORY_BLOCK_MIB). HotplugError when
+        QEMU or the guest does not take a device, or the result is not what was asked.
+        """
+        cpus = self.vcpus if cpus is None else cpus
+        memory_mib = self.memory_mib if memory_mib is None else memory_mib
+        add_cpus, add_mib = cpus - self.vcpus, memory_mib - self.memory_mib
+        if add_cpus < 0 or add_mib < 0:
+            raise RequestError(f"VM {self.id} has {self.vcpus} vCPUs and {self.memory_mib} "
+                               f"MiB; hot-unplug is not supported (asked for {cpus} vCPUs, "
+                               f"{memory_mib} MiB)")
+        if add_mib % MEMORY_BLOCK_MIB:
+            raise RequestError(f"memory: hot-added memory must be a multiple of "
+                               f"{MEMORY_BLOCK_MIB} MiB (asked for {add_mib} MiB more)")
+        if not add_cpus and not add_mib:
+            return
+        started = time.monotonic()
+        guest = await self._guest_channel()
+        before = await self.info()
+        qmp = await self._connect_qmp(5.0)
+        devices: list[str] = []
+        try:
+            # Listen before plugging: the acknowledgement can come before device_add returns.
+            with qmp.listener(("ACPI_DEVICE_OST",)) as events:
+                if add_cpus:
+                    devices += await self._plug_cpus(add_cpus)
+                if add_mib:
+                    devices.append(await self._plug_memory(add_mib))
+                await self._until_exit(self._acknowledged(events, devices), timeout,
+                                       what=f"the guest's acknowledgement of {devices}")
+        except _OutOfTime:
+            raise HotplugError(f"VM {self.id}: the guest did not acknowledge {devices} "
+                               f"within {timeout:g} s") from None
+        except VMDead:
+            raise
+        except VMStateError as exc:
+            raise HotplugError(str(exc)) from exc
+        after = await self._guest_call(guest.online(timeout), timeout, "online")
+        qmp_cpus, qmp_mib = await self.query_resources()
+        self.vcpus, self.memory_mib = qmp_cpus, qmp_mib
+        problems = []
+        if (qmp_cpus, qmp_mib) != (cpus, memory_mib):
+            problems.append(f"QEMU has {qmp_cpus} vCPUs and {qmp_mib} MiB")
+        if after.cpus != cpus:
+            problems.append(f"the guest has {after.cpus} vCPUs online")
+        # The guest's MemTotal grows by the whole DIMM once every block of it is online.
+        added_kib = after.mem_kib - before.mem_kib
+        if added_kib < add_mib * 1024:
+            problems.append(f"the guest's memory grew by {added_kib // 1024} MiB")
+        if problems:
+            raise HotplugError(f"VM {self.id}: asked for {cpus} vCPUs and {memory_mib} MiB, "
+                               f"but {'; '.join(problems)}")
+        self.log.info("hot-added %d vCPUs and %d MiB in %.2f s: %d vCPUs, %d MiB",
+                      add_cpus, add_mib, time.monotonic() - started, cpus, memory_mib)
+
+    async def _plug_cpus(self, count: int) -> list[str]:
+        slots = await self.execute("query-hotpluggable-cpus")
+        free = sorted((s for s in slots if "qom-path" not in s),
+                      key=lambda s: tuple(s["props"].get(k, 0)
+                                          for k in ("socket-id", "core-id", "thread-id")))
+        if len(free) < count:
+            raise HotplugError(f"VM {self.id}: {count} more vCPUs asked for, but only "
+                               f"{len(free)} free vCPU slots (QemuSMP.MaxCPUs "
+                               f"{self.max_vcpus})")
+        devices = []
+        for slot in free[:count]:
+            props = slot["props"]
+            # e.g. kvc-cpu-core0-socket1-thread0: unique, and says where it sits.
+            device = "kvc-cpu-" + "-".join(f"{k.removesuffix('-id')}{props[k]}"
+                                           for k in sorted(props))
+            await self.execute("device_add", {"driver": slot["type"], "id": device, **props})
+            devices.append(device)
+        return devices
+
+    async def _plug_memory(self, mib: int) -> str:
+        existing = await self.execute("query-memory-devices")
+        n = len(existing)
+        backend, device = f"kvc-mem{n}", f"kvc-dimm{n}"
+        await self.execute("object-add", {"qom-type": "memory-backend-ram", "id": backend,
+                                          "size": mib * MIB})
+        try:
+            await self.execute("device_add", {"driver": "pc-dimm", "id": device,
+                                              "memdev": backend})
+        except VMStateError:
+            with contextlib.suppress(VMStateError):
+                await self.execute("object-del", {"id": backend})
+            raise
+        return device
+
+    async def _acknowledged(self, events: EventListener, devices: Iterable[str]) -> None:
+        """Return once the guest has acknowledged every device (ACPI _OST status 0)."""
+        pending = set(devices)
+        async for event in events:
+            data: Any = event["data"]
+            info = data["info"]
+            device, status = info.get("device"), info.get("status")
+            if device not in pending or status == OST_IN_PROGRESS:
+                continue
+            if status != OST_SUCCESS:
+                raise HotplugError(f"VM {self.id}: the guest refused {device} (ACPI _OST "
+                                   f"status {status:#x})")
+            pending.discard(device)
+            if not pending:
+                return
+
+    # --- the end -------------------------------------------------------------------------
+
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """QMP `quit`, a bounded wait, SIGKILL; then remove the VM's state directory.
+        Idempotent; also for a detached handle (the pidfd is then opened again)."""
+        async with self._stop_lock:
+            if self._stopped:
+                return
+            if self._detached:
+                self._reattach()
+            try:
+                await self._close_guest()
+                if self.running:
+                    await self._shut_down(timeout)
+                elif self.pid is None and not self._exited.is_set():
+                    await self._ask_quit(timeout)  # nothing else we can do without a pid
+            finally:
+                await self._close_qmp()
+                self._close_pidfd()
+                _remove_dir(self.state_dir)
+                self._stopped = True
+
+    async def _shut_down(self, timeout: float) -> None:
+        if not await self._ask_quit(min(timeout, 1.0)):
+            # No QMP (its socket is gone, or QEMU does not answer): SIGTERM is QEMU's other
+            # orderly way out.
+            self._signal(signal.SIGTERM)
+        if await self._wait_exit(timeout):
+            return
+        self.log.warning("QEMU %s ignored quit for %.1f s; killing it", self.pid, timeout)
+        self._signal(signal.SIGKILL)
+        if not await self._wait_exit(5.0):
+            self.log.error("QEMU %s survived SIGKILL for 5 s (stuck in the kernel?)",
+                           self.pid)
+
+    async def _ask_quit(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                qmp = self._qmp
+                if qmp is None:
+                    qmp = QMPClient(f"vm-{self.id}")
+                    self._qmp = qmp
+                    await qmp.connect(str(self.qmp_path))
+                await qmp.execute("quit")
+        except (TimeoutError, QMPError, OSError, EOFError):
+            return False
+        return True
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, sig)
+
+    async def _wait_exit(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), timeout)
+        return self._exited.is_set()
+
+    async def detach(self) -> None:
+        """Stop controlling the VM without stopping it: close our QMP session (QEMU serves
+        one client at a time) and the agent port; the VM runs on, the caller's to manage."""
+        if self._stopped or self._detached:
+            return
+        self._detached = True
+        await self._close_guest()
+        await self._close_qmp()
+        self._close_pidfd()
+
+    def _reattach(self) -> None:
+        pid = self.pid
+        if pid is not None and not self._exited.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                pidfd = os.pidfd_open(pid)
+                if f"kata-vmcache-{self.id}" in cmdline(pid):
+                    self._pidfd = pidfd
+                    asyncio.get_running_loop().add_reader(pidfd, self._on_exit)
+                else:
+                    os.close(pidfd)
+        self._detached = False
+
+    def _on_exit(self) -> None:
+        # A pidfd stays readable once the process has exited: stop watching at once.
+        self._exited.set()
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            pidfd, self._pidfd = self._pidfd, None
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(pidfd)
+            os.close(pidfd)
+
+    async def _close_qmp(self) -> None:
+        if self._qmp is not None:
+            client, self._qmp = self._qmp, None
+            await _disconnect(client)
+
+    async def _close_guest(self) -> None:
+        if self._guest is not None:
+            guest, self._guest = self._guest, None
+            await guest.close()
+
+
+async def _disconnect(client: QMPClient) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(client.disconnect(), 2.0)
+
+
+def _path(value: object) -> Path | None:
+    return Path(value) if isinstance(value, str) and value else None
+
+
+def _remove_dir(path: object) -> None:
+    if isinstance(path, str | Path) and str(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost reason: qemu.qmp wraps OSError in ConnectError."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc) or type(exc).__name__
