@@ -18,12 +18,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import config as configmod
 from .client import CacheClient, not_running
 from .errors import ConfigError, UsageError, VmcacheError
 from .logs import setup_logging
 from .procs import pid_alive
+from .snapshot import MonitorClient, NoMonitor
 
 PROG = "kata-vmcache"
 
@@ -140,7 +142,8 @@ async def status(endpoint: Path, *, as_json: bool) -> int:
         st = await client.status()
     if as_json:
         print(json.dumps({"pid": st.pid, "vms": [
-            {"pid": v.pid, "cpu": v.cpu, "memory": v.memory_mib} for v in st.vms]}))
+            {"pid": v.pid, "cpu": v.cpu, "memory": v.memory_mib} for v in st.vms],
+            **await snapshot_json(endpoint)}))
     else:
         # Kata's exact lines (kata-runtime factory status).
         print(f"VM cache server pid = {st.pid}")
@@ -169,6 +172,16 @@ async def destroy(endpoint: Path, *, timeout: float = 10.0) -> int:
         await asyncio.sleep(0.05)
     print(f"VM cache server pid = {pid} stopped")
     return 0
+
+
+async def snapshot_json(endpoint: Path) -> dict[str, Any]:
+    """`status --json` adds the Monitor service's snapshot under "snapshot"; a server
+    without that service (Kata's own VMCache server) gets Kata's keys only."""
+    async with MonitorClient(endpoint) as monitor:
+        try:
+            return {"snapshot": (await monitor.snapshot()).as_json()}
+        except NoMonitor:
+            return {}
 
 
 __all__ = ["main", "not_running"]

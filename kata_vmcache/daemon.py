@@ -28,6 +28,7 @@ from .config import Config
 from .errors import UsageError
 from .factory.cache import VMCache
 from .factory.direct import DirectFactory
+from .monitor import MonitorServicer
 from .procs import cmdline, pid_alive
 from .server import CacheServicer, prepare_endpoint, remove_endpoint, start_server
 from .vm import read_records
@@ -107,7 +108,8 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None) -> Non
                         parallelism=config.daemon.boot_parallelism,
                         stop_timeout=config.daemon.stop_timeout)
         servicer = CacheServicer(cache, config, shutdown.set)
-        server = await start_server(config, servicer)
+        monitor = MonitorServicer(cache, factory, config, stopping=shutdown)
+        server = await start_server(config, servicer, monitor)
         log.info("serving %d %s VMs (%d vCPU, %d MiB) on %s", cache.target,
                  factory.accelerator.upper(), factory.spec.vcpus, factory.spec.memory_mib,
                  endpoint)

@@ -33,6 +33,8 @@ from . import kata
 from .config import Config
 from .errors import CacheClosed, EndpointInUse, VmcacheError
 from .factory.cache import VMCache
+from .monitor import MonitorServicer
+from .monitor import add_to_server as add_monitor_to_server
 from .proto import cache_pb2, cache_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -122,7 +124,8 @@ def prepare_endpoint(path: Path) -> None:
     path.unlink()
 
 
-async def start_server(config: Config, servicer: CacheServicer) -> grpc.aio.Server:
+async def start_server(config: Config, servicer: CacheServicer,
+                       monitor: MonitorServicer | None = None) -> grpc.aio.Server:
     endpoint = config.factory.vm_cache_endpoint
     prepare_endpoint(endpoint)
     server = grpc.aio.server(options=[
@@ -133,6 +136,8 @@ async def start_server(config: Config, servicer: CacheServicer) -> grpc.aio.Serv
         ("grpc.http2.max_pings_without_data", 0),
     ])
     cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server)
+    if monitor is not None:  # our own service beside Kata's (monitor.py)
+        add_monitor_to_server(monitor, server)
     # The socket must never exist with wider permissions than asked, not even briefly.
     old = os.umask(0o177)
     try:
