@@ -1,6 +1,6 @@
 """`kata-vmcache`: the command line.
 
-    kata-vmcache [--config PATH] [--debug] init | status | get | destroy | check-config
+    kata-vmcache [--config PATH] [--debug] init | status | get | destroy | check-config | tui
     kata-vmcache demo-guest DIR
 
 Errors are ours (`VmcacheError`): one line on stderr (one per problem for configuration
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="how long to wait for a ready VM (default: 60)")
     client_command("destroy", "stop the server and the VMs it still owns")
+    client_command("tui", "live dashboard of the server (take VMs, stop it)")
 
     sub.add_parser("check-config", help="validate the configuration, print resolved settings")
 
@@ -126,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         return asyncio.run(get(endpoint_of(args), timeout=args.timeout))
     if command == "destroy":
         return asyncio.run(destroy(endpoint_of(args)))
+    if command == "tui":
+        return tui(endpoint_of(args))
     if command == "demo-guest":
         from .demo_guest import build_demo
 
@@ -182,6 +185,14 @@ async def snapshot_json(endpoint: Path) -> dict[str, Any]:
             return {"snapshot": (await monitor.snapshot()).as_json()}
         except NoMonitor:
             return {}
+
+
+def tui(endpoint: Path) -> int:
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UsageError("tui needs a terminal: stdin and stdout must be a TTY")
+    from .tui import run  # here, not at the top: only the dashboard needs Textual
+
+    return run(endpoint)
 
 
 __all__ = ["main", "not_running"]
