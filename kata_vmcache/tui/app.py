@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import ClassVar
 
 from rich.text import Text
@@ -102,6 +103,8 @@ class VMCacheApp(App[None]):
         Binding("s", "stop_server", "Stop server"),
         Binding("question_mark,f1", "help", "Help", key_display="?"),
         Binding("q", "quit", "Quit"),
+        # Not in the footer (it is for docs and bug reports): an SVG of the screen, in cwd.
+        Binding("ctrl+s", "save_screenshot", "Screenshot", show=False),
     ]
 
     def __init__(self, backend: Backend, *, retry_start: float = RETRY_START,
@@ -382,3 +385,14 @@ class VMCacheApp(App[None]):
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
+
+    def action_save_screenshot(self) -> None:
+        """Textual's own SVG export of the screen, into the current directory (the command
+        palette's "Screenshot" writes to ~/Downloads, which a server often lacks)."""
+        try:
+            path = self.save_screenshot(path=str(Path.cwd()))
+        except OSError as exc:
+            self.notify(f"{exc.strerror}: {exc.filename}", title="No screenshot",
+                        severity="error")
+            return
+        self.notify(f"Saved {path}", title="Screenshot")

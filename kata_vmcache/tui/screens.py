@@ -108,6 +108,7 @@ HELP = """\
   [b]s[/b]        stop the server (Quit), after you confirm
   [b]?[/b] [b]F1[/b]     this help
   [b]q[/b]        quit the dashboard (the server keeps running)
+  [b]Ctrl+S[/b]   save an SVG screenshot of the screen in the current directory
   [b]↑ ↓[/b]      move in the VM table
 
 [b]Panels[/b]

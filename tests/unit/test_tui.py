@@ -278,3 +278,20 @@ def test_formats() -> None:
     assert fmt.millis(1.44) == "1.4 s"
     assert fmt.size(512) == "512 B"
     assert fmt.size(3 * 1024**3) == "3.0 GiB"
+
+
+@pytest.mark.asyncio
+async def test_ctrl_s_saves_an_svg_of_the_screen(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    backend = ScriptedBackend()
+    app = VMCacheApp(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        backend.queue.put_nowait(sample())
+        await connected(pilot)
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: list(tmp_path.glob("*.svg")), "the screenshot")
+    svg, = tmp_path.glob("*.svg")
+    text = svg.read_text()
+    assert text.startswith("<svg")
+    assert "51234" in text  # the VM table is in it
