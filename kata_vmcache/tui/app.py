@@ -82,7 +82,7 @@ class VMCacheApp(App[None]):
     #gauge Bar { width: 1fr; }
     #vms { height: 1fr; min-height: 5; }
     #bottom { height: 2fr; min-height: 12; }
-    #activity { width: 46; }
+    #activity { width: 40; }
     #counters { height: auto; }
     .spark-label { margin-top: 1; }
     Sparkline { height: 2; width: 1fr; }
