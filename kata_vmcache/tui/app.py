@@ -264,6 +264,9 @@ class VMCacheApp(App[None]):
         self.query_one("#pool-detail", Static).update("")
         self.query_one("#vms", DataTable).clear()
         self.query_one("#counters", Static).update("[dim]not connected[/dim]")
+        for name in ("latency", "boot"):
+            self.query_one(f"#{name}-label", Static).update("")
+            self.query_one(f"#{name}", Sparkline).display = False
 
     def _show_vms(self, vms: tuple[VMInfo, ...]) -> None:
         table = self.query_one("#vms", DataTable)
@@ -317,6 +320,8 @@ class VMCacheApp(App[None]):
         else:
             label.update(f"[b]{title}[/b]  [dim]none yet[/dim]")
         sparkline = self.query_one(f"#{name}", Sparkline)
+        # An empty Sparkline still draws a bar, which reads as a value: hide it instead.
+        sparkline.display = bool(values)
         # One column per value while they fit: a few values are not stretched into blocks.
         sparkline.styles.max_width = max(1, len(values))
         sparkline.data = list(values)

@@ -295,3 +295,21 @@ async def test_ctrl_s_saves_an_svg_of_the_screen(tmp_path: Path,
     text = svg.read_text()
     assert text.startswith("<svg")
     assert "51234" in text  # the VM table is in it
+
+
+@pytest.mark.asyncio
+async def test_no_values_no_sparkline() -> None:
+    """An empty Sparkline draws a bar that reads as a value: none is shown until there is one."""
+    from textual.widgets import Sparkline
+
+    backend = ScriptedBackend()
+    app = VMCacheApp(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        backend.queue.put_nowait(sample(handoff_seconds=()))
+        await connected(pilot)
+        assert not app.query_one("#latency", Sparkline).display
+        assert app.query_one("#boot", Sparkline).display
+        assert "none yet" in str(app.query_one("#latency-label", Static).render())
+        backend.queue.put_nowait(sample())
+        await until(pilot, lambda: app.query_one("#latency", Sparkline).display,
+                    "the first latency")
