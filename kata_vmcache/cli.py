@@ -1,6 +1,7 @@
 """`kata-vmcache`: the command line.
 
-    kata-vmcache [--config PATH] [--debug] init | status | get | destroy | reload | check-config
+    kata-vmcache [--config PATH] [--debug] init | status | get | destroy | reload | tui
+    kata-vmcache [--config PATH] check-config
     kata-vmcache demo-guest DIR
 
 Errors are ours (`VmcacheError`): one line on stderr (one per problem for configuration
@@ -18,12 +19,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import config as configmod
 from .client import CacheClient, not_running
 from .errors import ConfigError, ServerUnavailable, UsageError, VmcacheError
 from .logs import setup_logging
 from .procs import pid_alive
+from .snapshot import MonitorClient, NoMonitor
 
 PROG = "kata-vmcache"
 
@@ -74,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the server's pid (systemd's $MAINPID), instead of asking the endpoint")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="how long to wait for the server's answer (default: 30)")
+    client_command("tui", "live dashboard of the server (take VMs, stop it)")
 
     sub.add_parser("check-config", help="validate the configuration, print resolved settings")
 
@@ -151,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
         return asyncio.run(destroy(endpoint_of(args)))
     if command == "reload":
         return asyncio.run(reload(args))
+    if command == "tui":
+        return tui(endpoint_of(args))
     if command == "demo-guest":
         from .demo_guest import build_demo
 
@@ -167,7 +173,8 @@ async def status(endpoint: Path, *, as_json: bool) -> int:
         st = await client.status()
     if as_json:
         print(json.dumps({"pid": st.pid, "vms": [
-            {"pid": v.pid, "cpu": v.cpu, "memory": v.memory_mib} for v in st.vms]}))
+            {"pid": v.pid, "cpu": v.cpu, "memory": v.memory_mib} for v in st.vms],
+            **await snapshot_json(endpoint)}))
     else:
         # Kata's exact lines (kata-runtime factory status).
         print(f"VM cache server pid = {st.pid}")
@@ -256,6 +263,24 @@ async def reload(args: argparse.Namespace) -> int:
         return 1
     print(f"reload applied: {outcome.message}")
     return 0
+
+
+async def snapshot_json(endpoint: Path) -> dict[str, Any]:
+    """`status --json` adds the Monitor service's snapshot under "snapshot"; a server
+    without that service (Kata's own VMCache server) gets Kata's keys only."""
+    async with MonitorClient(endpoint) as monitor:
+        try:
+            return {"snapshot": (await monitor.snapshot()).as_json()}
+        except NoMonitor:
+            return {}
+
+
+def tui(endpoint: Path) -> int:
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UsageError("tui needs a terminal: stdin and stdout must be a TTY")
+    from .tui import run  # here, not at the top: only the dashboard needs Textual
+
+    return run(endpoint)
 
 
 __all__ = ["main", "not_running"]

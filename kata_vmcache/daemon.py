@@ -27,11 +27,13 @@ import os
 import shutil
 import signal
 from pathlib import Path
+from typing import cast
 
 from .config import Config
 from .errors import UsageError
 from .factory.cache import VMCache
 from .factory.direct import DirectFactory
+from .monitor import DescribedFactory, MonitorServicer
 from .notify import Notifier, publish_status, status_line
 from .procs import cmdline, pid_alive, pids
 from .reload import Reloader, remove_outcome
@@ -131,11 +133,12 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
                         parallelism=config.daemon.boot_parallelism,
                         stop_timeout=config.daemon.stop_timeout)
         servicer = CacheServicer(cache, config, shutdown.set)
-        server = await start_server(config, servicer)
+        monitor = MonitorServicer(cache, factory, config, stopping=shutdown)
+        server = await start_server(config, servicer, monitor)
         log.info("serving %d %s VMs (%d vCPU, %d MiB) on %s", cache.target,
                  factory.accelerator.upper(), factory.spec.vcpus, factory.spec.memory_mib,
                  endpoint)
-        duties = _service_duties(config, cache, servicer, notifier, reload_requested)
+        duties = _service_duties(config, cache, servicer, monitor, notifier, reload_requested)
         pool = asyncio.create_task(cache.run(), name="vm-pool")
         stop = asyncio.create_task(shutdown.wait(), name="shutdown")
         try:
@@ -163,11 +166,14 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
             loop.remove_signal_handler(sig)
 
 
-def _service_duties(config: Config, cache: VMCache, servicer: CacheServicer, notifier: Notifier,
+def _service_duties(config: Config, cache: VMCache, servicer: CacheServicer,
+                    monitor: MonitorServicer, notifier: Notifier,
                     reload_requested: asyncio.Event) -> set[asyncio.Task[None]]:
     """Once the socket serves: READY=1, the STATUS= line, and reloads on SIGHUP."""
     reloader = Reloader(config, cache=cache, servicer=servicer, notifier=notifier,
-                        factory_for=DirectFactory)
+                        factory_for=DirectFactory,
+                        on_applied=lambda new, factory: monitor.set_config(
+                            new, cast(DescribedFactory, factory)))
     reloader.started()
     line = status_line(cache)
     notifier.ready(line)

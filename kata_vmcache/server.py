@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +40,8 @@ from . import kata
 from .config import Config
 from .errors import CacheClosed, EndpointInUse, VmcacheError
 from .factory.cache import VMCache
+from .monitor import MonitorServicer
+from .monitor import add_to_server as add_monitor_to_server
 from .proto import cache_pb2, cache_pb2_grpc
 
 SERVICE_NAME = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
@@ -81,6 +84,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                         context: grpc.aio.ServicerContext) -> None:
         """Hand out one VM. Registered as a stream of one reply (`add_cache_service`): the
         reply is written with `context.write()`, whose failure we can see."""
+        asked = time.monotonic()
         remaining = context.time_remaining()
         try:
             if remaining is None:
@@ -118,7 +122,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             self.cache.take_back_later(vm, "the client went away before the reply was "
                                            f"written ({type(exc).__name__})")
             raise asyncio.CancelledError from exc
-        self.cache.delivered(vm)
+        self.cache.delivered(vm, asked=asked)
 
     async def Status(self, request: empty_pb2.Empty,
                      context: grpc.aio.ServicerContext) -> cache_pb2.GrpcStatus:
@@ -201,7 +205,8 @@ def prepare_endpoint(path: Path) -> None:
     path.unlink()
 
 
-async def start_server(config: Config, servicer: CacheServicer) -> grpc.aio.Server:
+async def start_server(config: Config, servicer: CacheServicer,
+                       monitor: MonitorServicer | None = None) -> grpc.aio.Server:
     endpoint = config.factory.vm_cache_endpoint
     prepare_endpoint(endpoint)
     server = grpc.aio.server(options=[
@@ -213,6 +218,8 @@ async def start_server(config: Config, servicer: CacheServicer) -> grpc.aio.Serv
         ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
     ])
     add_cache_service(servicer, server)
+    if monitor is not None:  # our own service beside Kata's (monitor.py)
+        add_monitor_to_server(monitor, server)
     # The socket must never exist with wider permissions than asked, not even briefly.
     old = os.umask(0o177)
     try:

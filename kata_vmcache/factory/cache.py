@@ -74,6 +74,56 @@ class CacheStats:
         default_factory=lambda: collections.deque(maxlen=64))
 
 
+# ---------------------------------------------------------------------------------------------
+# Activity: a small, bounded record of what the pool did, for dashboards (the Monitor service,
+# `kata-vmcache tui`, `status --json`). It never grows with uptime: a daemon runs for months.
+
+
+@dataclass(frozen=True)
+class CacheEvent:
+    #: Increasing within one daemon process, so a watcher can tell which events are new.
+    seq: int
+    #: Unix time.
+    time: float
+    #: "ready", "handed_out", "died" or "boot_failed".
+    kind: str
+    text: str
+    vm_id: str = ""
+
+
+class CacheActivity:
+    """The latest events and hand-off latencies (seconds from GetBaseVM's arrival at the
+    cache, including any wait for a VM, to the VM being released to the caller)."""
+
+    def __init__(self, *, events: int = 100, latencies: int = 64) -> None:
+        self.events: collections.deque[CacheEvent] = collections.deque(maxlen=events)
+        self.handoff_seconds: collections.deque[float] = collections.deque(maxlen=latencies)
+        self._seq = 0
+
+    def record(self, kind: str, text: str, vm_id: str = "") -> None:
+        self._seq += 1
+        self.events.append(CacheEvent(self._seq, time.time(), kind, text, vm_id))
+
+    def vm_ready(self, vm: VM) -> None:
+        self.record("ready", f"VM {vm.id} ready in {vm.boot_seconds or 0:.2f} s "
+                             f"(QEMU pid {vm.pid})", vm.id)
+
+    def vm_handed_out(self, vm: VM, seconds: float) -> None:
+        self.handoff_seconds.append(seconds)
+        self.record("handed_out", f"VM {vm.id} handed out in {seconds * 1000:.0f} ms "
+                                  f"(QEMU pid {vm.pid})", vm.id)
+
+    def vm_died(self, vm: VM) -> None:
+        self.record("died", f"VM {vm.id} died in the pool: {vm.reason or 'QEMU exited'} "
+                            f"(QEMU pid {vm.pid})", vm.id)
+
+    def boot_failed(self, reason: str, retry_in: float) -> None:
+        self.record("boot_failed", f"boot failed: {reason} (next try in {retry_in:.0f} s)")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 class VMCache:
     def __init__(self, factory: Factory, target: int, *, parallelism: int,
                  stop_timeout: float = 3.0) -> None:
@@ -82,6 +132,7 @@ class VMCache:
         self.parallelism = parallelism
         self.stop_timeout = stop_timeout
         self.stats = CacheStats()
+        self.activity = CacheActivity()
         self._ready: collections.deque[VM] = collections.deque()
         self._booting: set[VM] = set()
         self._boot_tasks = 0
@@ -115,6 +166,17 @@ class VMCache:
         """Every VM the cache owns whose QEMU runs: ready ones first, then booting ones."""
         booting = [vm for vm in self._booting if vm.pid is not None and vm.process.running]
         return [*self._ready, *sorted(booting, key=lambda vm: vm.created)]
+
+    def change_event(self) -> asyncio.Event:
+        """The event the next change of the pool sets. Take it *before* reading the pool's
+        state, then await it: a change in between is not missed (unlike `wait_changed()`,
+        whose event is only picked when the coroutine first runs)."""
+        return self._change
+
+    @property
+    def next_retry_seconds(self) -> float:
+        """Seconds until the next boot attempt while backing off after failures, else 0."""
+        return max(0.0, self._not_before - time.monotonic()) if self._failures else 0.0
 
     async def wait_changed(self) -> None:
         """Return at the next change of the pool (for watchers and tests)."""
@@ -191,6 +253,7 @@ class VMCache:
         else:
             log.debug("VM boot failed again: %s (next in %.0f s)", reason, delay)
         self.stats.last_error = reason
+        self.activity.boot_failed(reason, delay)
 
     def _boot_succeeded(self, vm: VM) -> None:
         if self._failures:
@@ -208,6 +271,7 @@ class VMCache:
             return
         vm.on_exit(self._died)
         log.info("VM %s ready in %.2f s (QEMU pid %s)", vm.id, vm.boot_seconds or 0, vm.pid)
+        self.activity.vm_ready(vm)
         self._offer(vm)
 
     def _offer(self, vm: VM, *, front: bool = False) -> None:
@@ -231,6 +295,7 @@ class VMCache:
             self._ready.remove(vm)
             self.stats.died_in_pool += 1
             log.warning("cached VM %s died (%s); replacing it", vm.id, vm.reason)
+            self.activity.vm_died(vm)
         remove_vm_dir(vm)
         self._wake.set()
         self._notify()
@@ -252,6 +317,7 @@ class VMCache:
                 return vm
         waiter: asyncio.Future[VM] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self._notify()  # watchers show callers waiting
         try:
             vm = await waiter
         except asyncio.CancelledError:
@@ -312,16 +378,21 @@ class VMCache:
         vm.transition(VMState.HANDED_OFF)
         self._notify()
 
-    def delivered(self, vm: VM) -> None:
-        """The hand-off reply was written: the VM is the caller's for good."""
+    def delivered(self, vm: VM, *, asked: float | None = None) -> None:
+        """The hand-off reply was written: the VM is the caller's for good. `asked` is when
+        the request arrived (time.monotonic()), for the hand-off latency record."""
         self.stats.handed_out += 1
         log.info("VM %s handed out (QEMU pid %s)", vm.id, vm.pid)
+        if asked is not None:
+            self.activity.vm_handed_out(vm, time.monotonic() - asked)
+        self._notify()
 
     async def hand_off(self) -> VM:
         """Reserve, check and give a VM in one call (for callers with no reply to write)."""
+        asked = time.monotonic()
         vm = await self.reserve()
         await self.give(vm)
-        self.delivered(vm)
+        self.delivered(vm, asked=asked)
         return vm
 
     # undoing a hand-off whose reply was not written
