@@ -303,9 +303,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=96, help="hand-off samples (default 96)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--quick", action="store_true",
+                        help="hand-off and floor only, printed, nothing written (for development)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(args.samples, args.out)
+    if args.quick:
+        try:
+            bench.start()
+            bench.handoff_and_floor()
+        finally:
+            bench.stop()
+        h, f = bench.raw["handoff_ms"], bench.raw["floor_ms"]
+        print(f"hand-off p50 {pct(h, 50):.2f} ms p99 {pct(h, 99):.2f} ms; floor p50 "
+              f"{pct(f, 50):.2f} ms p99 {pct(f, 99):.2f} ms; ratio {pct(h, 50) / pct(f, 50):.2f}x")
+        return 0
     try:
         bench.start()
         log("phase: hand-off and floor")
