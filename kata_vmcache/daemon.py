@@ -28,6 +28,7 @@ from .config import Config
 from .errors import UsageError
 from .factory.cache import VMCache
 from .factory.direct import DirectFactory
+from .factory.template import TemplateFactory
 from .procs import cmdline, pid_alive
 from .server import CacheServicer, prepare_endpoint, remove_endpoint, start_server
 from .vm import read_records
@@ -102,7 +103,8 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None) -> Non
         os.chmod(state_dir, 0o700)
         await recover(state_dir, timeout=config.daemon.stop_timeout)
 
-        factory = DirectFactory(config)
+        factory: DirectFactory | TemplateFactory = (
+            TemplateFactory(config) if config.factory.enable_template else DirectFactory(config))
         cache = VMCache(factory, config.factory.vm_cache_number,
                         parallelism=config.daemon.boot_parallelism,
                         stop_timeout=config.daemon.stop_timeout)
@@ -125,6 +127,8 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None) -> Non
             with contextlib.suppress(asyncio.CancelledError):
                 await pool
             await cache.close()
+            if isinstance(factory, TemplateFactory):
+                await factory.close()  # template files, and the tmpfs if we mounted it
             # Last: `destroy` waits for the socket to vanish as the sign that all is stopped.
             remove_endpoint(endpoint)
             log.info("stopped (%d VMs handed out)", cache.stats.handed_out)

@@ -103,3 +103,7 @@ class ServerUnavailable(VmcacheError):
 
 class RemoteError(VmcacheError):
     """The server answered a call with an error status (client side)."""
+
+
+class TemplateError(VmcacheError):
+    """The VM template could not be built, saved, restored or cleaned up."""
