@@ -346,9 +346,8 @@ class TemplateFactory:
                     f"clone {vm.id} restored from the template in {self.path} does not "
                     f"answer a timer-based ping within {timeout:g} s: its timers do not "
                     f"run, so it is not cached ({exc})", argv=vm.process.argv) from exc
-            finally:
-                if vm.process.running:
-                    await vm.process.execute("stop")
+            # On failure there is nothing to pause: boot() stops the clone.
+            await vm.process.execute("stop")
 
     async def close(self) -> None:
         """Remove the template files, and the tmpfs if we mounted it (daemon shutdown)."""
