@@ -57,6 +57,8 @@ STATE_FILE = "state"
 SETTINGS_FILE = "settings.json"
 #: Present in a tmpfs we mounted ourselves: unmount it on shutdown, even after a restart.
 MOUNT_MARKER = ".kata-vmcache-mounted"
+#: Present while template_path holds a template we made: only then do we delete files.
+OWNER_MARKER = ".kata-vmcache-template"
 MOUNT_SOURCE = "kata-vmcache-template"
 #: Room on the tmpfs beyond the guest's RAM, for the device state (a few hundred KiB).
 TMPFS_HEADROOM_MIB = 64
@@ -238,15 +240,30 @@ class TemplateFactory:
         await _run("umount", "--lazy", str(self.path))
         log.info("unmounted the template tmpfs on %s", self.path)
 
+    def _claim(self) -> None:
+        """Make template_path ours; refuse to delete a template someone else made (Kata's
+        own factory keeps `memory` and `state` under the same default path)."""
+        owner = self.path / OWNER_MARKER
+        if not owner.exists() and (self.memory.exists() or self.state.exists()):
+            raise TemplateError(f"factory.template_path: {self.path} holds a VM template "
+                                f"kata-vmcache did not make (no {OWNER_MARKER}); remove it "
+                                "or choose another template_path")
+        self._remove_files()
+        owner.touch()
+
     def _remove_files(self) -> None:
+        """Delete our template files; only ours (the owner marker says so)."""
+        owner = self.path / OWNER_MARKER
+        if not owner.exists():
+            return
         for f in (self.settings_file, self.memory, self.state,
-                  self.state.with_suffix(".tmp")):
+                  self.state.with_suffix(".tmp"), owner):
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
 
     async def _build(self, digest: str) -> None:
         started = time.monotonic()
-        self._remove_files()
+        self._claim()
         spec = self.direct.spec
         vm = VM(spec, self.direct.state_dir, log=log, extra_args=self._memory_args(True))
         vm.log.info("booting the template VM (%d MiB in %s)", spec.memory_mib, self.memory)
@@ -257,7 +274,7 @@ class TemplateFactory:
             await self._migrate(vm, "migrate", f"exec:cat > {shlex.quote(str(tmp))}")
             tmp.replace(self.state)
         except BaseException:
-            self._remove_files()
+            self._remove_files()  # a half-saved template must not be reused
             raise
         finally:
             # Never `cont` the template: its RAM is the clones' RAM (module docstring).

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from kata_vmcache import config as configmod
-from kata_vmcache.errors import GuestNotReady
+from kata_vmcache.errors import GuestNotReady, TemplateError
 from kata_vmcache.factory.template import TemplateFactory, freshen, mount_fstype
 from kata_vmcache.guest_channel import GuestChannel
 from kata_vmcache.vm import VM, VMState
 
-from .harness import Daemon, qmp
+from .harness import CLI, Daemon, qmp
 
 TemplateConfig = Callable[..., Path]
 
@@ -201,3 +201,28 @@ def test_clone_with_frozen_timers_is_never_cached(
     asyncio.run(scenario())
 
 
+
+
+def test_template_someone_else_made_is_never_deleted(
+        template_config: TemplateConfig, template_path: Path) -> None:
+    """Kata's own factory keeps `memory` and `state` under the same default path."""
+    template_path.mkdir()
+    for name in ("memory", "state"):
+        (template_path / name).write_text("not ours")
+    factory = TemplateFactory(load(template_config(cache_number=1)))
+    with pytest.raises(TemplateError, match="did not make"):
+        factory._claim()
+    asyncio.run(factory.close())
+    assert (template_path / "memory").read_text() == "not ours"
+    assert (template_path / "state").read_text() == "not ours"
+
+
+def test_templating_without_the_guest_probe_is_refused_in_one_line(
+        template_config: TemplateConfig, workdir: Path) -> None:
+    config = template_config(cache_number=1, ready_probe="none")
+    result = subprocess.run([*CLI, "--config", str(config), "init"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "enable_template needs vmcache.ready_probe" in result.stderr
+    assert not (workdir / "cache.sock").exists()
