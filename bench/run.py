@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -132,10 +133,25 @@ class Bench:
         self.config.write_text(render_config(build.guest, endpoint=self.endpoint,
                                              state_dir=self.state, cache_number=CACHE,
                                              accelerator=build.accelerator))
-        self.daemon_log = open(self.tmp / "daemon.log", "wb")  # noqa: SIM115
-        self.daemon = subprocess.Popen([*CLI, "--config", str(self.config), "init"],
+        self.start_daemon(self.config, self.tmp / "daemon.log")
+
+    def start_daemon(self, config: Path, log_path: Path) -> None:
+        self.daemon_log = open(log_path, "wb")  # noqa: SIM115
+        self.daemon = subprocess.Popen([*CLI, "--config", str(config), "init"],
                                        stdout=self.daemon_log, stderr=subprocess.STDOUT)
         wait_for(self.endpoint.exists, 30, "the daemon's socket")
+
+    def stop_daemon(self) -> None:
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.send_signal(signal.SIGTERM)
+            try:
+                self.daemon.wait(15)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+        self.daemon = None
+        self.daemon_log.close()
+        self.release_taken()
 
     def ready(self) -> list[dict[str, Any]]:
         from kata_vmcache.vm import read_records
@@ -158,13 +174,8 @@ class Bench:
         self.taken.clear()
 
     def stop(self) -> None:
-        if self.daemon is not None and self.daemon.poll() is None:
-            self.daemon.send_signal(signal.SIGTERM)
-            try:
-                self.daemon.wait(15)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait()
+        if self.daemon is not None:
+            self.stop_daemon()
         self.release_taken()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -227,6 +238,36 @@ class Bench:
         time.sleep(seconds)
         return (cpu_seconds(self.daemon.pid) - before) / seconds * 100
 
+    def template(self) -> dict[str, Any]:
+        """A second daemon with `enable_template`: clone time against a cold boot, the PSS
+        of one cached clone, the template's size. Stops the first daemon (CPU to spare)."""
+        from kata_vmcache.config import load
+
+        cold = boot_seconds(self.tmp / "daemon.log")
+        if self.daemon is not None:
+            self.stop_daemon()
+        tmpl = self.tmp / "template"
+        config = self.config.with_name("template.toml")
+        config.write_text(self.config.read_text().replace(
+            "enable_template = false",
+            f'enable_template = true\ntemplate_path = "{tmpl}"'))
+        load(config)  # fail here, in one line, if the edit went wrong
+        self.start_daemon(config, self.tmp / "template-daemon.log")
+        vm = self.wait_full()[0]
+        status = json.loads(subprocess.run([*CLI, "--config", str(config), "status", "--json"],
+                                           capture_output=True, check=True).stdout)
+        pss = smaps_kb(vm["pid"], "Pss") / 1024
+        self.stop_daemon()
+        clones = boot_seconds(self.tmp / "template-daemon.log")
+        self.raw["template_clone_ms"] = [t * 1000 for t in clones]
+        self.raw["direct_boot_ms"] = [t * 1000 for t in cold]
+        return {
+            "template_clone_ms": statistics.median(clones) * 1000 if clones else float("nan"),
+            "direct_boot_ms": statistics.median(cold) * 1000 if cold else float("nan"),
+            "template_vm_pss_mib": pss,
+            "template_mib": (status["template"]["bytes"] or 0) / 2**20,
+        }
+
     def to_guest(self, rounds: int = 5) -> tuple[list[float], list[float]]:
         cached: list[float] = []
         for _ in range(rounds):
@@ -237,6 +278,12 @@ class Bench:
         for _ in range(rounds):
             cold += self.worker("cold", "--config", str(self.config))["to_guest_ms"]
         return cached, cold
+
+
+def boot_seconds(daemon_log: Path) -> list[float]:
+    """The daemon's own "VM <id> ready in S s" figures: launch to paused and ready."""
+    found = re.findall(r"VM \S+ ready in ([0-9.]+) s", daemon_log.read_text(errors="replace"))
+    return [float(x) for x in found]
 
 
 def qemu_version() -> str:
@@ -266,6 +313,15 @@ def render_markdown(r: dict[str, Any]) -> str:
         ("one cached VM: RSS / PSS (MiB)", f"{r['vm_rss_mib']:.1f} / {r['vm_pss_mib']:.1f}",
          f"guest memory {r['vm_memory_mib']} MiB"),
     ]
+    if "template_clone_ms" in r:
+        rows += [
+            ("templating: launch to a ready, checked clone p50 (ms)",
+             f"{r['template_clone_ms']:.0f}",
+             f"{r['direct_boot_ms'] / r['template_clone_ms']:.1f}x faster than a cold boot "
+             f"({r['direct_boot_ms']:.0f} ms)"),
+            ("templating: PSS of one cached clone (MiB)", f"{r['template_vm_pss_mib']:.1f}",
+             f"{r['vm_pss_mib']:.1f} without templating; template {r['template_mib']:.0f} MiB"),
+        ]
     lines = [f"Machine: {m['cores']} cores, {m['memory_gib']:.0f} GiB, {m['accelerator'].upper()}, "
              f"{m['qemu']}; {m['date']}", "",
              "| figure | value | against its reference |", "|---|---|---|"]
@@ -305,6 +361,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--quick", action="store_true",
                         help="hand-off and floor only, printed, nothing written (for development)")
+    parser.add_argument("--no-template", action="store_true",
+                        help="skip the templating phase (about 30 s)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(args.samples, args.out)
@@ -333,6 +391,10 @@ def main() -> int:
         cached, cold = bench.to_guest()
         bench.raw["cached_to_guest_ms"] = cached
         bench.raw["cold_to_guest_ms"] = cold
+        template: dict[str, Any] = {}
+        if not args.no_template:
+            log("phase: templating (clone time, clone PSS)")
+            template = bench.template()
     finally:
         bench.stop()
     from kata_vmcache.config import load
@@ -348,6 +410,7 @@ def main() -> int:
         "cold_to_guest_p50_ms": statistics.median(cold),
         "refill_vms_per_min": refill,
         **memory,
+        **template,
         "daemon_idle_cpu_percent": idle,
         "concurrent8_handoff_p50_ms": pct(raw["concurrent8_handoff_ms"], 50),
         "concurrent8_handoff_p99_ms": pct(raw["concurrent8_handoff_ms"], 99),

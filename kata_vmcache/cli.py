@@ -174,12 +174,16 @@ async def status(endpoint: Path, *, as_json: bool) -> int:
     if as_json:
         print(json.dumps({"pid": st.pid, "vms": [
             {"pid": v.pid, "cpu": v.cpu, "memory": v.memory_mib} for v in st.vms],
+            "template": {"enabled": st.template_bytes is not None,
+                         "bytes": st.template_bytes},
             **await snapshot_json(endpoint)}))
     else:
         # Kata's exact lines (kata-runtime factory status).
         print(f"VM cache server pid = {st.pid}")
         for v in st.vms:
             print(f"VM pid = {v.pid} Cpu = {v.cpu} Memory = {v.memory_mib}MiB")
+        if st.template_bytes is not None:
+            print(f"VM template = on, {st.template_bytes / 2**20:.1f}MiB")
     return 0
 
 

@@ -76,6 +76,8 @@ class VMStatus:
 class ServerStatus:
     pid: int
     vms: tuple[VMStatus, ...]
+    #: Bytes the VM template occupies, or None when templating is off.
+    template_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -132,13 +134,19 @@ class CacheClient:
             channel, self._channel = self._channel, None
             await channel.close()
 
-    async def _call(self, method: str, timeout: float | None) -> Any:
+    async def _call(self, method: str, timeout: float | None,
+                    trailers: dict[str, str] | None = None) -> Any:
         if not self.endpoint.exists():
             raise not_running(self.endpoint)
         self.connect()
         try:
-            return await getattr(self._stub, method)(empty_pb2.Empty(),
-                                                    timeout=timeout or self.timeout)
+            call = getattr(self._stub, method)(empty_pb2.Empty(),
+                                              timeout=timeout or self.timeout)
+            reply = await call
+            if trailers is not None:
+                trailers.update((k, v) for k, v in (await call.trailing_metadata() or ())
+                                if isinstance(v, str))
+            return reply
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
@@ -158,9 +166,12 @@ class CacheClient:
         return json.loads(reply.Data), json.loads(reply.AgentConfig)
 
     async def status(self, timeout: float | None = None) -> ServerStatus:
-        reply = await self._call("Status", timeout)
+        trailers: dict[str, str] = {}
+        reply = await self._call("Status", timeout, trailers)
+        template = trailers.get("x-kata-vmcache-template-bytes")
         return ServerStatus(reply.pid, tuple(VMStatus(v.pid, v.cpu, v.memory)
-                                             for v in reply.vmstatus))
+                                             for v in reply.vmstatus),
+                            int(template) if template and template.isdigit() else None)
 
     async def get_base_vm(self, timeout: float = DEFAULT_GET_TIMEOUT) -> BaseVM:
         """Take a paused VM. From the reply on, the caller owns it (and must stop it)."""

@@ -33,6 +33,7 @@ from .config import Config
 from .errors import UsageError
 from .factory.cache import VMCache
 from .factory.direct import DirectFactory
+from .factory.template import TemplateFactory
 from .monitor import DescribedFactory, MonitorServicer
 from .notify import Notifier, publish_status, status_line
 from .procs import cmdline, pid_alive, pids
@@ -128,7 +129,7 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
         os.chmod(state_dir, 0o700)
         await recover(state_dir, timeout=config.daemon.stop_timeout)
 
-        factory = DirectFactory(config)
+        factory = make_factory(config)
         cache = VMCache(factory, config.factory.vm_cache_number,
                         parallelism=config.daemon.boot_parallelism,
                         stop_timeout=config.daemon.stop_timeout)
@@ -156,6 +157,8 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
             with contextlib.suppress(asyncio.CancelledError):
                 await pool
             await cache.close()
+            if isinstance(cache.factory, TemplateFactory):
+                await cache.factory.close()  # template files, and the tmpfs if we mounted it
             remove_outcome(state_dir)
             # Last: `destroy` waits for the socket to vanish as the sign that all is stopped.
             remove_endpoint(endpoint)
@@ -166,12 +169,20 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
             loop.remove_signal_handler(sig)
 
 
+def make_factory(config: Config) -> DirectFactory | TemplateFactory:
+    """Clones of a template (`enable_template`), or VMs booted one by one. A reload that
+    changes the VM's settings makes a new factory of the same kind (switching templating
+    on or off needs a restart); a new template factory rebuilds the template, whose stored
+    settings no longer match."""
+    return TemplateFactory(config) if config.factory.enable_template else DirectFactory(config)
+
+
 def _service_duties(config: Config, cache: VMCache, servicer: CacheServicer,
                     monitor: MonitorServicer, notifier: Notifier,
                     reload_requested: asyncio.Event) -> set[asyncio.Task[None]]:
     """Once the socket serves: READY=1, the STATUS= line, and reloads on SIGHUP."""
     reloader = Reloader(config, cache=cache, servicer=servicer, notifier=notifier,
-                        factory_for=DirectFactory,
+                        factory_for=make_factory,
                         on_applied=lambda new, factory: monitor.set_config(
                             new, cast(DescribedFactory, factory)))
     reloader.started()

@@ -127,3 +127,7 @@ class GuestUnresponsive(VmcacheError):
 
 class HotplugError(VmcacheError):
     """QEMU or the guest did not take a hot-plugged vCPU or DIMM (client side)."""
+
+
+class TemplateError(VmcacheError):
+    """The VM template could not be built, saved, restored or cleaned up."""

@@ -68,6 +68,10 @@ class MonitorServicer(vmcache_pb2_grpc.MonitorServicer):
         """Describe the reloaded settings from now on (reload.py calls this)."""
         self.config, self.factory = config, factory
 
+    def _template_bytes(self) -> int:
+        size = getattr(self.factory, "size_bytes", None)  # the template factory's
+        return int(size()) if callable(size) else 0
+
     def snapshot(self) -> vmcache_pb2.CacheSnapshot:
         cache, now = self.cache, time.time()
         spec = self.factory.spec
@@ -94,7 +98,7 @@ class MonitorServicer(vmcache_pb2_grpc.MonitorServicer):
                 vcpus=spec.vcpus, memory_mib=spec.memory_mib,
                 accelerator=self.factory.accelerator,
                 template_enabled=self.config.factory.enable_template,
-                template_size_bytes=0,  # filled in by the template factory, when there is one
+                template_size_bytes=self._template_bytes(),
                 config_path=str(self.config.source or ""),
             ),
             target=cache.target,

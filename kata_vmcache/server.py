@@ -126,6 +126,11 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
 
     async def Status(self, request: empty_pb2.Empty,
                      context: grpc.aio.ServicerContext) -> cache_pb2.GrpcStatus:
+        # Templating on and the template's size ride in trailing metadata: Kata's
+        # GrpcStatus must not grow fields (DESIGN.md, wire contract).
+        describe = getattr(self.cache.factory, "describe_template", None)
+        if describe is not None:
+            context.set_trailing_metadata(describe())
         return cache_pb2.GrpcStatus(
             pid=os.getpid(),
             vmstatus=[

@@ -27,7 +27,7 @@ import logging
 import os
 import time
 import uuid as uuidlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,7 @@ class VM:
     """One VM owned by the daemon, from launch until it is handed off or dead."""
 
     def __init__(self, spec: VMSpec, state_dir: Path, *, log: logging.Logger,
-                 template: str | None = None) -> None:
+                 template: str | None = None, extra_args: Sequence[str] = ()) -> None:
         self.id = new_vm_id()
         self.uuid = str(uuidlib.uuid4())
         self.spec = spec
@@ -85,7 +85,10 @@ class VM:
         self.created = time.time()
         self.boot_seconds: float | None = None
         self.handoff: HandOff | None = None
-        self.process = QemuProcess(spec.argv(self.id, self.uuid, self.paths), self.paths,
+        # extra_args: what a factory adds to the spec's command line (templating: the
+        # memory backend file, -incoming).
+        self.process = QemuProcess([*spec.argv(self.id, self.uuid, self.paths), *extra_args],
+                                   self.paths,
                                    log=self.log, on_exit=self._qemu_exited)
         self._exit_listeners: list[Any] = []
 
@@ -189,6 +192,9 @@ class VM:
             "StateDir": str(self.paths.dir),
             "MaxMemory": max(s.max_memory_mib, s.memory_mib),
             "MemorySlots": s.memory_slots,
+            # A clone of a template: whoever resumes it should give the guest the time and
+            # fresh entropy (every clone starts with the template's clock and random pool).
+            "FromTemplate": self.template is not None,
         }
 
     def prepare_handoff(self) -> None:

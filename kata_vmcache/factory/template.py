@@ -1,0 +1,380 @@
+"""Clone VMs from a saved template VM (Kata's `template` factory, `enable_template`).
+
+The template is built once, lazily, by the first `boot()`:
+
+1. `template_path` gets a tmpfs of its own (mounted by us unless it already is a tmpfs
+   mount point; a marker file records that we mounted it, so a restarted daemon knows).
+2. The template VM boots with its RAM in `template_path/memory`, mapped shared
+   (`memory-backend-file,share=on`), so the file holds the guest's memory.
+3. Once the guest is ready it is paused, its device state is saved with QMP `migrate`
+   and the `x-ignore-shared` capability (RAM stays in the file, only devices go to
+   `template_path/state`), and the template QEMU is stopped at once, never resumed.
+4. `settings.json` beside them records what the template was built from; a template is
+   reused only when that record matches the current settings, otherwise it is rebuilt.
+
+A clone maps the same file private (`share=off`: copy-on-write, so clones share the
+template's pages until they write them), starts with `-incoming defer` and restores the
+state with `migrate-incoming`. It stays paused, except for one check before it enters the
+cache: resume, a ping the guest answers only after sleeping on its own timers, pause. A
+clone whose timers do not run is never handed out.
+
+Why the template is never resumed after the save (README, "VM templating"): the RAM file
+is shared, so a template that runs on moves the guest's memory (its timekeeping, its timer
+queues) past the saved device state (the clock, the LAPIC timer). A clone then restores a
+clock that is behind what its memory believes, and every timer-driven thing in the guest
+waits until the clock catches up: about as long as the template ran on. Interrupts still
+work, which is what makes the symptom look like "frozen timers".
+
+Every clone starts with the template's wall clock and random pool: whoever resumes one
+(the hand-off record says `FromTemplate`) should call `freshen()` for the demo guest,
+which sets the guest's clock and mixes host entropy into its pool over the agent port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..errors import GuestNotReady, TemplateError, UsageError
+from ..guest_channel import GuestChannel
+from ..vm import VM, VMState
+from .direct import DirectFactory, remove_vm_dir
+
+log = logging.getLogger(__name__)
+
+MEMORY_FILE = "memory"
+STATE_FILE = "state"
+SETTINGS_FILE = "settings.json"
+#: Present in a tmpfs we mounted ourselves: unmount it on shutdown, even after a restart.
+MOUNT_MARKER = ".kata-vmcache-mounted"
+#: Present while template_path holds a template we made: only then do we delete files.
+OWNER_MARKER = ".kata-vmcache-template"
+MOUNT_SOURCE = "kata-vmcache-template"
+#: Room on the tmpfs beyond the guest's RAM, for the device state (a few hundred KiB).
+TMPFS_HEADROOM_MIB = 64
+#: Bumped when the way a template is built changes: old templates are then rebuilt.
+TEMPLATE_FORMAT = 1
+#: The clone check's guest-side sleep: any sleep needs running timers.
+CHECK_SLEEP_MS = 10
+SEED_BYTES = 64
+
+
+def _unescape_mountinfo(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1:i + 4].isdigit() and i + 4 <= len(field):
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_fstype(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:
+    """The file system type of the mount whose mount point is exactly `path`, or None."""
+    target = os.path.realpath(path)
+    found = None
+    for line in mountinfo.read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) >= 5 and _unescape_mountinfo(fields[4]) == target:
+            found = right.split()[0]  # the last one listed is the one on top
+    return found
+
+
+async def _run(*argv: str) -> None:
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        said = out.decode(errors="replace").strip().splitlines()
+        raise TemplateError(f"{' '.join(argv)} failed (exit code {proc.returncode})"
+                            + (f": {said[-1]}" if said else ""))
+
+
+async def freshen(agent: Path, *, timeout: float = 10.0) -> None:
+    """Give a resumed clone of the demo guest the host's time and fresh entropy."""
+    async with await GuestChannel.connect(agent, timeout=timeout) as channel:
+        await channel.set_time(time.time(), timeout=timeout)
+        await channel.seed(os.urandom(SEED_BYTES), timeout=timeout)
+
+
+class TemplateFactory:
+    """A factory (see `factory/__init__.py`) whose VMs are clones of one template VM."""
+
+    def __init__(self, config: Config) -> None:
+        if config.daemon.ready_probe != "serial":
+            # The clone check talks to the guest's agent port; without it a clone with
+            # frozen timers could be handed out.
+            raise UsageError("factory.enable_template needs vmcache.ready_probe = \"serial\" "
+                             f"(got {config.daemon.ready_probe!r}): every clone is checked "
+                             "with the guest's timer-based ping before it is cached")
+        self.config = config
+        self.direct = DirectFactory(config)
+        self.path = config.factory.template_path
+        self.memory = self.path / MEMORY_FILE
+        self.state = self.path / STATE_FILE
+        self.settings_file = self.path / SETTINGS_FILE
+        self._lock = asyncio.Lock()
+        self._built: str | None = None  # the settings digest of the template on disk
+        self._made_dir = False
+        #: How the template came to be, for logs and tests: "built" or "reused".
+        self.origin = ""
+        self.build_seconds: float | None = None
+
+    # what the daemon and the servicer read
+
+    @property
+    def accelerator(self) -> str:
+        return self.direct.accelerator
+
+    @property
+    def spec(self) -> Any:
+        return self.direct.spec
+
+    def size_bytes(self) -> int:
+        """Memory the template occupies on its tmpfs (pages the guest touched) + state."""
+        total = 0
+        for f in (self.memory, self.state):
+            with contextlib.suppress(OSError):
+                total += f.stat().st_blocks * 512
+        return total
+
+    def describe_template(self) -> list[tuple[str, str]]:
+        """Status RPC trailing metadata (Kata's GrpcStatus has no field for it)."""
+        return [("x-kata-vmcache-template", "on"),
+                ("x-kata-vmcache-template-bytes", str(self.size_bytes()))]
+
+    # settings
+
+    def settings(self) -> dict[str, Any]:
+        """What a template depends on: a clone must match it exactly."""
+        spec = {k: (str(v) if isinstance(v, Path) else v)
+                for k, v in dataclasses.asdict(self.direct.spec).items()}
+        files = {}
+        for f in (self.direct.spec.qemu, self.direct.spec.kernel, self.direct.spec.initrd,
+                  self.direct.spec.image):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    st = os.stat(f)
+                    files[str(f)] = [st.st_size, st.st_mtime_ns]
+        return {"format": TEMPLATE_FORMAT, "spec": spec, "files": files,
+                "ready_line": self.config.daemon.ready_line}
+
+    def digest(self) -> str:
+        text = json.dumps(self.settings(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _stored_digest(self) -> str | None:
+        try:
+            stored = json.loads(self.settings_file.read_text())
+        except (OSError, ValueError):
+            return None
+        if not (self.memory.is_file() and self.state.is_file()):
+            return None
+        digest = stored.get("digest") if isinstance(stored, dict) else None
+        return digest if isinstance(digest, str) else None
+
+    # the template
+
+    def _memory_args(self, share: bool) -> list[str]:
+        mib = self.direct.spec.memory_mib
+        return ["-object", f"memory-backend-file,id=tmplmem,size={mib}M,"
+                           f"mem-path={self.memory},share={'on' if share else 'off'}",
+                "-numa", "node,memdev=tmplmem"]
+
+    async def ensure_template(self) -> None:
+        """Reuse the template on disk if it matches the settings, else build it."""
+        async with self._lock:
+            digest = self.digest()
+            if self._built == digest:
+                return
+            await self._mount(fresh=False)
+            if self._stored_digest() == digest:
+                log.info("reusing the VM template in %s (same settings)", self.path)
+                self._built, self.origin = digest, "reused"
+                return
+            if self.settings_file.exists():
+                log.info("the VM template in %s was built from other settings; rebuilding",
+                         self.path)
+                await self._mount(fresh=True)  # the guest's memory size may have changed
+            await self._build(digest)
+
+    async def _mount(self, *, fresh: bool) -> None:
+        """A tmpfs on template_path; `fresh`: replace one we mounted (sized for the old
+        settings) by a new one."""
+        if not self.path.exists():
+            self.path.mkdir(mode=0o700, parents=True)
+            self._made_dir = True
+        if fresh:
+            await self._unmount()
+        if mount_fstype(self.path) == "tmpfs":
+            return
+        size = self.direct.spec.memory_mib + TMPFS_HEADROOM_MIB
+        await _run("mount", "-t", "tmpfs", "-o", f"mode=0700,size={size}m", MOUNT_SOURCE,
+                   str(self.path))
+        (self.path / MOUNT_MARKER).touch()
+        log.info("mounted a %d MiB tmpfs on %s for the VM template", size, self.path)
+
+    async def _unmount(self) -> None:
+        """Unmount the tmpfs on template_path if we mounted it (the marker says so)."""
+        marker = self.path / MOUNT_MARKER
+        if not marker.exists() or mount_fstype(self.path) != "tmpfs":
+            return
+        marker.unlink()
+        # Lazy: handed-off clones still map the memory file; the kernel frees the tmpfs
+        # when the last of them exits.
+        await _run("umount", "--lazy", str(self.path))
+        log.info("unmounted the template tmpfs on %s", self.path)
+
+    def _claim(self) -> None:
+        """Make template_path ours; refuse to delete a template someone else made (Kata's
+        own factory keeps `memory` and `state` under the same default path)."""
+        owner = self.path / OWNER_MARKER
+        if not owner.exists() and (self.memory.exists() or self.state.exists()):
+            raise TemplateError(f"factory.template_path: {self.path} holds a VM template "
+                                f"kata-vmcache did not make (no {OWNER_MARKER}); remove it "
+                                "or choose another template_path")
+        self._remove_files()
+        owner.touch()
+
+    def _remove_files(self) -> None:
+        """Delete our template files; only ours (the owner marker says so)."""
+        owner = self.path / OWNER_MARKER
+        if not owner.exists():
+            return
+        for f in (self.settings_file, self.memory, self.state,
+                  self.state.with_suffix(".tmp"), owner):
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+
+    async def _build(self, digest: str) -> None:
+        started = time.monotonic()
+        self._claim()
+        spec = self.direct.spec
+        vm = VM(spec, self.direct.state_dir, log=log, extra_args=self._memory_args(True))
+        vm.log.info("booting the template VM (%d MiB in %s)", spec.memory_mib, self.memory)
+        await self.direct.boot(vm)  # ready and paused; stopped and removed on failure
+        try:
+            tmp = self.state.with_suffix(".tmp")
+            await self._set_capabilities(vm)
+            await self._migrate(vm, "migrate", f"exec:cat > {shlex.quote(str(tmp))}")
+            tmp.replace(self.state)
+        except BaseException:
+            self._remove_files()  # a half-saved template must not be reused
+            raise
+        finally:
+            # Never `cont` the template: its RAM is the clones' RAM (module docstring).
+            await vm.process.stop(self.config.daemon.stop_timeout)
+            if vm.state is VMState.READY:
+                vm.transition(VMState.DEAD, "template saved")
+            remove_vm_dir(vm)
+        self.settings_file.write_text(json.dumps({"digest": digest,
+                                                  "settings": self.settings()}, indent=1))
+        self._built, self.origin = digest, "built"
+        self.build_seconds = time.monotonic() - started
+        log.info("VM template built in %.2f s (state %d bytes)", self.build_seconds,
+                 self.state.stat().st_size)
+
+    async def _set_capabilities(self, vm: VM) -> None:
+        await vm.process.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True},
+            {"capability": "events", "state": True},  # MIGRATION events: no polling
+        ]})
+
+    async def _migrate(self, vm: VM, command: str, uri: str) -> None:
+        qmp = vm.process.qmp
+        if qmp is None:
+            raise TemplateError(f"VM {vm.id}: no QMP session for {command}")
+        timeout = self.config.daemon.ready_timeout
+        with qmp.listener("MIGRATION") as events:
+            await vm.process.execute(command, {"uri": uri})
+            try:
+                async with asyncio.timeout(timeout):
+                    while True:
+                        data = (await events.get()).get("data")
+                        status = data.get("status") if isinstance(data, dict) else None
+                        if status == "completed":
+                            return
+                        if status in ("failed", "cancelled"):
+                            break
+            except TimeoutError:
+                status = f"not done after {timeout:g} s"
+        detail = ""
+        with contextlib.suppress(Exception):
+            info = await vm.process.execute("query-migrate")
+            if isinstance(info, dict) and info.get("error-desc"):
+                detail = f": {info['error-desc']}"
+        raise TemplateError(f"VM {vm.id}: {command} {status}{detail}")
+
+    # clones (the Factory interface)
+
+    def create(self) -> VM:
+        return VM(self.direct.spec, self.direct.state_dir, log=log, template=str(self.path),
+                  extra_args=[*self._memory_args(False), "-incoming", "defer"])
+
+    async def boot(self, vm: VM) -> None:
+        """booting -> ready: restore from the template, check the timers, stay paused."""
+        vm.require(VMState.BOOTING)
+        try:
+            await self.ensure_template()
+        except BaseException as exc:
+            vm.transition(VMState.FAILED, str(exc) or type(exc).__name__)
+            raise
+        started = time.monotonic()
+        try:
+            await vm.process.start()
+            vm.write_record()
+            await self._set_capabilities(vm)
+            await self._migrate(vm, "migrate-incoming", f"exec:cat {shlex.quote(str(self.state))}")
+            await self._check_timers(vm)
+            vm.boot_seconds = time.monotonic() - started
+            vm.prepare_handoff()
+            vm.transition(VMState.READY)
+        except BaseException as exc:
+            if vm.state is VMState.BOOTING:
+                vm.transition(VMState.FAILED, str(exc) or type(exc).__name__)
+            await vm.process.stop(self.config.daemon.stop_timeout)
+            remove_vm_dir(vm)
+            raise
+
+    async def _check_timers(self, vm: VM) -> None:
+        """Resume, ping with a guest-side sleep, pause: a clone with frozen timers fails."""
+        timeout = self.config.daemon.ready_timeout
+        async with await GuestChannel.connect(vm.paths.agent) as channel:
+            await vm.process.execute("cont")
+            try:
+                await channel.ping(timeout, guest_sleep_ms=CHECK_SLEEP_MS)
+            except (TimeoutError, ConnectionError) as exc:
+                raise GuestNotReady(
+                    f"clone {vm.id} restored from the template in {self.path} does not "
+                    f"answer a timer-based ping within {timeout:g} s: its timers do not "
+                    f"run, so it is not cached ({exc})", argv=vm.process.argv) from exc
+            # On failure there is nothing to pause: boot() stops the clone.
+            await vm.process.execute("stop")
+
+    async def close(self) -> None:
+        """Remove the template files, and the tmpfs if we mounted it (daemon shutdown)."""
+        async with self._lock:
+            self._built = None
+            self._remove_files()
+            try:
+                await self._unmount()
+            except TemplateError as exc:
+                log.error("cannot unmount the template tmpfs: %s", exc)
+            if self._made_dir:
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()

@@ -1,0 +1,228 @@
+"""VM templating on real QEMU: clones from a saved template, their check, reuse, cleanup.
+
+The template's tmpfs is mounted under the test's workdir (we run as root, as the daemon
+does); every test checks that no mount and no template file is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kata_vmcache import config as configmod
+from kata_vmcache.errors import GuestNotReady, TemplateError
+from kata_vmcache.factory.template import TemplateFactory, freshen, mount_fstype
+from kata_vmcache.guest_channel import GuestChannel
+from kata_vmcache.vm import VM, VMState
+
+from .harness import CLI, Daemon, qmp
+
+TemplateConfig = Callable[..., Path]
+
+
+def mounted(path: Path) -> bool:
+    return mount_fstype(path) is not None
+
+
+@pytest.fixture
+def template_path(workdir: Path) -> Iterator[Path]:
+    path = workdir / "tmpl"
+    yield path
+    if mounted(path):  # safety net only: the tests assert there is none left
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
+
+
+@pytest.fixture
+def template_config(make_config: Callable[..., Path], template_path: Path) -> TemplateConfig:
+    def make(cache_number: int = 2, memory_mib: int = 256, name: str = "configuration.toml",
+             **ours: object) -> Path:
+        path: Path = make_config(cache_number, name=name, **ours)
+        text = path.read_text()
+        text = text.replace("enable_template = false",
+                            f'enable_template = true\ntemplate_path = "{template_path}"')
+        text = text.replace("default_memory = 256", f"default_memory = {memory_mib}")
+        path.write_text(text)
+        return path
+    return make
+
+
+def load(path: Path) -> configmod.Config:
+    config, _ = configmod.load(path)
+    return config
+
+
+async def answers_timer_ping(vm_agent: Path) -> float:
+    async with await GuestChannel.connect(vm_agent) as channel:
+        return await channel.ping(30, guest_sleep_ms=200)
+
+
+async def guest_mem_kib(agent: Path) -> int:
+    async with await GuestChannel.connect(agent) as channel:
+        return (await channel.info(30)).mem_kib
+
+
+async def stop(vm: VM) -> None:
+    await vm.process.stop()
+    if vm.state is VMState.READY:
+        vm.transition(VMState.DEAD, "test done")
+
+
+def test_cache_of_clones_hands_out_vms_whose_timers_run(
+        template_config: TemplateConfig, workdir: Path, template_path: Path) -> None:
+    daemon = Daemon(template_config(cache_number=2), workdir / "cache.sock", workdir / "state")
+    try:
+        daemon.start()
+        daemon.wait_ready(2)
+        assert "VM template built" in daemon.log()
+        assert mount_fstype(template_path) == "tmpfs"
+
+        status = json.loads(daemon.cli("status", "--json").stdout)
+        assert status["template"]["enabled"] is True
+        assert status["template"]["bytes"] > 0
+        assert len(status["vms"]) == 2
+
+        for _ in range(2):
+            record = daemon.get()["hypervisor"]
+            assert record["FromTemplate"] is True
+            assert qmp(Path(record["QmpChannelpath"]), "query-status")[0]["status"] == "paused"
+            qmp(Path(record["QmpChannelpath"]), "cont")
+
+            async def resume_check(agent: Path) -> float:
+                await freshen(agent)
+                return await answers_timer_ping(agent)
+
+            # A clone whose timers are frozen never wakes from the guest-side sleep.
+            assert asyncio.run(resume_check(Path(record["AgentPath"]))) > 0
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.log()
+    assert not mounted(template_path), "the daemon left its template tmpfs mounted"
+    assert not template_path.exists(), "the daemon left the template directory behind"
+    assert "unmounted the template tmpfs" in daemon.log()
+
+
+def test_template_is_reused_with_same_settings_and_rebuilt_on_change(
+        template_config: TemplateConfig, template_path: Path) -> None:
+    same = load(template_config(cache_number=1))
+    other = load(template_config(cache_number=1, memory_mib=192, name="other.toml"))
+
+    async def scenario() -> None:
+        first = TemplateFactory(same)
+        second = TemplateFactory(same)
+        changed = TemplateFactory(other)
+        try:
+            await first.ensure_template()
+            assert first.origin == "built"
+            state = (template_path / "state").stat()
+
+            await second.ensure_template()
+            assert second.origin == "reused"
+            assert (template_path / "state").stat().st_mtime_ns == state.st_mtime_ns
+
+            await changed.ensure_template()
+            assert changed.origin == "built"
+            assert (template_path / "state").stat().st_mtime_ns != state.st_mtime_ns
+            # The rebuilt template really is the 192 MiB guest: a clone of it restores
+            # (a stale 256 MiB state would not load) and its timers run.
+            vm = changed.create()
+            await changed.boot(vm)
+            try:
+                assert vm.state is VMState.READY
+                await vm.process.execute("cont")
+                assert await guest_mem_kib(vm.paths.agent) < 192 * 1024
+                assert await answers_timer_ping(vm.paths.agent) > 0
+            finally:
+                await stop(vm)
+        finally:
+            for factory in (changed, second, first):
+                await factory.close()
+        assert not mounted(template_path)
+        assert not template_path.exists()
+
+    asyncio.run(scenario())
+
+
+def test_clone_with_frozen_timers_is_never_cached(
+        template_config: TemplateConfig, template_path: Path) -> None:
+    """Reproduces the cause (README, "VM templating"): the template's shared RAM runs on
+    past its saved device state. Clones then restore a clock that is behind what their
+    memory believes and their timers stall for as long; the check must refuse them."""
+    config = load(template_config(cache_number=1))
+    run_on_ms = 12_000
+    # Short enough that the stall (about run_on_ms of guest time) outlasts it.
+    strict = dataclasses.replace(config, daemon=dataclasses.replace(config.daemon,
+                                                                    ready_timeout=4.0))
+
+    async def scenario() -> None:
+        builder = TemplateFactory(config)
+        checker = TemplateFactory(strict)
+        try:
+            await builder.ensure_template()
+            # Resume the saved template on its shared RAM (what the daemon never does)
+            # and let its guest live on for run_on_ms of its own time.
+            runner = VM(builder.spec, config.daemon.state_dir, log=logging.getLogger("test"),
+                        extra_args=[*builder._memory_args(True), "-incoming", "defer"])
+            try:
+                await runner.process.start()
+                await builder._set_capabilities(runner)
+                await builder._migrate(runner, "migrate-incoming",
+                                       f"exec:cat {template_path / 'state'}")
+                async with await GuestChannel.connect(runner.paths.agent) as channel:
+                    await runner.process.execute("cont")
+                    await channel.ping(120, guest_sleep_ms=run_on_ms)
+                await runner.process.execute("stop")
+            finally:
+                await runner.process.stop()
+
+            await checker.ensure_template()
+            assert checker.origin == "reused"
+            vm = checker.create()
+            try:
+                with pytest.raises(GuestNotReady, match="timer-based ping"):
+                    await checker.boot(vm)
+            finally:
+                await stop(vm)  # only needed if the check wrongly let the clone through
+            assert VMState.FAILED in vm.history
+            assert VMState.READY not in vm.history
+            assert not vm.process.running
+            assert not vm.paths.dir.exists()
+        finally:
+            await checker.close()
+            await builder.close()
+        assert not mounted(template_path)
+
+    asyncio.run(scenario())
+
+
+
+
+def test_template_someone_else_made_is_never_deleted(
+        template_config: TemplateConfig, template_path: Path) -> None:
+    """Kata's own factory keeps `memory` and `state` under the same default path."""
+    template_path.mkdir()
+    for name in ("memory", "state"):
+        (template_path / name).write_text("not ours")
+    factory = TemplateFactory(load(template_config(cache_number=1)))
+    with pytest.raises(TemplateError, match="did not make"):
+        factory._claim()
+    asyncio.run(factory.close())
+    assert (template_path / "memory").read_text() == "not ours"
+    assert (template_path / "state").read_text() == "not ours"
+
+
+def test_templating_without_the_guest_probe_is_refused_in_one_line(
+        template_config: TemplateConfig, workdir: Path) -> None:
+    config = template_config(cache_number=1, ready_probe="none")
+    result = subprocess.run([*CLI, "--config", str(config), "init"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "enable_template needs vmcache.ready_probe" in result.stderr
+    assert not (workdir / "cache.sock").exists()
