@@ -111,11 +111,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def mount_type(path: Path) -> str:
+    """The type of the file system `path` is on (the longest mount point above it)."""
+    best, kind = "", "unknown"
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, point, fstype, *_ = line.split()
+        if (str(path) + "/").startswith(point.rstrip("/") + "/") and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind
+
+
 class Bench:
     def __init__(self, samples: int, out: Path) -> None:
         self.samples = samples
         self.out = out
-        self.tmp = Path(tempfile.mkdtemp(prefix="kvc-bench-"))
+        # The daemon's state (VM records, QMP sockets) lives in /run on a real host: a
+        # tmpfs. Measure on one too when the machine has it (here /run is not one).
+        shm = Path("/dev/shm")
+        self.tmp = Path(tempfile.mkdtemp(prefix="kvc-bench-",
+                                         dir=shm if mount_type(shm) == "tmpfs" else None))
         self.taken: list[dict[str, Any]] = []
         self.daemon: subprocess.Popen[bytes] | None = None
         self.raw: dict[str, list[float]] = {}
@@ -423,6 +437,7 @@ def main() -> int:
             "accelerator": bench.accelerator,
             "qemu": qemu_version(),
             "kernel": platform.release(),
+            "state_dir_fs": mount_type(bench.tmp),
             "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d"),
         },

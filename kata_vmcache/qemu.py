@@ -21,6 +21,13 @@ Lifecycle (after qemu's python/qemu/machine: launch, soft shutdown, hard shutdow
 - `reclaim()` undoes a release whose hand-off reply never reached its receiver: it
   reconnects QMP, and the process is ours again.
 - `kill()` is for a QEMU that stopped answering: SIGKILL at once, no `quit` to wait for.
+- `idle()` closes the QMP session of a process we keep (a VM waiting in the cache): QEMU's
+  one QMP slot is then free for whoever takes the VM, so a hand-off has no session to tear
+  down. `execute()` opens a session again on demand; `probe_status()` asks a session-less
+  process for its run state over a short-lived connection of its own, cheaply enough to
+  do every second for every cached VM.
+- `problem_now()` answers "is it alive?" synchronously (pidfd and /proc), for the hand-off
+  path, which must not wait on anything.
 
 The process is watched with a pidfd on the event loop: exit is noticed at once, with no
 polling and no SIGCHLD handler to share with asyncio.
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -139,6 +147,35 @@ class VMPaths:
         return self.dir / "vm.json"
 
 
+async def _qmp_status(path: Path, timeout: float, *, pid: int | None) -> str:
+    """One short QMP conversation: the greeting, `qmp_capabilities`, `query-status`."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            try:
+                await reader.readline()  # the greeting
+                writer.write(b'{"execute":"qmp_capabilities"}\n{"execute":"query-status"}\n')
+                replies: list[dict[str, object]] = []
+                while len(replies) < 2:
+                    line = await reader.readline()
+                    if not line:
+                        raise VMDead(f"QEMU {pid} closed QMP during query-status")
+                    message = json.loads(line)
+                    if "return" in message or "error" in message:  # not an event
+                        replies.append(message)
+            finally:
+                writer.close()
+    except TimeoutError as exc:
+        raise VMDead(f"QEMU {pid} did not answer QMP 'query-status' within {timeout:g} s"
+                     ) from exc
+    except (OSError, ValueError) as exc:
+        raise VMDead(f"QEMU {pid}: QMP query-status failed ({exc})") from exc
+    status = replies[1].get("return")
+    if not isinstance(status, dict):
+        raise VMDead(f"QEMU {pid}: query-status answered {replies[1]}")
+    return str(status.get("status"))
+
+
 class QemuProcess:
     """Owns one QEMU process: launch, QMP session, exit watch, shutdown."""
 
@@ -153,6 +190,10 @@ class QemuProcess:
         self._exited = asyncio.Event()
         self._released = False
         self._closing: asyncio.Future[None] | None = None
+        self._session_lock = asyncio.Lock()
+        self._stat_path = ""
+        #: A probe_status() in flight, so a hand-off can wait for the QMP slot to be free.
+        self.probing: asyncio.Future[str] | None = None
         self.qmp: QMPClient | None = None
 
     @property
@@ -198,6 +239,7 @@ class QemuProcess:
                 raise LaunchError(f"cannot run {self.argv[0]}: {exc.strerror}",
                                   argv=self.argv) from exc
         self._pidfd = os.pidfd_open(self._proc.pid)
+        self._stat_path = f"/proc/{self._proc.pid}/stat"
         loop.add_reader(self._pidfd, self._reap)
         try:
             self.qmp = await self._connect_qmp(timeout)
@@ -260,8 +302,11 @@ class QemuProcess:
     async def execute(self, command: str, arguments: dict[str, object] | None = None,
                       *, timeout: float = 5.0) -> object:
         """One QMP command, bounded in time; VMDead when QEMU is gone or silent."""
-        if self.qmp is None or not self.running:
+        if self._released or not self.running:
             raise VMDead(f"QEMU {self.pid} is not running")
+        if self.qmp is None:
+            await self._open_session(timeout)
+        assert self.qmp is not None
         try:
             return await asyncio.wait_for(self.qmp.execute(command, arguments), timeout)
         except TimeoutError as exc:
@@ -287,19 +332,76 @@ class QemuProcess:
             return
         if not self.running:
             raise VMDead(f"QEMU {self.pid} is not running")
-        client = QMPClient(self.paths.dir.name)
-        try:
-            # A busy slot accepts the connection but never greets: bound the wait.
-            await asyncio.wait_for(client.connect(str(self.paths.qmp)), timeout)
-        except (TimeoutError, OSError, QMPError) as exc:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.disconnect(), 1.0)
-            raise VMDead(f"QEMU {self.pid}: cannot reconnect QMP ({exc or type(exc).__name__})"
-                         ) from exc
-        self.qmp = client
+        await self._open_session(timeout)
         self._released = False
         if self._exited.is_set() and self._on_exit is not None:
             self._on_exit(self.returncode or 0)  # it died while released: report it now
+
+    async def _open_session(self, timeout: float) -> None:
+        async with self._session_lock:
+            if self.qmp is not None:
+                return
+            client = QMPClient(self.paths.dir.name)
+            try:
+                # A busy slot accepts the connection but never greets: bound the wait.
+                await asyncio.wait_for(client.connect(str(self.paths.qmp)), timeout)
+            except (TimeoutError, OSError, QMPError) as exc:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.disconnect(), 1.0)
+                raise VMDead(f"QEMU {self.pid}: cannot connect to QMP "
+                             f"({exc or type(exc).__name__})") from exc
+            self.qmp = client
+
+    async def idle(self) -> None:
+        """Close our QMP session, keep the process (see the module's docstring)."""
+        async with self._session_lock:
+            await self._disconnect_qmp()
+
+    def release_idle(self) -> None:
+        """`release()` for a process with no session open: nothing to await, so a hand-off
+        does it between receiving the request and writing the reply at no cost."""
+        assert self.qmp is None, "release_idle() with a QMP session open"
+        self._released = True
+
+    def problem_now(self) -> str | None:
+        """Why the process cannot be handed out right now, or None: it exited (even if
+        the loop has not run our exit callback yet), or it is stopped by a signal
+        (SIGSTOP: it would not answer its new owner). Costs a syscall and a /proc read."""
+        if self._proc is None or self._exited.is_set() or self._pidfd is None:
+            return "QEMU is not running"
+        try:
+            if os.waitid(os.P_PIDFD, self._pidfd,
+                         os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return "QEMU has exited"
+            fd = os.open(self._stat_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                state = os.read(fd, 512).rpartition(b")")[2].split(maxsplit=1)[0]
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            return f"QEMU is gone ({exc.strerror})"
+        if state in (b"T", b"t"):
+            return "QEMU is stopped by a signal"
+        if state in (b"Z", b"X"):
+            return "QEMU has exited"
+        return None
+
+    async def probe_status(self, timeout: float) -> str:
+        """QEMU's run state ("paused", "running", ...), asked within `timeout`; VMDead when
+        it does not answer. With a session open, through it; otherwise over a connection
+        of its own (greeting, capabilities, query-status, close), without qemu.qmp's
+        per-session tasks: this runs every second for every cached VM."""
+        if self._released or not self.running:
+            raise VMDead(f"QEMU {self.pid} is not running")
+        if self.qmp is not None:
+            reply = await self.execute("query-status", timeout=timeout)
+            return str(reply.get("status")) if isinstance(reply, dict) else repr(reply)
+        probe = self.probing = asyncio.ensure_future(
+            _qmp_status(self.paths.qmp, timeout, pid=self.pid))
+        try:
+            return await probe
+        finally:
+            self.probing = None
 
     async def kill(self) -> None:
         """SIGKILL now and reap: for a QEMU that stopped answering, where `quit` would only

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import grp
 import json
 import logging
@@ -43,6 +44,7 @@ from .factory.cache import VMCache
 from .monitor import MonitorServicer
 from .monitor import add_to_server as add_monitor_to_server
 from .proto import cache_pb2, cache_pb2_grpc
+from .vm import VM
 
 SERVICE_NAME = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
 
@@ -71,10 +73,21 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self.cache = cache
         self._config = config_reply(config)
         self._quit = quit
+        cache.prepare = self.prepare
 
     def set_config(self, config: Config) -> None:
         """Answer `Config` from `config` from now on (a configuration reload)."""
         self._config = config_reply(config)
+
+    def prepare(self, vm: VM) -> cache_pb2.GrpcVM:
+        """The GetBaseVM reply for `vm`, made when it becomes ready (VMCache.prepare), so
+        the hand-off only sends it."""
+        h = vm.handoff
+        assert h is not None
+        reply = cache_pb2.GrpcVM(id=h.id, hypervisor=h.hypervisor, cpu=h.cpu,
+                                 memory=h.memory, cpuDelta=0)
+        vm.reply = reply
+        return reply
 
     async def Config(self, request: empty_pb2.Empty,
                      context: grpc.aio.ServicerContext) -> cache_pb2.GrpcVMConfig:
@@ -87,11 +100,9 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         asked = time.monotonic()
         remaining = context.time_remaining()
         try:
-            if remaining is None:
-                vm = await self.cache.reserve()
-            else:
-                vm = await asyncio.wait_for(self.cache.reserve(),
-                                            max(0.0, remaining - DEADLINE_MARGIN))
+            # A ready VM is had without suspending (reserve_nowait); waiting, and the
+            # task wait_for makes, only when the pool is empty.
+            vm = self.cache.reserve_nowait() or await self._wait_for_vm(remaining)
         except TimeoutError:
             # While boots fail, the caller learns why here: no VM is coming soon.
             stats = self.cache.stats
@@ -105,10 +116,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except VmcacheError as exc:
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-        h = vm.handoff
-        assert h is not None
-        reply = cache_pb2.GrpcVM(id=h.id, hypervisor=h.hypervisor, cpu=h.cpu, memory=h.memory,
-                                 cpuDelta=0)
+        reply = vm.reply if vm.reply is not None else self.prepare(vm)
         try:
             await self.cache.give(vm)
             await context.write(reply)
@@ -122,7 +130,16 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             self.cache.take_back_later(vm, "the client went away before the reply was "
                                            f"written ({type(exc).__name__})")
             raise asyncio.CancelledError from exc
-        self.cache.delivered(vm, asked=asked)
+        # Bookkeeping (a log line, the activity record, watchers, the refill) after the
+        # handler returns: the caller's call ends with the trailers, which go first.
+        asyncio.get_running_loop().call_soon(
+            functools.partial(self.cache.delivered, vm, asked=asked))
+
+    async def _wait_for_vm(self, remaining: float | None) -> VM:
+        if remaining is None:
+            return await self.cache.reserve()
+        return await asyncio.wait_for(self.cache.reserve(),
+                                      max(0.0, remaining - DEADLINE_MARGIN))
 
     async def Status(self, request: empty_pb2.Empty,
                      context: grpc.aio.ServicerContext) -> cache_pb2.GrpcStatus:

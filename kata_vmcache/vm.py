@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import json
 import logging
 import os
@@ -85,6 +86,8 @@ class VM:
         self.created = time.time()
         self.boot_seconds: float | None = None
         self.handoff: HandOff | None = None
+        #: The GetBaseVM reply message, made by the server when the VM became ready.
+        self.reply: Any = None
         # extra_args: what a factory adds to the spec's command line (templating: the
         # memory backend file, -incoming).
         self.process = QemuProcess([*spec.argv(self.id, self.uuid, self.paths), *extra_args],
@@ -141,11 +144,10 @@ class VM:
 
     # records
 
-    def write_record(self) -> None:
-        """vm.json, replaced atomically so a crash never leaves half a record."""
-        record = {
+    def _record(self, state: VMState) -> dict[str, Any]:
+        return {
             "id": self.id,
-            "state": self.state.value,
+            "state": state.value,
             "pid": self.pid,
             "owner_pid": os.getpid(),
             "uuid": self.uuid,
@@ -154,10 +156,46 @@ class VM:
             "console": str(self.paths.console),
             "agent": str(self.paths.agent),
         }
+
+    def write_record(self) -> None:
+        """vm.json, replaced atomically so a crash never leaves half a record. The hand-off
+        only renames the record `prepare_handed_off_record()` wrote beforehand."""
         with contextlib.suppress(FileNotFoundError):
+            if self.state is VMState.HANDED_OFF:
+                try:
+                    os.rename(self._handed_off_path, self._record_path)
+                    return
+                except FileNotFoundError:
+                    pass  # not prepared (or used already): write it now
             tmp = self.paths.record.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record))
+            tmp.write_text(json.dumps(self._record(self.state)))
             tmp.replace(self.paths.record)
+
+    @functools.cached_property
+    def _handed_off_path(self) -> str:
+        return str(self.paths.record.with_suffix(".handed_off"))
+
+    @functools.cached_property
+    def _record_path(self) -> str:
+        return str(self.paths.record)
+
+    def prepare_handed_off_record(self) -> None:
+        """Write the record this VM will have once handed off, and flush it to disk, so
+        the hand-off's record update is one rename. Blocking (fsync): run it in a thread.
+
+        Why flush: ext4 (auto_da_alloc) writes out a file's unwritten data when a rename
+        makes it replace another, so renaming a freshly written record costs the hand-off
+        a disk write (0.3-0.7 ms measured here); a flushed one renames in microseconds.
+        """
+        data = json.dumps(self._record(VMState.HANDED_OFF)).encode()
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(self._handed_off_path,
+                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def hypervisor_record(self) -> dict[str, Any]:
         """Kata's qemu hand-off record (virtcontainers/qemu.go `qemuGrpc`) plus ours.

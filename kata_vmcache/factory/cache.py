@@ -30,7 +30,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +132,8 @@ class VMCache:
         self.parallelism = parallelism
         self.stop_timeout = stop_timeout
         self.stats = CacheStats()
+        #: Called with each VM as it becomes ready (the server makes its reply then).
+        self.prepare: Callable[[VM], object] | None = None
         self.activity = CacheActivity()
         self._ready: collections.deque[VM] = collections.deque()
         self._booting: set[VM] = set()
@@ -223,6 +225,10 @@ class VMCache:
                 self._notify()
                 try:
                     await self.factory.boot(vm)
+                    # The pool holds no QMP sessions: a hand-off then has none to close,
+                    # and the receiver finds QEMU's one QMP slot free.
+                    await vm.process.idle()
+                    await asyncio.to_thread(vm.prepare_handed_off_record)
                 except VmcacheError as exc:
                     self._boot_failed(str(exc))
                     return
@@ -270,6 +276,8 @@ class VMCache:
             self._background(self._stop(vm))
             return
         vm.on_exit(self._died)
+        if self.prepare is not None:
+            self.prepare(vm)
         log.info("VM %s ready in %.2f s (QEMU pid %s)", vm.id, vm.boot_seconds or 0, vm.pid)
         self.activity.vm_ready(vm)
         self._offer(vm)
@@ -313,7 +321,8 @@ class VMCache:
         while self._ready:
             vm = self._ready.popleft()
             if vm.state is VMState.READY and vm.process.running:
-                self._wake.set()
+                # No refill yet: launching QEMU now would delay the caller's reply. It
+                # starts when the hand-off is delivered (or the VM comes back).
                 return vm
         waiter: asyncio.Future[VM] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -327,7 +336,6 @@ class VMCache:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
             raise
-        self._wake.set()
         if vm.state is not VMState.READY or not vm.process.running:
             return await self.take()  # died between being offered and our turn
         return vm
@@ -343,29 +351,76 @@ class VMCache:
         self._wake.set()
         self._notify()
 
+    def reserve_nowait(self) -> VM | None:
+        """The hand-off's fast path: a ready VM, alive right now (`problem_now()`: its
+        exit, or a SIGSTOP, is seen even before the loop runs our callbacks), or None when
+        the pool is empty or its first VM is being checked (then `reserve()` waits).
+        Never suspends: a hand-off from a full cache is this, `give_now()`, and the reply.
+        QEMU's answering QMP is the supervisor's to check, every SUPERVISE_INTERVAL."""
+        if self._closed:
+            raise CacheClosed("the VM cache is shutting down")
+        while self._ready:
+            vm = self._ready[0]
+            if vm.process.probing is not None:
+                return None
+            self._ready.popleft()
+            if vm.state is not VMState.READY or not vm.process.running:
+                continue
+            problem = vm.process.problem_now()
+            if problem is not None:
+                self._discard(vm, f"failed its hand-off check ({problem})")
+                continue
+            return vm
+        return None
+
     async def reserve(self) -> VM:
-        """Take a ready VM and check it answers QMP and is paused. It stays the cache's:
+        """Take a ready VM, waiting for one if need be, and check it is alive (and, if the
+        supervisor was asking it just then, that it answered paused). It stays the cache's:
         the caller goes on with `give()` or returns it with `put_back()`."""
         while True:
+            vm = self.reserve_nowait()
+            if vm is not None:
+                return vm
             vm = await self.take()
             try:
-                status = await vm.process.execute("query-status", timeout=HANDOFF_CHECK_TIMEOUT)
-            except VmcacheError as exc:
-                self._discard(vm, f"failed its hand-off check ({exc})")
-                continue
+                problem = await self._probed(vm)
             except asyncio.CancelledError:
                 self.put_back(vm)
                 raise
-            if not isinstance(status, dict) or status.get("status") != "paused":
-                self._discard(vm, f"is not paused at hand-off (status {status})")
+            if problem is None:
+                problem = vm.process.problem_now()
+            if problem is not None:
+                self._discard(vm, f"failed its hand-off check ({problem})")
                 continue
             return vm
+
+    async def _probed(self, vm: VM) -> str | None:
+        """Wait for a supervisor's probe of `vm` in flight (its connection holds QEMU's
+        one QMP slot, which the receiver needs) and say what it found."""
+        probe = vm.process.probing
+        if probe is None:
+            return None
+        try:
+            status = await asyncio.shield(probe)
+        except VmcacheError as exc:
+            return str(exc)
+        return None if status == "paused" else f"is not paused (status {status})"
+
+    def give_now(self, vm: VM) -> None:
+        """Release a reserved VM that holds no QMP session (every pooled VM): no await, so
+        nothing can come between the check and the reply. State handed_off on disk before
+        the reply goes: a daemon killed right after must not take the VM back."""
+        vm.process.release_idle()
+        vm.transition(VMState.HANDED_OFF)
 
     async def give(self, vm: VM) -> None:
         """Release a reserved VM to its new owner: our QMP session closed (QEMU's only QMP
         slot is the receiver's), state handed_off on disk. Runs to the end even if the
         caller is cancelled meanwhile, so the VM is never half given; then the
         cancellation propagates and the caller decides (`take_back_later`)."""
+        if vm.process.qmp is None:
+            self.give_now(vm)
+            return
         job = asyncio.ensure_future(self._give(vm))
         try:
             await asyncio.shield(job)
@@ -376,7 +431,6 @@ class VMCache:
     async def _give(self, vm: VM) -> None:
         await vm.process.release()
         vm.transition(VMState.HANDED_OFF)
-        self._notify()
 
     def delivered(self, vm: VM, *, asked: float | None = None) -> None:
         """The hand-off reply was written: the VM is the caller's for good. `asked` is when
@@ -385,6 +439,7 @@ class VMCache:
         log.info("VM %s handed out (QEMU pid %s)", vm.id, vm.pid)
         if asked is not None:
             self.activity.vm_handed_out(vm, time.monotonic() - asked)
+        self._wake.set()  # the refill, now that the reply is out
         self._notify()
 
     async def hand_off(self) -> VM:
@@ -420,6 +475,8 @@ class VMCache:
             remove_vm_dir(vm)
             return
         vm.take_back(why)
+        await vm.process.idle()  # back in the pool: no session held, like every pooled VM
+        await asyncio.to_thread(vm.prepare_handed_off_record)
         self.stats.returned += 1
         log.warning("VM %s back in the pool: %s", vm.id, why)
         self.put_back(vm)
@@ -439,10 +496,8 @@ class VMCache:
 
     async def _check(self, vm: VM) -> None:
         try:
-            status = await vm.process.execute("query-status", timeout=SUPERVISE_TIMEOUT)
-            problem = None
-            if not isinstance(status, dict) or status.get("status") != "paused":
-                problem = f"is not paused (status {status})"
+            status = await vm.process.probe_status(SUPERVISE_TIMEOUT)
+            problem = None if status == "paused" else f"is not paused (status {status})"
         except VmcacheError as exc:
             problem = str(exc)
         except Exception as exc:  # a surprise from the QMP library must not end supervision

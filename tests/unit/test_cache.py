@@ -50,6 +50,24 @@ class FakeProcess:
     async def release(self) -> None:
         self.released = True
 
+    # The pool holds no QMP session (QemuProcess.idle); this fake never has one.
+    qmp = None
+    probing = None
+
+    async def idle(self) -> None:
+        pass
+
+    def release_idle(self) -> None:
+        self.released = True
+
+    def problem_now(self) -> str | None:
+        return None if self.running else "QEMU is not running"
+
+    async def probe_status(self, timeout: float) -> str:
+        assert self.running
+        assert not self.released
+        return "paused" if self.paused else "running"
+
     async def stop(self, timeout: float = 3.0) -> None:
         self.stopped = True
         self.running = False
@@ -232,16 +250,40 @@ async def test_dead_vm_leaves_pool_and_is_replaced(pool: tuple[VMCache, FakeFact
 
 
 @pytest.mark.asyncio
-async def test_running_vm_is_never_handed_out(pool: tuple[VMCache, FakeFactory]) -> None:
+async def test_running_vm_leaves_the_pool_at_the_next_check(
+        pool: tuple[VMCache, FakeFactory]) -> None:
+    # The hand-off itself does not ask QMP (that is the hot path); the supervisor asks every
+    # pooled VM every SUPERVISE_INTERVAL, and one that is not paused is killed and replaced.
     cache, _ = pool
     await until(cache, lambda: cache.ready_count == 3)
     bad = cache.owned()[0]
     bad.process.paused = False  # type: ignore[attr-defined]
+    await until(cache, lambda: bad.process.killed)  # type: ignore[attr-defined]
+    assert bad not in cache.owned()
+    assert cache.stats.discarded == 1
     got = await cache.hand_off()
     assert got is not bad
-    assert bad not in cache.owned()
-    await until(cache, lambda: bad.process.killed)  # type: ignore[attr-defined]
-    assert cache.stats.discarded == 1
+
+
+@pytest.mark.asyncio
+async def test_vm_being_probed_is_handed_out_after_its_probe(
+        pool: tuple[VMCache, FakeFactory]) -> None:
+    # A supervisor probe holds QEMU's one QMP slot: the hand-off waits for it, and a VM the
+    # probe finds not paused is discarded, not handed out.
+    cache, _ = pool
+    await until(cache, lambda: cache.ready_count == 3)
+    first = cache.owned()[0]
+    probe: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    first.process.probing = probe  # type: ignore[attr-defined]
+    assert cache.reserve_nowait() is None  # the fast path does not wait
+    taking = asyncio.ensure_future(cache.hand_off())
+    await asyncio.sleep(0.01)
+    assert not taking.done()
+    probe.set_result("running")
+    first.process.probing = None  # type: ignore[attr-defined]
+    got = await taking
+    assert got is not first
+    await until(cache, lambda: first.process.killed)  # type: ignore[attr-defined]
 
 
 @pytest.mark.asyncio

@@ -107,6 +107,7 @@ async def test_pool_records_events_and_hand_off_latency(
     cache, factory = pool
     await until(cache, lambda: cache.ready_count == 2)
     taken = await cache.hand_off()
+    await until(cache, lambda: cache.ready_count == 2)  # the refill is in: one boot at a time
     victim = cache.owned()[0]
     victim.process.die()  # type: ignore[attr-defined]
     factory.fail_next = 1
