@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -58,6 +59,8 @@ from .errors import LaunchError, VMDead
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 LOG_TAIL_BYTES = 4096
+#: Opening the status channel of a VM that just booted: its QMP was answering a moment ago.
+IDLE_CONNECT_TIMEOUT = 2.0
 
 
 def opt_value(value: object) -> str:
@@ -176,6 +179,80 @@ async def _qmp_status(path: Path, timeout: float, *, pid: int | None) -> str:
     return str(status.get("status"))
 
 
+class StatusChannel:
+    """A QMP connection of our own to a VM waiting in the cache, only for `query-status`.
+
+    Why not a qemu.qmp session: a check on it costs about three times the CPU (its reader
+    and writer tasks), every VM is checked every SUPERVISE_INTERVAL, and closing it takes
+    several loop iterations. This one is a non-blocking socket: a check is one send and
+    one receive, and `close()` is synchronous, so a hand-off frees QEMU's one QMP slot for
+    the receiver without awaiting anything."""
+
+    def __init__(self, sock: socket.socket, pid: int | None) -> None:
+        self._sock = sock
+        self._pid = pid
+        self._buffer = b""
+
+    @classmethod
+    async def open(cls, path: Path, timeout: float, *, pid: int | None) -> StatusChannel:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        channel = cls(sock, pid)
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, str(path))
+                await channel._reply(greeting=True)
+                await loop.sock_sendall(sock, b'{"execute":"qmp_capabilities"}\n')
+                await channel._reply()
+        except BaseException:
+            sock.close()
+            raise
+        return channel
+
+    async def status(self, timeout: float) -> str:
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.get_running_loop().sock_sendall(
+                    self._sock, b'{"execute":"query-status"}\n')
+                reply = await self._reply()
+        except TimeoutError as exc:
+            raise VMDead(f"QEMU {self._pid} did not answer QMP 'query-status' within "
+                         f"{timeout:g} s") from exc
+        except OSError as exc:
+            raise VMDead(f"QEMU {self._pid}: QMP query-status failed ({exc})") from exc
+        status = reply.get("return")
+        if not isinstance(status, dict):
+            raise VMDead(f"QEMU {self._pid}: query-status answered {reply}")
+        return str(status.get("status"))
+
+    async def _reply(self, *, greeting: bool = False) -> dict[str, object]:
+        loop = asyncio.get_running_loop()
+        while True:
+            line, newline, rest = self._buffer.partition(b"\n")
+            if newline:
+                self._buffer = rest
+                message = json.loads(line)
+                if not isinstance(message, dict):
+                    raise OSError(f"not a QMP message: {line[:80]!r}")
+                if greeting or "return" in message or "error" in message:
+                    return message  # anything else is an event: not ours to answer
+                continue
+            chunk = await loop.sock_recv(self._sock, 4096)
+            if not chunk:
+                raise OSError("QEMU closed the connection")
+            self._buffer += chunk
+
+    def close(self) -> None:
+        # Unregister first: a receive still pending must not leave our fd number in the
+        # selector, where a socket opened later under the same number would meet it.
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self._sock.fileno())
+            loop.remove_writer(self._sock.fileno())
+        self._sock.close()
+
+
 class QemuProcess:
     """Owns one QEMU process: launch, QMP session, exit watch, shutdown."""
 
@@ -192,6 +269,7 @@ class QemuProcess:
         self._closing: asyncio.Future[None] | None = None
         self._session_lock = asyncio.Lock()
         self._stat_path = ""
+        self._status_channel: StatusChannel | None = None
         #: A probe_status() in flight, so a hand-off can wait for the QMP slot to be free.
         self.probing: asyncio.Future[str] | None = None
         self.qmp: QMPClient | None = None
@@ -275,6 +353,7 @@ class QemuProcess:
         if self._proc.poll() is None:
             return  # spurious wake-up
         self._close_pidfd()
+        self._close_status_channel()
         self._exited.set()
         if self.qmp is not None and self._closing is None:
             # Close the dead session now: qemu.qmp's reader failed with EOF, and unless
@@ -341,6 +420,7 @@ class QemuProcess:
         async with self._session_lock:
             if self.qmp is not None:
                 return
+            self._close_status_channel()  # QEMU serves one QMP client at a time
             client = QMPClient(self.paths.dir.name)
             try:
                 # A busy slot accepts the connection but never greets: bound the wait.
@@ -353,14 +433,28 @@ class QemuProcess:
             self.qmp = client
 
     async def idle(self) -> None:
-        """Close our QMP session, keep the process (see the module's docstring)."""
+        """Close our QMP session, keep the process, watch it over a `StatusChannel` (see
+        the module's docstring). If the channel cannot be opened, checks fall back to a
+        connection each."""
         async with self._session_lock:
             await self._disconnect_qmp()
+            if self._status_channel is None and self.running and not self._released:
+                try:
+                    self._status_channel = await StatusChannel.open(
+                        self.paths.qmp, IDLE_CONNECT_TIMEOUT, pid=self.pid)
+                except (OSError, ValueError, TimeoutError) as exc:
+                    self.log.debug("no status channel to QEMU %s (%s)", self.pid, exc)
+
+    def _close_status_channel(self) -> None:
+        if self._status_channel is not None:
+            self._status_channel.close()
+            self._status_channel = None
 
     def release_idle(self) -> None:
         """`release()` for a process with no session open: nothing to await, so a hand-off
         does it between receiving the request and writing the reply at no cost."""
         assert self.qmp is None, "release_idle() with a QMP session open"
+        self._close_status_channel()
         self._released = True
 
     def problem_now(self) -> str | None:
@@ -396,8 +490,10 @@ class QemuProcess:
         if self.qmp is not None:
             reply = await self.execute("query-status", timeout=timeout)
             return str(reply.get("status")) if isinstance(reply, dict) else repr(reply)
+        channel = self._status_channel
         probe = self.probing = asyncio.ensure_future(
-            _qmp_status(self.paths.qmp, timeout, pid=self.pid))
+            channel.status(timeout) if channel is not None
+            else _qmp_status(self.paths.qmp, timeout, pid=self.pid))
         try:
             return await probe
         finally:
@@ -416,6 +512,7 @@ class QemuProcess:
             if not self._exited.is_set():  # only in D state; block briefly rather than leak
                 self._proc.wait(5.0)
                 self._reap()
+        self._close_status_channel()
         await self._disconnect_qmp()
         self._close_pidfd()
 
@@ -455,5 +552,6 @@ class QemuProcess:
             if not self._exited.is_set():  # only in D state; block briefly rather than leak
                 self._proc.wait(5.0)
                 self._reap()
+        self._close_status_channel()
         await self._disconnect_qmp()
         self._close_pidfd()

@@ -225,10 +225,7 @@ class VMCache:
                 self._notify()
                 try:
                     await self.factory.boot(vm)
-                    # The pool holds no QMP sessions: a hand-off then has none to close,
-                    # and the receiver finds QEMU's one QMP slot free.
-                    await vm.process.idle()
-                    await asyncio.to_thread(vm.prepare_handed_off_record)
+                    await self._settle(vm)
                 except VmcacheError as exc:
                     self._boot_failed(str(exc))
                     return
@@ -243,6 +240,18 @@ class VMCache:
             self._boot_tasks -= 1
             self._wake.set()
             self._notify()
+
+    async def _settle(self, vm: VM) -> None:
+        """Put a VM that just booted into the shape of the pool: no QMP session (a hand-off
+        then has none to close, and the receiver finds QEMU's one QMP slot free), and its
+        handed-off record written ahead. Cancelled meanwhile (shut-down), it is stopped:
+        it is in no set the cache's close() would find it in."""
+        try:
+            await vm.process.idle()
+            await asyncio.to_thread(vm.prepare_handed_off_record)
+        except BaseException:
+            await self._stop(vm)
+            raise
 
     def _boot_failed(self, reason: str) -> None:
         self.stats.boot_failures += 1
