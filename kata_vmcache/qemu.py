@@ -506,12 +506,20 @@ class QemuProcess:
         if self._proc is None:
             return
         if not self._exited.is_set():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._proc.pid, signal.SIGKILL)
-            await self.wait(5.0)
-            if not self._exited.is_set():  # only in D state; block briefly rather than leak
-                self._proc.wait(5.0)
-                self._reap()
+            await self._sigkill()
+        await self._forget()
+
+    async def _sigkill(self) -> None:
+        assert self._proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._proc.pid, signal.SIGKILL)
+        await self.wait(5.0)
+        if not self._exited.is_set():  # only in D state; block briefly rather than leak
+            self._proc.wait(5.0)
+            self._reap()
+
+    async def _forget(self) -> None:
+        """Drop every handle on a process that has exited: channel, session, pidfd."""
         self._close_status_channel()
         await self._disconnect_qmp()
         self._close_pidfd()
@@ -546,12 +554,5 @@ class QemuProcess:
         if not self._exited.is_set():
             self.log.warning("QEMU %d ignored quit for %.1f s; killing it", self._proc.pid,
                              timeout)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._proc.pid, signal.SIGKILL)
-            await self.wait(5.0)
-            if not self._exited.is_set():  # only in D state; block briefly rather than leak
-                self._proc.wait(5.0)
-                self._reap()
-        self._close_status_channel()
-        await self._disconnect_qmp()
-        self._close_pidfd()
+            await self._sigkill()
+        await self._forget()

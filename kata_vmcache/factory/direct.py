@@ -65,6 +65,21 @@ def spec_from_config(config: Config, accelerator: Literal["kvm", "tcg"]) -> VMSp
     )
 
 
+def booted(vm: VM, started: float) -> None:
+    """The end of a successful boot (paused, guest ready): ready, with its hand-off data."""
+    vm.boot_seconds = time.monotonic() - started
+    vm.prepare_handoff()
+    vm.transition(VMState.READY)
+
+
+async def abandon(vm: VM, why: BaseException, stop_timeout: float) -> None:
+    """The end of a failed boot: failed (with why), QEMU stopped, its directory gone."""
+    if vm.state is VMState.BOOTING:
+        vm.transition(VMState.FAILED, str(why) or type(why).__name__)
+    await vm.process.stop(stop_timeout)
+    remove_vm_dir(vm)
+
+
 def remove_vm_dir(vm: VM) -> None:
     shutil.rmtree(vm.paths.dir, ignore_errors=True)
 
@@ -101,14 +116,9 @@ class DirectFactory:
             await vm.process.execute("cont")
             await self._wait_ready(vm, probe, timeout)
             await vm.process.execute("stop")
-            vm.boot_seconds = time.monotonic() - started
-            vm.prepare_handoff()
-            vm.transition(VMState.READY)
+            booted(vm, started)
         except BaseException as exc:
-            if vm.state is VMState.BOOTING:
-                vm.transition(VMState.FAILED, str(exc) or type(exc).__name__)
-            await vm.process.stop(self.config.daemon.stop_timeout)
-            remove_vm_dir(vm)
+            await abandon(vm, exc, self.config.daemon.stop_timeout)
             raise
         finally:
             await probe.close()

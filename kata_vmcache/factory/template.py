@@ -48,7 +48,7 @@ from ..config import Config
 from ..errors import GuestNotReady, TemplateError, UsageError
 from ..guest_channel import GuestChannel
 from ..vm import VM, VMState
-from .direct import DirectFactory, remove_vm_dir
+from .direct import DirectFactory, abandon, booted, remove_vm_dir
 
 log = logging.getLogger(__name__)
 
@@ -341,14 +341,9 @@ class TemplateFactory:
             await self._set_capabilities(vm)
             await self._migrate(vm, "migrate-incoming", f"exec:cat {shlex.quote(str(self.state))}")
             await self._check_timers(vm)
-            vm.boot_seconds = time.monotonic() - started
-            vm.prepare_handoff()
-            vm.transition(VMState.READY)
+            booted(vm, started)
         except BaseException as exc:
-            if vm.state is VMState.BOOTING:
-                vm.transition(VMState.FAILED, str(exc) or type(exc).__name__)
-            await vm.process.stop(self.config.daemon.stop_timeout)
-            remove_vm_dir(vm)
+            await abandon(vm, exc, self.config.daemon.stop_timeout)
             raise
 
     async def _check_timers(self, vm: VM) -> None:

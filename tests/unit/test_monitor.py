@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-from test_cache import SPEC, FakeFactory
+from test_cache import SPEC, FakeFactory, until
 
 from kata_vmcache.config import Config, DaemonSettings, FactorySettings, HypervisorSettings
 from kata_vmcache.errors import ServerUnavailable
@@ -82,13 +82,6 @@ async def pool(sockdir: Path) -> AsyncIterator[tuple[VMCache, FakeFactory]]:
     with pytest.raises(asyncio.CancelledError):
         await task
     await cache.close()
-
-
-async def until(cache: VMCache, predicate: object, timeout: float = 5.0) -> None:
-    async def loop() -> None:
-        while not predicate():  # type: ignore[operator]
-            await cache.wait_changed()
-    await asyncio.wait_for(loop(), timeout)
 
 
 def test_activity_is_bounded_and_numbered() -> None:
