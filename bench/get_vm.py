@@ -11,7 +11,7 @@ the same point. Runs a real daemon (cache of 1) on the bundled demo guest under 
   then the same ping.
 
 Each cached sample starts from a full, idle cache. The guest's ping sleeps on the guest's
-clock before answering (0.2 s in this guest); that sleep is in every figure alike.
+clock before answering (10 ms, GuestChannel.ping's default); it is in every figure alike.
 """
 
 from __future__ import annotations
