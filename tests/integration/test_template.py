@@ -87,6 +87,10 @@ def test_cache_of_clones_hands_out_vms_whose_timers_run(
         assert status["template"]["enabled"] is True
         assert status["template"]["bytes"] > 0
         assert len(status["vms"]) == 2
+        # The Monitor snapshot (what the dashboard shows) says the same.
+        shown = status["snapshot"]["config"]
+        assert shown["template_enabled"] is True
+        assert shown["template_size_bytes"] > 0
 
         for _ in range(2):
             record = daemon.get()["hypervisor"]
