@@ -26,8 +26,8 @@ Lifecycle (after qemu's python/qemu/machine: launch, soft shutdown, hard shutdow
   down. `execute()` opens a session again on demand; `probe_status()` asks a session-less
   process for its run state over a short-lived connection of its own, cheaply enough to
   do every second for every cached VM.
-- `problem_now()` answers "has it exited, or is it stopped?" synchronously (one waitid on
-  the pidfd), for the hand-off path, which must not wait on anything.
+- `problem_now()` answers "has it exited, or is it stopped?" synchronously (a waitid on
+  the pidfd and a /proc read), for the hand-off path, which must not wait on anything.
 
 The process is watched with a pidfd on the event loop: exit is noticed at once, with no
 polling and no SIGCHLD handler to share with asyncio.
@@ -269,6 +269,7 @@ class QemuProcess:
         self._closing: asyncio.Future[None] | None = None
         self._session_lock = asyncio.Lock()
         self._status_channel: StatusChannel | None = None
+        self._stat_path = ""
         #: A probe_status() in flight, so a hand-off can wait for the QMP slot to be free.
         self.probing: asyncio.Future[str] | None = None
         self.qmp: QMPClient | None = None
@@ -316,6 +317,7 @@ class QemuProcess:
                 raise LaunchError(f"cannot run {self.argv[0]}: {exc.strerror}",
                                   argv=self.argv) from exc
         self._pidfd = os.pidfd_open(self._proc.pid)
+        self._stat_path = f"/proc/{self._proc.pid}/stat"
         loop.add_reader(self._pidfd, self._reap)
         try:
             self.qmp = await self._connect_qmp(timeout)
@@ -464,21 +466,32 @@ class QemuProcess:
     def problem_now(self) -> str | None:
         """Why the process cannot be handed out right now, or None: it exited (even if the
         loop has not run our exit callback yet), or a signal stopped it (SIGSTOP: it would
-        not answer its new owner). One waitid on the pidfd, which reports both without
-        reaping (WNOWAIT). A QEMU alive but stuck otherwise (a deadlock) is the
-        supervisor's to find: asking QMP here would put a round trip on every hand-off."""
+        not answer its new owner). A waitid on the pidfd, which reports an exit, or a stop
+        of the whole thread group, without reaping (WNOWAIT); and the main thread's state
+        in /proc, which shows a stop before every thread of a busy QEMU has stopped. A
+        QEMU alive but stuck otherwise (a deadlock) is the supervisor's to find: asking
+        QMP here would put a round trip on every hand-off."""
         if self._proc is None or self._exited.is_set() or self._pidfd is None:
             return "QEMU is not running"
         try:
             info = os.waitid(os.P_PIDFD, self._pidfd,
                              os.WEXITED | os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+            if info is None:
+                fd = os.open(self._stat_path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    state = os.read(fd, 512).rpartition(b")")[2].split(maxsplit=1)[0]
+                finally:
+                    os.close(fd)
         except OSError as exc:
             return f"QEMU is gone ({exc.strerror})"
-        if info is None:
-            return None
-        if info.si_code == os.CLD_STOPPED:
+        if info is not None:
+            return ("QEMU is stopped by a signal" if info.si_code == os.CLD_STOPPED
+                    else "QEMU has exited")
+        if state in (b"T", b"t"):
             return "QEMU is stopped by a signal"
-        return "QEMU has exited"
+        if state in (b"Z", b"X"):
+            return "QEMU has exited"
+        return None
 
     async def probe_status(self, timeout: float) -> str:
         """QEMU's run state ("paused", "running", ...), asked within `timeout`; VMDead when

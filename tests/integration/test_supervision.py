@@ -38,6 +38,12 @@ def frozen(pid: int) -> Iterator[None]:
             os.kill(pid, signal.SIGCONT)
 
 
+def stopped(pid: int) -> bool:
+    """The process's main thread is in the stopped state (SIGSTOP has landed)."""
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return stat.rpartition(b")")[2].split()[0] == b"T"
+
+
 def leaves_status(endpoint: Path, pid: int, started: float, timeout: float = 20.0) -> float:
     wait_for(lambda: pid not in status_pids(endpoint), timeout, f"QEMU {pid} to leave Status",
              interval=0.02)
@@ -98,6 +104,12 @@ def test_get_never_hands_out_a_dead_or_hung_vm(make_daemon: Callable[..., Daemon
     dead, hung = status_pids(d.endpoint)
     with frozen(hung):
         os.kill(dead, signal.SIGKILL)
+        # Signals take effect when their target next runs, which on a loaded machine can
+        # be milliseconds after kill() returns; until then the VM is not dead or stopped
+        # yet, for any check. Ask once both are, without giving the supervisor time to act
+        # (it asks every 0.5 s): the hand-off's own check must catch them.
+        wait_for(lambda: not pid_alive(dead) and stopped(hung), 1, "the signals to land",
+                 interval=0.001)
         vm = get_vm(d.endpoint, timeout=60)
         d.taken.append(vm.hypervisor)
         assert vm.pid not in (dead, hung)
