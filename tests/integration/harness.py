@@ -3,6 +3,7 @@ with real signals, a real socket and real QEMU; and stop whatever a test took, b
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -87,6 +88,20 @@ def stop_taken_vm(record: dict[str, Any], timeout: float = 10.0) -> None:
             os.waitpid(pid, os.WNOHANG)  # ours if the daemon exited first (subreaper)
     if record.get("StateDir"):
         shutil.rmtree(record["StateDir"], ignore_errors=True)
+
+
+async def console_run(path: Path, command: str, marker: str, timeout: float = 15) -> str:
+    """Type `command` on the guest's console; return what it printed up to `marker`."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        writer.write(command.encode() + b"\n")
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            return (await reader.readuntil(marker.encode())).decode(errors="replace")
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
 
 class Console:

@@ -10,7 +10,6 @@ the suite's leak guard fails any test that leaves a QEMU behind.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -30,7 +29,7 @@ from kata_vmcache.errors import VMDead
 from kata_vmcache.guest_channel import GuestChannel
 from kata_vmcache.procs import cmdline, pid_alive
 
-from .harness import Daemon, qmp, wait_for
+from .harness import Daemon, console_run, qmp, wait_for
 
 pytestmark = pytest.mark.qemu
 
@@ -39,20 +38,6 @@ MIB = 1024 * 1024
 
 def config_of(daemon: Daemon) -> Config:
     return load(daemon.config)[0]
-
-
-async def console_run(path: Path, command: str, marker: str, timeout: float = 15) -> str:
-    """Type `command` on the guest's console; return what it printed up to `marker`."""
-    reader, writer = await asyncio.open_unix_connection(str(path))
-    try:
-        writer.write(command.encode() + b"\n")
-        await writer.drain()
-        async with asyncio.timeout(timeout):
-            return (await reader.readuntil(marker.encode())).decode(errors="replace")
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
 
 
 @pytest.mark.asyncio

@@ -26,6 +26,8 @@ from qemu.qmp import QMPClient
 from kata_vmcache.demo_guest import KERNEL_PARAMS, DemoGuest
 from kata_vmcache.guest_channel import GuestChannel, GuestInfo
 
+from .harness import console_run
+
 pytestmark = pytest.mark.qemu
 
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
@@ -145,20 +147,6 @@ async def vm(demo_guest: DemoGuest) -> AsyncIterator[DemoVM]:
         yield booted
 
 
-async def console_run(vm: DemoVM, command: str, marker: str, timeout: float = 10) -> str:
-    """Type `command` on the console; return the console output up to `marker`."""
-    reader, writer = await asyncio.open_unix_connection(str(vm.state / "console.sock"))
-    try:
-        writer.write(command.encode() + b"\n")
-        await writer.drain()
-        async with asyncio.timeout(timeout):
-            return (await reader.readuntil(marker.encode())).decode(errors="replace")
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-
 # --- tests ----------------------------------------------------------------------------------
 
 @pytest.mark.asyncio
@@ -225,7 +213,8 @@ async def test_agent_answers_without_echo_and_rejects_unknown_commands(vm: DemoV
 @pytest.mark.asyncio
 async def test_console_is_a_root_shell(vm: DemoVM) -> None:
     # The shell echoes the typed line; only the output has the computed value.
-    out = await console_run(vm, "echo console-$((6 * 7)) $(id -u)", "console-42 0")
+    out = await console_run(vm.state / "console.sock", "echo console-$((6 * 7)) $(id -u)",
+                            "console-42 0", timeout=10)
     assert "echo console-$((6 * 7))" in out
 
 
@@ -233,7 +222,8 @@ async def test_console_is_a_root_shell(vm: DemoVM) -> None:
 async def test_time_and_seed(vm: DemoVM) -> None:
     assert vm.channel is not None
     await vm.channel.set_time(1_700_000_000)
-    out = await console_run(vm, 'echo "clock=$(date +%s) done-$((40 + 2))"', "done-42")
+    out = await console_run(vm.state / "console.sock",
+                            'echo "clock=$(date +%s) done-$((40 + 2))"', "done-42", timeout=10)
     match = re.search(r"clock=(\d+) done-42", out)
     assert match, out
     seconds = int(match.group(1))

@@ -4,6 +4,7 @@ tests/integration proves the same behaviour on real QEMU)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -120,16 +121,35 @@ class FakeFactory:
             self.in_flight -= 1
 
 
-@pytest_asyncio.fixture
-async def pool(tmp_path: Path) -> AsyncIterator[tuple[VMCache, FakeFactory]]:
-    factory = FakeFactory(tmp_path)
-    cache = VMCache(factory, 3, parallelism=2)
+@contextlib.asynccontextmanager
+async def pool_running(cache: VMCache) -> AsyncIterator[VMCache]:
+    """The pool's run() for the block; afterwards it is cancelled and the cache closed."""
+    task = asyncio.create_task(cache.run())
+    try:
+        yield cache
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await cache.close()
+
+
+@contextlib.asynccontextmanager
+async def fake_pool(directory: Path, target: int) -> AsyncIterator[tuple[VMCache, FakeFactory]]:
+    """A running pool of `target` fake VMs; run() must end by its cancellation."""
+    factory = FakeFactory(directory)
+    cache = VMCache(factory, target, parallelism=2)
     task = asyncio.create_task(cache.run())
     yield cache, factory
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     await cache.close()
+
+
+@pytest_asyncio.fixture
+async def pool(tmp_path: Path) -> AsyncIterator[tuple[VMCache, FakeFactory]]:
+    async with fake_pool(tmp_path, 3) as pool:
+        yield pool
 
 
 async def until(cache: VMCache, predicate: object, timeout: float = 5.0) -> None:
@@ -168,18 +188,13 @@ async def test_waiters_are_served_in_order_by_refills(tmp_path: Path) -> None:
     factory = FakeFactory(tmp_path)
     factory.gate = asyncio.Event()
     cache = VMCache(factory, 1, parallelism=1)
-    task = asyncio.create_task(cache.run())
-    try:
+    async with pool_running(cache):
         waiters = [asyncio.create_task(cache.hand_off()) for _ in range(3)]
         await asyncio.sleep(0.01)
         assert cache.waiting_clients == 3
         factory.gate.set()
         vms = await asyncio.wait_for(asyncio.gather(*waiters), 5)
         assert len({vm.id for vm in vms}) == 3
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await cache.close()
 
 
 @pytest.mark.asyncio
@@ -187,8 +202,7 @@ async def test_cancelled_waiter_loses_no_vm(tmp_path: Path) -> None:
     factory = FakeFactory(tmp_path)
     factory.gate = asyncio.Event()
     cache = VMCache(factory, 1, parallelism=1)
-    task = asyncio.create_task(cache.run())
-    try:
+    async with pool_running(cache):
         impatient = asyncio.create_task(cache.hand_off())
         await asyncio.sleep(0.01)
         impatient.cancel()
@@ -199,10 +213,6 @@ async def test_cancelled_waiter_loses_no_vm(tmp_path: Path) -> None:
         assert cache.waiting_clients == 0
         vm = await cache.hand_off()
         assert vm.state is VMState.HANDED_OFF
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await cache.close()
 
 
 @pytest.mark.asyncio
@@ -212,17 +222,12 @@ async def test_boot_failures_back_off_then_recover(tmp_path: Path,
     factory = FakeFactory(tmp_path)
     factory.fail_next = 3
     cache = VMCache(factory, 2, parallelism=1)
-    task = asyncio.create_task(cache.run())
-    try:
+    async with pool_running(cache):
         await until(cache, lambda: cache.ready_count == 2)
         assert cache.stats.boot_failures == 3
         assert cache.stats.last_error == ""
         failed = [vm for vm in factory.created if vm.state is VMState.FAILED]
         assert len(failed) == 3
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await cache.close()
 
 
 def test_backoff_doubles_up_to_the_cap(tmp_path: Path) -> None:

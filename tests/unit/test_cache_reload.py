@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from test_cache import SPEC, FakeFactory, until
+from test_cache import SPEC, FakeFactory, pool_running, until
 
 from kata_vmcache.factory import cache as cachemod
 from kata_vmcache.factory.cache import VMCache
@@ -34,12 +34,8 @@ class SpecFactory(FakeFactory):
 @pytest_asyncio.fixture
 async def running(tmp_path: Path) -> AsyncIterator[tuple[VMCache, SpecFactory]]:
     factory = SpecFactory(tmp_path, 256)
-    cache = VMCache(factory, 2, parallelism=2)
-    task = asyncio.create_task(cache.run())
-    yield cache, factory
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    await cache.close()
+    async with pool_running(VMCache(factory, 2, parallelism=2)) as cache:
+        yield cache, factory
 
 
 def stopped(vm: VM) -> bool:
@@ -71,8 +67,7 @@ async def test_vms_booting_from_the_old_factory_are_not_offered(tmp_path: Path) 
     old = SpecFactory(tmp_path, 256)
     old.gate = asyncio.Event()
     cache = VMCache(old, 2, parallelism=2)
-    task = asyncio.create_task(cache.run())
-    try:
+    async with pool_running(cache):
         await until(cache, lambda: cache.booting_count == 2 and len(old.created) == 2)
         new = SpecFactory(tmp_path, 512)
         cache.replace_factory(new)
@@ -80,10 +75,6 @@ async def test_vms_booting_from_the_old_factory_are_not_offered(tmp_path: Path) 
         await until(cache, lambda: cache.ready_count == 2)
         assert all(stopped(vm) for vm in old.created)
         assert {vm.spec.memory_mib for vm in cache.owned()} == {512}
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await cache.close()
 
 
 @pytest.mark.asyncio
@@ -104,18 +95,13 @@ async def test_shrinking_while_booting_settles_at_the_new_size(tmp_path: Path) -
     factory = SpecFactory(tmp_path, 256)
     factory.gate = asyncio.Event()
     cache = VMCache(factory, 3, parallelism=3)
-    task = asyncio.create_task(cache.run())
-    try:
+    async with pool_running(cache):
         await until(cache, lambda: cache.booting_count == 3)
         cache.resize(1)
         factory.gate.set()
         await until(cache, lambda: cache.booting_count == 0)
         assert cache.ready_count == 1
         assert sum(stopped(vm) for vm in factory.created) == 2
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await cache.close()
 
 
 @pytest.mark.asyncio
@@ -123,8 +109,7 @@ async def test_boot_parallelism_changes_live(tmp_path: Path) -> None:
     factory = SpecFactory(tmp_path, 256)
     factory.gate = asyncio.Event()
     cache = VMCache(factory, 4, parallelism=1)
-    task = asyncio.create_task(cache.run())
-    try:
+    async with pool_running(cache):
         await until(cache, lambda: factory.in_flight == 1)
         cache.set_parallelism(3)
         await until(cache, lambda: factory.in_flight == 3)
@@ -142,10 +127,6 @@ async def test_boot_parallelism_changes_live(tmp_path: Path) -> None:
         factory.gate.set()
         await until(cache, lambda: cache.ready_count == 4)
         assert factory.max_in_flight == 1
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await cache.close()
 
 
 @pytest.mark.asyncio

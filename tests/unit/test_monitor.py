@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-from test_cache import SPEC, FakeFactory, until
+from test_cache import SPEC, FakeFactory, fake_pool, until
 
 from kata_vmcache.config import Config, DaemonSettings, FactorySettings, HypervisorSettings
 from kata_vmcache.errors import ServerUnavailable
@@ -74,14 +74,8 @@ async def serve(cache: VMCache, endpoint: Path, **knobs: float) -> tuple[grpc.ai
 
 @pytest_asyncio.fixture
 async def pool(sockdir: Path) -> AsyncIterator[tuple[VMCache, FakeFactory]]:
-    factory = FakeFactory(sockdir)
-    cache = VMCache(factory, 2, parallelism=2)
-    task = asyncio.create_task(cache.run())
-    yield cache, factory
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await cache.close()
+    async with fake_pool(sockdir, 2) as pool:
+        yield pool
 
 
 def test_activity_is_bounded_and_numbered() -> None:
