@@ -336,7 +336,7 @@ async def boot_direct(config: Config, want: Sizing, *, reason: str = "",
                       wait_guest: bool = True,
                       guest_timeout: float = GUEST_TIMEOUT) -> VMHandle:
     """Boot one VM sized `want` with the daemon's own code, and own it as a cached one."""
-    from .factory.direct import DirectFactory, remove_vm_dir
+    from .factory.direct import DirectFactory, abandon
     from .vm import VMState
 
     h = dataclasses.replace(config.hypervisor, vcpus=want.cpus, memory_mib=want.memory_mib)
@@ -345,10 +345,9 @@ async def boot_direct(config: Config, want: Sizing, *, reason: str = "",
     await factory.boot(vm)  # on failure the VM is already stopped and removed
     try:
         base = BaseVM(vm.id, vm.spec.vcpus, vm.spec.memory_mib, 0, vm.hypervisor_record())
-        handle = VMHandle.adopt(base, source="direct", reason=reason, keep=vm.process)
-    except BaseException:
-        await vm.process.stop(config.daemon.stop_timeout)
-        remove_vm_dir(vm)
+        handle = VMHandle.adopt(base, source="direct", reason=reason)
+    except BaseException as exc:
+        await abandon(vm, exc, config.daemon.stop_timeout)
         raise
     # As the daemon hands a VM off: its record says so (a daemon recovering this state
     # dir leaves it alone), and the QMP session is closed for the new owner's.

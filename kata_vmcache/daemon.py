@@ -27,16 +27,16 @@ import os
 import shutil
 import signal
 from pathlib import Path
-from typing import cast
 
 from .config import Config
 from .errors import UsageError
 from .factory.cache import VMCache
 from .factory.direct import DirectFactory
 from .factory.template import TemplateFactory
-from .monitor import DescribedFactory, MonitorServicer
+from .monitor import MonitorServicer
 from .notify import Notifier, publish_status, status_line
-from .procs import cmdline, pid_alive, pids
+from .procs import pids
+from .qemu import is_vm_qemu
 from .reload import Reloader, remove_outcome
 from .server import CacheServicer, prepare_endpoint, remove_endpoint, start_server
 from .vm import read_records
@@ -49,14 +49,9 @@ SERVER_GRACE = 1.0
 def find_qemu(vm_id: str) -> int | None:
     """The pid of VM vm_id's QEMU, found by the `-name` it was started with."""
     for pid in pids():
-        if _is_our_qemu(pid, vm_id):
+        if is_vm_qemu(pid, vm_id):
             return pid
     return None
-
-
-def _is_our_qemu(pid: int, vm_id: str) -> bool:
-    """pid is alive and is the QEMU of VM vm_id (guards against pid reuse)."""
-    return pid_alive(pid) and f"kata-vmcache-{vm_id}" in cmdline(pid)
 
 
 async def _kill_and_wait(pid: int, timeout: float) -> None:
@@ -89,7 +84,7 @@ async def recover(state_dir: Path, *, timeout: float = 3.0) -> None:
             # No record yet: the daemon died between launching QEMU and writing vm.json.
             # The directory's name is the VM's id, which is in QEMU's command line.
             pid, state = find_qemu(vm_dir.name), state or "launching"
-        alive = isinstance(pid, int) and _is_our_qemu(pid, vm_id)
+        alive = isinstance(pid, int) and is_vm_qemu(pid, vm_id)
         if state == "handed_off":
             if not alive:
                 shutil.rmtree(vm_dir, ignore_errors=True)
@@ -134,12 +129,12 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
                         parallelism=config.daemon.boot_parallelism,
                         stop_timeout=config.daemon.stop_timeout)
         servicer = CacheServicer(cache, config, shutdown.set)
-        monitor = MonitorServicer(cache, factory, config, stopping=shutdown)
+        monitor = MonitorServicer(cache, config, stopping=shutdown)
         server = await start_server(config, servicer, monitor)
         log.info("serving %d %s VMs (%d vCPU, %d MiB) on %s", cache.target,
                  factory.accelerator.upper(), factory.spec.vcpus, factory.spec.memory_mib,
                  endpoint)
-        duties = _service_duties(config, cache, servicer, monitor, notifier, reload_requested)
+        duties = _service_duties(config, cache, servicer, notifier, reload_requested)
         pool = asyncio.create_task(cache.run(), name="vm-pool")
         stop = asyncio.create_task(shutdown.wait(), name="shutdown")
         try:
@@ -178,13 +173,11 @@ def make_factory(config: Config) -> DirectFactory | TemplateFactory:
 
 
 def _service_duties(config: Config, cache: VMCache, servicer: CacheServicer,
-                    monitor: MonitorServicer, notifier: Notifier,
+                    notifier: Notifier,
                     reload_requested: asyncio.Event) -> set[asyncio.Task[None]]:
     """Once the socket serves: READY=1, the STATUS= line, and reloads on SIGHUP."""
     reloader = Reloader(config, cache=cache, servicer=servicer, notifier=notifier,
-                        factory_for=make_factory,
-                        on_applied=lambda new, factory: monitor.set_config(
-                            new, cast(DescribedFactory, factory)))
+                        factory_for=make_factory)
     reloader.started()
     line = status_line(cache)
     notifier.ready(line)

@@ -379,6 +379,7 @@ def build_demo(dest: Path, *, cache_number: int = 2) -> DemoBuild:
 async def probe_accelerator(guest: DemoGuest, timeout: float = KVM_PROBE_SECONDS) -> str:
     """"kvm" if the demo guest comes up under KVM within `timeout`, else "tcg"."""
     from .factory.direct import kvm_usable
+    from .guest_channel import READY_LINE
     from .probe import SerialLineProbe
     from .qemu import QemuProcess, VMPaths, VMSpec
 
@@ -390,7 +391,7 @@ async def probe_accelerator(guest: DemoGuest, timeout: float = KVM_PROBE_SECONDS
                   memory_mib=256, memory_slots=0, max_memory_mib=256, accelerator="kvm")
     with tempfile.TemporaryDirectory(prefix="kvc-probe-") as tmp:
         paths = VMPaths(Path(tmp))
-        probe = SerialLineProbe("KATA-VMCACHE-READY")
+        probe = SerialLineProbe(READY_LINE)
         try:
             async with QemuProcess(spec.argv("kvm-probe", str(uuid.uuid4()), paths), paths,
                                    log=log) as qemu:

@@ -38,6 +38,8 @@ from typing import TypeVar
 
 READY_LINE = "KATA-VMCACHE-READY"
 MAX_SEED_BYTES = 512
+#: What a host gives a resumed guest to reseed its random pool with.
+SEED_BYTES = 64
 _SEEN_KEPT = 5
 
 T = TypeVar("T")

@@ -54,8 +54,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from .errors import GuestUnresponsive, HotplugError, RequestError, VMDead, VMStateError
-from .guest_channel import GuestChannel, GuestError, GuestInfo, GuestTimeout
-from .procs import cmdline
+from .guest_channel import SEED_BYTES, GuestChannel, GuestError, GuestInfo, GuestTimeout
+from .qemu import is_vm_qemu
 
 if TYPE_CHECKING:
     from .client import BaseVM
@@ -75,7 +75,6 @@ OST_IN_PROGRESS = 0x80
 #: How long QEMU gets to exit after `quit` (or SIGTERM) before SIGKILL.
 STOP_TIMEOUT = 3.0
 #: Bytes mixed into the guest's random pool after resume.
-SEED_BYTES = 64
 
 Source = Literal["cache", "direct"]
 T = TypeVar("T")
@@ -88,8 +87,8 @@ class _OutOfTime(Exception):
 class VMHandle:
     """One VM the caller owns: its facts, its QMP session and agent port, and its end."""
 
-    def __init__(self, base: BaseVM, pidfd: int | None, *, source: Source, reason: str,
-                 keep: object = None) -> None:
+    def __init__(self, base: BaseVM, pidfd: int | None, *, source: Source,
+                 reason: str) -> None:
         self.base = base
         self.source: Source = source
         #: Why the VM was booted directly instead of taken from the cache ("" if it was not).
@@ -105,14 +104,11 @@ class VMHandle:
         self._detached = False
         self._stopped = False
         self._stop_lock = asyncio.Lock()
-        # A VM booted here is our child: its QemuProcess keeps reaping it once it exits.
-        self._keep = keep
         if pidfd is not None:
-            asyncio.get_running_loop().add_reader(pidfd, self._on_exit)
+            self._watch(pidfd)
 
     @classmethod
-    def adopt(cls, base: BaseVM, *, source: Source = "cache", reason: str = "",
-              keep: object = None) -> VMHandle:
+    def adopt(cls, base: BaseVM, *, source: Source = "cache", reason: str = "") -> VMHandle:
         """Take ownership of the VM `base` describes. Synchronous on purpose: between the
         hand-off and a handle that can stop the VM there is no point to be cancelled at.
 
@@ -121,18 +117,12 @@ class VMHandle:
         pid = base.pid
         if pid is None:
             # A server that does not say (Kata's own): QMP is then the only way to stop it.
-            return cls(base, None, source=source, reason=reason, keep=keep)
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            pidfd = None
-        # Opened first, checked second: the pidfd now pins the process we checked.
-        if pidfd is None or f"kata-vmcache-{base.id}" not in cmdline(pid):
-            if pidfd is not None:
-                os.close(pidfd)
+            return cls(base, None, source=source, reason=reason)
+        pidfd = _open_ours(pid, base.id)
+        if pidfd is None:
             _remove_dir(base.hypervisor.get("StateDir"))
             raise VMDead(f"VM {base.id}: its QEMU (pid {pid}) is gone")
-        return cls(base, pidfd, source=source, reason=reason, keep=keep)
+        return cls(base, pidfd, source=source, reason=reason)
 
     def __repr__(self) -> str:
         return (f"<VMHandle {self.id} {self.source} pid={self.pid} vcpus={self.vcpus} "
@@ -540,14 +530,14 @@ class VMHandle:
     def _reattach(self) -> None:
         pid = self.pid
         if pid is not None and not self._exited.is_set():
-            with contextlib.suppress(ProcessLookupError):
-                pidfd = os.pidfd_open(pid)
-                if f"kata-vmcache-{self.id}" in cmdline(pid):
-                    self._pidfd = pidfd
-                    asyncio.get_running_loop().add_reader(pidfd, self._on_exit)
-                else:
-                    os.close(pidfd)
+            pidfd = _open_ours(pid, self.id)
+            if pidfd is not None:
+                self._watch(pidfd)
         self._detached = False
+
+    def _watch(self, pidfd: int) -> None:
+        self._pidfd = pidfd
+        asyncio.get_running_loop().add_reader(pidfd, self._on_exit)
 
     def _on_exit(self) -> None:
         # A pidfd stays readable once the process has exited: stop watching at once.
@@ -580,6 +570,19 @@ async def _disconnect(client: QMPClient) -> None:
 
 def _path(value: object) -> Path | None:
     return Path(value) if isinstance(value, str) and value else None
+
+
+def _open_ours(pid: int, vm_id: str) -> int | None:
+    """A pidfd for VM vm_id's QEMU at `pid`, or None when that is not (any more) it.
+    Opened first, checked second: the pidfd pins the process that was checked."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    if not is_vm_qemu(pid, vm_id):
+        os.close(pidfd)
+        return None
+    return pidfd
 
 
 def _remove_dir(path: object) -> None:

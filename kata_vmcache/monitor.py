@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Protocol, cast
 
 import grpc
 
@@ -52,11 +52,13 @@ class DescribedFactory(Protocol):
 
 
 class MonitorServicer(vmcache_pb2_grpc.MonitorServicer):
-    def __init__(self, cache: VMCache, factory: DescribedFactory, config: Config, *,
+    def __init__(self, cache: VMCache, config: Config, *,
                  stopping: asyncio.Event, heartbeat: float = HEARTBEAT,
                  min_interval: float = MIN_INTERVAL) -> None:
         self.cache = cache
-        self.factory = factory
+        # What a snapshot shows of `config` (endpoint, templating, file) cannot change while
+        # the daemon runs (reload refuses it); the VMs' settings come from the cache's
+        # current factory, which a reload replaces.
         self.config = config
         self.stopping = stopping
         self.heartbeat = heartbeat
@@ -64,9 +66,9 @@ class MonitorServicer(vmcache_pb2_grpc.MonitorServicer):
         self.started_at = time.time()
         self._started = time.monotonic()
 
-    def set_config(self, config: Config, factory: DescribedFactory) -> None:
-        """Describe the reloaded settings from now on (reload.py calls this)."""
-        self.config, self.factory = config, factory
+    @property
+    def factory(self) -> DescribedFactory:
+        return cast(DescribedFactory, self.cache.factory)
 
     def _template_bytes(self) -> int:
         size = getattr(self.factory, "size_bytes", None)  # the template factory's

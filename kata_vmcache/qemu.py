@@ -53,6 +53,7 @@ from typing import Literal
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from .errors import LaunchError, VMDead
+from .procs import cmdline, pid_alive
 
 # qemu.qmp logs every message at DEBUG and each failed connection at ERROR; we report
 # failures ourselves, with the VM's id and QEMU's own words.
@@ -90,7 +91,7 @@ class VMSpec:
         max_mem = max(self.max_memory_mib, self.memory_mib)
         args = [
             str(self.qemu),
-            "-name", f"kata-vmcache-{vm_id}",
+            "-name", qemu_name(vm_id),
             "-uuid", uuid,
             "-machine", f"{self.machine_type},accel={self.accelerator}",
             "-cpu", "host" if self.accelerator == "kvm" else "max",
@@ -177,6 +178,16 @@ async def _qmp_status(path: Path, timeout: float, *, pid: int | None) -> str:
     if not isinstance(status, dict):
         raise VMDead(f"QEMU {pid}: query-status answered {replies[1]}")
     return str(status.get("status"))
+
+
+def qemu_name(vm_id: str) -> str:
+    """The `-name` a VM's QEMU runs with: how a pid is known to be that VM's QEMU."""
+    return f"kata-vmcache-{vm_id}"
+
+
+def is_vm_qemu(pid: int, vm_id: str) -> bool:
+    """pid is alive and is the QEMU of VM vm_id (guards against pid reuse)."""
+    return pid_alive(pid) and qemu_name(vm_id) in cmdline(pid)
 
 
 class StatusChannel:

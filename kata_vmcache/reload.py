@@ -167,11 +167,8 @@ class Reloader:
     """Applies edits of the configuration file to the running daemon, one at a time."""
 
     def __init__(self, config: Config, *, cache: VMCache, servicer: CacheServicer,
-                 notifier: Notifier, factory_for: Callable[[Config], Factory],
-                 on_applied: Callable[[Config, Factory], None] | None = None) -> None:
+                 notifier: Notifier, factory_for: Callable[[Config], Factory]) -> None:
         self.config = config
-        #: Told of every applied reload, with the cache's factory (the Monitor service).
-        self.on_applied = on_applied
         self.cache = cache
         self.servicer = servicer
         self.notifier = notifier
@@ -276,8 +273,6 @@ class Reloader:
             self.cache.set_parallelism(d.boot_parallelism)
         if "factory.vm_cache_number" in keys:
             self.cache.resize(new.factory.vm_cache_number)
-        if self.on_applied is not None:
-            self.on_applied(new, self.cache.factory)
 
 
 def _keep_accelerator(factory: Factory, previous: Factory) -> None:

@@ -46,7 +46,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import GuestNotReady, TemplateError, UsageError
-from ..guest_channel import GuestChannel
+from ..guest_channel import SEED_BYTES, GuestChannel
 from ..vm import VM, VMState
 from .direct import DirectFactory, abandon, booted, remove_vm_dir
 
@@ -66,7 +66,6 @@ TMPFS_HEADROOM_MIB = 64
 TEMPLATE_FORMAT = 1
 #: The clone check's guest-side sleep: any sleep needs running timers.
 CHECK_SLEEP_MS = 10
-SEED_BYTES = 64
 
 
 def _unescape_mountinfo(field: str) -> str:

@@ -40,12 +40,6 @@ def make_config(endpoint: Path) -> Config:
 
 
 @dataclass
-class Described:
-    spec = SPEC
-    accelerator = "tcg"
-
-
-@dataclass
 class Served:
     cache: VMCache
     factory: FakeFactory
@@ -63,8 +57,11 @@ def sockdir() -> Iterator[Path]:
 async def serve(cache: VMCache, endpoint: Path, **knobs: float) -> tuple[grpc.aio.Server,
                                                                           asyncio.Event]:
     stopping = asyncio.Event()
-    servicer = MonitorServicer(cache, Described(), make_config(endpoint), stopping=stopping,
-                               **knobs)
+    # What the snapshot reads of the cache's factory (FakeFactory itself has no spec: the
+    # pool's reload tests rely on that).
+    cache.factory.spec = SPEC  # type: ignore[attr-defined]
+    cache.factory.accelerator = "tcg"  # type: ignore[attr-defined]
+    servicer = MonitorServicer(cache, make_config(endpoint), stopping=stopping, **knobs)
     server = grpc.aio.server()
     add_to_server(servicer, server)
     server.add_insecure_port(f"unix:{endpoint}")
