@@ -4,7 +4,7 @@
 into a QEMU argument list; `VMPaths` is where one VM's sockets and files live; `QemuProcess`
 owns the process:
 
-    async with QemuProcess(spec.argv(paths), paths, log=log) as qemu:
+    async with QemuProcess(spec.argv(vm_id, uuid, paths), paths, log=log) as qemu:
         await qemu.qmp.execute("cont")
         ...                         # leaving the block stops QEMU unless it was released
 
@@ -23,9 +23,9 @@ Lifecycle (after qemu's python/qemu/machine: launch, soft shutdown, hard shutdow
 - `kill()` is for a QEMU that stopped answering: SIGKILL at once, no `quit` to wait for.
 - `idle()` closes the QMP session of a process we keep (a VM waiting in the cache): QEMU's
   one QMP slot is then free for whoever takes the VM, so a hand-off has no session to tear
-  down. `execute()` opens a session again on demand; `probe_status()` asks a session-less
-  process for its run state over a short-lived connection of its own, cheaply enough to
-  do every second for every cached VM.
+  down; it watches the process over a `StatusChannel` instead, which `probe_status()`
+  asks for the run state, cheaply enough to do every second for every cached VM.
+  `execute()` opens a session again on demand (taking back an undelivered VM).
 - `problem_now()` answers "has it exited, or is it stopped?" synchronously (a waitid on
   the pidfd and a /proc read), for the hand-off path, which must not wait on anything.
 
@@ -151,35 +151,6 @@ class VMPaths:
         return self.dir / "vm.json"
 
 
-async def _qmp_status(path: Path, timeout: float, *, pid: int | None) -> str:
-    """One short QMP conversation: the greeting, `qmp_capabilities`, `query-status`."""
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_unix_connection(str(path))
-            try:
-                await reader.readline()  # the greeting
-                writer.write(b'{"execute":"qmp_capabilities"}\n{"execute":"query-status"}\n')
-                replies: list[dict[str, object]] = []
-                while len(replies) < 2:
-                    line = await reader.readline()
-                    if not line:
-                        raise VMDead(f"QEMU {pid} closed QMP during query-status")
-                    message = json.loads(line)
-                    if "return" in message or "error" in message:  # not an event
-                        replies.append(message)
-            finally:
-                writer.close()
-    except TimeoutError as exc:
-        raise VMDead(f"QEMU {pid} did not answer QMP 'query-status' within {timeout:g} s"
-                     ) from exc
-    except (OSError, ValueError) as exc:
-        raise VMDead(f"QEMU {pid}: QMP query-status failed ({exc})") from exc
-    status = replies[1].get("return")
-    if not isinstance(status, dict):
-        raise VMDead(f"QEMU {pid}: query-status answered {replies[1]}")
-    return str(status.get("status"))
-
-
 def qemu_name(vm_id: str) -> str:
     """The `-name` a VM's QEMU runs with: how a pid is known to be that VM's QEMU."""
     return f"kata-vmcache-{vm_id}"
@@ -262,6 +233,23 @@ class StatusChannel:
             loop.remove_reader(self._sock.fileno())
             loop.remove_writer(self._sock.fileno())
         self._sock.close()
+
+
+async def _qmp_status(path: Path, timeout: float, *, pid: int | None) -> str:
+    """One short QMP conversation on a `StatusChannel` of its own, all within `timeout`
+    (a pooled VM whose channel could not be opened)."""
+    try:
+        async with asyncio.timeout(timeout):
+            channel = await StatusChannel.open(path, timeout, pid=pid)
+            try:
+                return await channel.status(timeout)
+            finally:
+                channel.close()
+    except TimeoutError as exc:
+        raise VMDead(f"QEMU {pid} did not answer QMP 'query-status' within {timeout:g} s"
+                     ) from exc
+    except (OSError, ValueError) as exc:
+        raise VMDead(f"QEMU {pid}: QMP query-status failed ({exc})") from exc
 
 
 class QemuProcess:
@@ -505,15 +493,12 @@ class QemuProcess:
         return None
 
     async def probe_status(self, timeout: float) -> str:
-        """QEMU's run state ("paused", "running", ...), asked within `timeout`; VMDead when
-        it does not answer. With a session open, through it; otherwise over a connection
-        of its own (greeting, capabilities, query-status, close), without qemu.qmp's
-        per-session tasks: this runs every second for every cached VM."""
+        """QEMU's run state ("paused", "running", ...) of a pooled VM (one that is `idle()`),
+        asked within `timeout` over its `StatusChannel` (or, if that could not be opened,
+        one of its own); VMDead when it does not answer. This runs every
+        SUPERVISE_INTERVAL for every cached VM."""
         if self._released or not self.running:
             raise VMDead(f"QEMU {self.pid} is not running")
-        if self.qmp is not None:
-            reply = await self.execute("query-status", timeout=timeout)
-            return str(reply.get("status")) if isinstance(reply, dict) else repr(reply)
         channel = self._status_channel
         probe = self.probing = asyncio.ensure_future(
             channel.status(timeout) if channel is not None

@@ -118,7 +118,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         reply = vm.reply if vm.reply is not None else self.prepare(vm)
         try:
-            await self.cache.give(vm)
+            self.cache.give_now(vm)
             await context.write(reply)
         except asyncio.CancelledError:
             self.cache.take_back_later(vm, "GetBaseVM was cancelled before its reply was "
@@ -202,8 +202,6 @@ def probe_endpoint(path: Path) -> bool:
         s.settimeout(1.0)
         try:
             s.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            return False
         except OSError as exc:
             if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
                 return False
@@ -228,7 +226,7 @@ def prepare_endpoint(path: Path) -> None:
 
 
 async def start_server(config: Config, servicer: CacheServicer,
-                       monitor: MonitorServicer | None = None) -> grpc.aio.Server:
+                       monitor: MonitorServicer) -> grpc.aio.Server:
     endpoint = config.factory.vm_cache_endpoint
     prepare_endpoint(endpoint)
     server = grpc.aio.server(options=[
@@ -240,8 +238,7 @@ async def start_server(config: Config, servicer: CacheServicer,
         ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
     ])
     add_cache_service(servicer, server)
-    if monitor is not None:  # our own service beside Kata's (monitor.py)
-        add_monitor_to_server(monitor, server)
+    add_monitor_to_server(monitor, server)  # our own service beside Kata's (monitor.py)
     # The socket must never exist with wider permissions than asked, not even briefly.
     old = os.umask(0o177)
     try:

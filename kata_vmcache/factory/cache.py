@@ -8,8 +8,8 @@ for its status every `SUPERVISE_INTERVAL`; a VM that does not answer within
 `SUPERVISE_TIMEOUT`, or is not paused, leaves the pool at once and is killed.
 
 Hand-off is three steps, so that a server can undo it when its reply cannot be written:
-`reserve()` takes a ready VM and checks it (still the cache's), `give()` releases it (QMP
-closed, record says handed_off), `delivered()` counts it once the reply is written; a
+`reserve()` takes a ready VM and checks it (still the cache's), `give_now()` releases it
+(record says handed_off), `delivered()` counts it once the reply is written; a
 hand-off whose reply was not written goes back with `take_back_later()`. `hand_off()` does
 the three in one call.
 
@@ -47,8 +47,8 @@ BACKOFF_CAP = 60.0
 #: a hung QEMU is out of the pool within 1.5 s (the issue asks for 2 s).
 SUPERVISE_INTERVAL = 0.5
 SUPERVISE_TIMEOUT = 1.0
-#: The check right before a hand-off: the caller is waiting, so it is short too.
-HANDOFF_CHECK_TIMEOUT = 1.0
+#: Taking back a VM whose hand-off reply was not written: it must answer QMP, paused.
+TAKE_BACK_CHECK_TIMEOUT = 1.0
 
 
 @dataclass
@@ -323,7 +323,7 @@ class VMCache:
         """Reserve a ready VM for the caller, waiting for one if the pool is empty.
 
         The VM is out of the pool but still `ready` and owned by the cache: the caller
-        finishes with `hand_off()` or returns it with `put_back()`.
+        finishes with `give_now()` or returns it with `put_back()`.
         """
         if self._closed:
             raise CacheClosed("the VM cache is shutting down")
@@ -385,7 +385,7 @@ class VMCache:
     async def reserve(self) -> VM:
         """Take a ready VM, waiting for one if need be, and check it is alive (and, if the
         supervisor was asking it just then, that it answered paused). It stays the cache's:
-        the caller goes on with `give()` or returns it with `put_back()`."""
+        the caller goes on with `give_now()` or returns it with `put_back()`."""
         while True:
             vm = self.reserve_nowait()
             if vm is not None:
@@ -422,25 +422,6 @@ class VMCache:
         vm.process.release_idle()
         vm.transition(VMState.HANDED_OFF)
 
-    async def give(self, vm: VM) -> None:
-        """Release a reserved VM to its new owner: our QMP session closed (QEMU's only QMP
-        slot is the receiver's), state handed_off on disk. Runs to the end even if the
-        caller is cancelled meanwhile, so the VM is never half given; then the
-        cancellation propagates and the caller decides (`take_back_later`)."""
-        if vm.process.qmp is None:
-            self.give_now(vm)
-            return
-        job = asyncio.ensure_future(self._give(vm))
-        try:
-            await asyncio.shield(job)
-        except asyncio.CancelledError:
-            await job
-            raise
-
-    async def _give(self, vm: VM) -> None:
-        await vm.process.release()
-        vm.transition(VMState.HANDED_OFF)
-
     def delivered(self, vm: VM, *, asked: float | None = None) -> None:
         """The hand-off reply was written: the VM is the caller's for good. `asked` is when
         the request arrived (time.monotonic()), for the hand-off latency record."""
@@ -455,7 +436,7 @@ class VMCache:
         """Reserve, check and give a VM in one call (for callers with no reply to write)."""
         asked = time.monotonic()
         vm = await self.reserve()
-        await self.give(vm)
+        self.give_now(vm)
         self.delivered(vm, asked=asked)
         return vm
 
@@ -473,15 +454,14 @@ class VMCache:
         try:
             vm.require(VMState.HANDED_OFF)
             await vm.process.reclaim()
-            status = await vm.process.execute("query-status", timeout=HANDOFF_CHECK_TIMEOUT)
+            status = await vm.process.execute("query-status", timeout=TAKE_BACK_CHECK_TIMEOUT)
             if not isinstance(status, dict) or status.get("status") != "paused":
                 raise VMDead(f"it is not paused any more (status {status})")
         except VmcacheError as exc:
             # Nobody received it, so nobody else may have it: stopping is the only way not
             # to leak it.
             log.warning("VM %s: %s; it cannot be taken back (%s), stopping it", vm.id, why, exc)
-            await vm.process.kill()
-            remove_vm_dir(vm)
+            await self._kill(vm)
             return
         vm.take_back(why)
         await vm.process.idle()  # back in the pool: no session held, like every pooled VM
