@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as configmod
-from .client import CacheClient, not_running
+from .client import CacheClient
 from .errors import ConfigError, ServerUnavailable, UsageError, VmcacheError
 from .logs import setup_logging
 from .procs import pid_alive
@@ -287,4 +287,4 @@ def tui(endpoint: Path) -> int:
     return run(endpoint)
 
 
-__all__ = ["main", "not_running"]
+__all__ = ["main"]

@@ -42,6 +42,7 @@ if sys.version_info >= (3, 11):  # noqa: UP036 - tomli stays the fallback the br
 else:  # pragma: no cover
     import tomli as tomllib
 
+from . import kata
 from .errors import ConfigError, ConfigProblem
 
 #: Kata's configuration lookup order (kata-containers/runtime, pkg/katautils).
@@ -52,12 +53,12 @@ DEFAULT_CONFIG_PATHS = (
 
 # Kata defaults (pkg/katautils/config-settings.go.in and the Makefile that fills it).
 KATA_DEFAULT_QEMU_PATH = "/usr/bin/qemu-system-x86_64"
-KATA_DEFAULT_KERNEL = "/usr/share/kata-containers/vmlinuz.container"
-KATA_DEFAULT_MACHINE_TYPE = "pc"
-KATA_DEFAULT_VCPUS = 1
-KATA_DEFAULT_MEMORY_MIB = 2048
-KATA_DEFAULT_MEMORY_SLOTS = 10
-KATA_MAX_QEMU_VCPUS = 240  # govmm's MaxVCPUs() on amd64
+KATA_DEFAULT_KERNEL = kata.DEFAULT_KERNEL_PATH
+KATA_DEFAULT_MACHINE_TYPE = kata.DEFAULT_MACHINE_TYPE
+KATA_DEFAULT_VCPUS = kata.DEFAULT_VCPUS
+KATA_DEFAULT_MEMORY_MIB = kata.DEFAULT_MEMORY_MIB
+KATA_DEFAULT_MEMORY_SLOTS = kata.DEFAULT_MEM_SLOTS
+KATA_MAX_QEMU_VCPUS = kata._MAX_QEMU_VCPUS["x86_64"]  # govmm's MaxVCPUs() on amd64
 KATA_DEFAULT_ENDPOINT = "/var/run/kata-containers/cache.sock"
 KATA_DEFAULT_TEMPLATE_PATH = "/run/vc/vm/template"
 

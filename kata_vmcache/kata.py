@@ -528,18 +528,13 @@ def agent_config(doc: Mapping[str, Any]) -> dict[str, Any]:
     Without an `[agent.kata]` table Kata keeps the zero KataAgentConfig - even UseVSock stays
     false then. 3.x differs: LongLiveConn is true (1.x sets it only on the shimv2 path).
     """
-    agent = _agent_table(doc)
-    if agent is None:
-        return {
-            "LongLiveConn": False, "UseVSock": False, "Debug": False, "Trace": False,
-            "EnableDebugConsole": False, "ContainerPipeSize": 0, "TraceMode": "",
-            "TraceType": "", "DialTimeout": 0, "CdhApiTimeout": 0, "KernelModules": None,
-            "Policy": "",
-        }
+    table = _agent_table(doc)
+    agent = table if table is not None else {}
     return {
         # ---- Kata 1.x fields (virtcontainers/kata_agent.go) ----
         "LongLiveConn": False,
-        "UseVSock": _use_vsock(_table(doc, "hypervisor", HYPERVISOR_TYPE)),
+        "UseVSock": table is not None and _use_vsock(_table(doc, "hypervisor",
+                                                            HYPERVISOR_TYPE)),
         "Debug": _bool(agent, "enable_debug"),
         "Trace": _bool(agent, "enable_tracing"),
         "ContainerPipeSize": 0,  # from an annotation only

@@ -71,8 +71,7 @@ class Notifier:
                     os.environ["NOTIFY_SOCKET"] = previous
 
     @classmethod
-    def from_environ(cls, environ: MutableMapping[str, str] | None = None, *,
-                     unset: bool = True) -> Notifier:
+    def from_environ(cls, environ: MutableMapping[str, str] | None = None) -> Notifier:
         """The notifier systemd asked for, from NOTIFY_SOCKET/WATCHDOG_USEC/WATCHDOG_PID."""
         env = os.environ if environ is None else environ
         socket_path = env.get("NOTIFY_SOCKET") or None
@@ -80,9 +79,8 @@ class Notifier:
         usec, pid = env.get("WATCHDOG_USEC", ""), env.get("WATCHDOG_PID", "")
         if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
             watchdog_usec = int(usec)
-        if unset:
-            for key in ENV_KEYS:
-                env.pop(key, None)
+        for key in ENV_KEYS:
+            env.pop(key, None)
         return cls(socket_path, watchdog_usec=watchdog_usec)
 
     @property

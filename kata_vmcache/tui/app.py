@@ -117,7 +117,6 @@ class VMCacheApp(App[None]):
         self.snapshot: Snapshot | None = None
         #: "connecting", "connected" or "disconnected".
         self.connection = "connecting"
-        self.disconnect_reason = ""
         self.retry_attempt = 0
         #: Every VM taken in this session, in order: the caller owns them.
         self.taken: list[BaseVM] = []
@@ -195,10 +194,10 @@ class VMCacheApp(App[None]):
             self._server, self._last_seq = server, 0
             # What happened before we connected first, then that we did.
             self._show_events(s.events)
-            self._log_local(s.taken_at, "connected",
+            self._write_event(s.taken_at, "connected",
                             f"connected to kata-vmcache {s.version} (pid {s.pid})")
         elif self.connection != "connected":
-            self._log_local(s.taken_at, "connected", f"reconnected to pid {s.pid}")
+            self._write_event(s.taken_at, "connected", f"reconnected to pid {s.pid}")
         self.snapshot = s
         self.connection, self.retry_attempt = "connected", 0
         if s.stopping:
@@ -214,9 +213,9 @@ class VMCacheApp(App[None]):
 
     def show_disconnected(self, reason: str, retry_in: float) -> None:
         if self.connection == "connected":
-            self._log_local(time.time(), "disconnected", reason)
+            self._write_event(time.time(), "disconnected", reason)
         self.snapshot = None
-        self.connection, self.disconnect_reason = "disconnected", reason
+        self.connection = "disconnected"
         self.retry_attempt += 1
         self._set_banner("disconnected",
                          f"⚠ Disconnected, retrying in {retry_in:g} s "
@@ -332,9 +331,6 @@ class VMCacheApp(App[None]):
                 self._write_event(event.time, event.kind, event.text)
                 self._last_seq = event.seq
 
-    def _log_local(self, when: float, kind: str, text: str) -> None:
-        self._write_event(when, kind, text)
-
     def _write_event(self, when: float, kind: str, text: str) -> None:
         line = Text.assemble((fmt.clock(when), "dim"), " ",
                              (f"{kind.replace('_', ' '):<12}", EVENT_STYLES.get(kind, "")),
@@ -369,7 +365,7 @@ class VMCacheApp(App[None]):
         finally:
             self._taking = False
         self.taken.append(vm)
-        self._log_local(time.time(), "action", f"you took VM {vm.id} (QEMU pid {vm.pid})")
+        self._write_event(time.time(), "action", f"you took VM {vm.id} (QEMU pid {vm.pid})")
         self.push_screen(TakenVMScreen(vm))
 
     def action_stop_server(self) -> None:
@@ -386,7 +382,7 @@ class VMCacheApp(App[None]):
         except VmcacheError as exc:
             self.notify(str(exc), title="Server not stopped", severity="error")
             return
-        self._log_local(time.time(), "action", "you asked the server to stop (Quit)")
+        self._write_event(time.time(), "action", "you asked the server to stop (Quit)")
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
