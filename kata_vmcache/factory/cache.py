@@ -59,16 +59,11 @@ class CacheStats:
     died_in_pool: int = 0
     #: Ready VMs killed for failing a health check (no QMP answer in time, not paused).
     discarded: int = 0
-    #: Hand-offs undone because the reply could not be written (client cancelled or gone).
-    returned: int = 0
     #: Why the latest boot failed; "" once a boot succeeds again.
     last_error: str = ""
-    #: Wall-clock time (time.time()) of the latest boot failure, 0 if none.
-    last_error_at: float = 0.0
-    #: Boot failures since the last successful boot.
+    #: Boot failures since the last successful boot (or reload of the VM settings): the
+    #: backoff's exponent.
     consecutive_failures: int = 0
-    #: Wall-clock time before which no boot is attempted (backing off), 0 when not waiting.
-    next_boot_at: float = 0.0
     #: Seconds of the latest boots, newest last (for status tooling).
     boot_times: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=64))
@@ -143,7 +138,6 @@ class VMCache:
         self._change = asyncio.Event()
         self._tasks: set[asyncio.Future[None]] = set()
         self._closed = False
-        self._failures = 0
         self._not_before = 0.0
         # Live reload (replace_factory, set_parallelism): VMs still booting from a replaced
         # factory, and the boot slots of run() so their number can change.
@@ -178,7 +172,9 @@ class VMCache:
     @property
     def next_retry_seconds(self) -> float:
         """Seconds until the next boot attempt while backing off after failures, else 0."""
-        return max(0.0, self._not_before - time.monotonic()) if self._failures else 0.0
+        if not self.stats.consecutive_failures:
+            return 0.0
+        return max(0.0, self._not_before - time.monotonic())
 
     async def wait_changed(self) -> None:
         """Return at the next change of the pool (for watchers and tests)."""
@@ -206,7 +202,7 @@ class VMCache:
                 while (self._boot_tasks + len(self._ready) < self.target and not self._closed
                        # While boots fail, one attempt at a time: N QEMUs failing together
                        # say nothing one does not, and each costs a launch.
-                       and not (self._failures and self._boot_tasks)):
+                       and not (self.stats.consecutive_failures and self._boot_tasks)):
                     self._boot_tasks += 1
                     tasks.create_task(self._boot_one(sem))
                 self._wake.clear()
@@ -255,13 +251,9 @@ class VMCache:
 
     def _boot_failed(self, reason: str) -> None:
         self.stats.boot_failures += 1
-        self._failures += 1
-        delay = min(BACKOFF_CAP, BACKOFF_START * 2 ** (self._failures - 1))
+        self.stats.consecutive_failures += 1
+        delay = min(BACKOFF_CAP, BACKOFF_START * 2 ** (self.stats.consecutive_failures - 1))
         self._not_before = time.monotonic() + delay
-        now = time.time()
-        self.stats.consecutive_failures = self._failures
-        self.stats.last_error_at = now
-        self.stats.next_boot_at = now + delay
         # Once per change of reason: a host with a broken kernel must not fill the journal.
         if reason != self.stats.last_error:
             log.error("VM boot failed: %s (retrying with backoff, next in %.0f s)", reason, delay)
@@ -271,13 +263,11 @@ class VMCache:
         self.activity.boot_failed(reason, delay)
 
     def _boot_succeeded(self, vm: VM) -> None:
-        if self._failures:
-            log.info("VM boots work again after %d failures", self._failures)
-        self._failures = 0
+        if self.stats.consecutive_failures:
+            log.info("VM boots work again after %d failures", self.stats.consecutive_failures)
+        self.stats.consecutive_failures = 0
         self._not_before = 0.0
         self.stats.last_error = ""
-        self.stats.consecutive_failures = 0
-        self.stats.next_boot_at = 0.0
         self.stats.booted += 1
         if vm.boot_seconds is not None:
             self.stats.boot_times.append(vm.boot_seconds)
@@ -466,7 +456,6 @@ class VMCache:
         vm.take_back(why)
         await vm.process.idle()  # back in the pool: no session held, like every pooled VM
         await asyncio.to_thread(vm.prepare_handed_off_record)
-        self.stats.returned += 1
         log.warning("VM %s back in the pool: %s", vm.id, why)
         self.put_back(vm)
 
@@ -566,7 +555,7 @@ class VMCache:
         ready VMs retired."""
         self.factory = factory
         # The old settings' failures say nothing about the new ones: boot again at once.
-        self._failures = 0
+        self.stats.consecutive_failures = 0
         self._not_before = 0.0
         self.stats.last_error = ""
         self._outdated.update(self._booting)
