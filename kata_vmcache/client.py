@@ -109,6 +109,21 @@ def not_running(endpoint: Path) -> ServerUnavailable:
                              "(is 'kata-vmcache init' running?)")
 
 
+def rpc_error(endpoint: Path, method: str, timeout: float, exc: grpc.aio.AioRpcError, *,
+              error: type[RemoteError] = RemoteError) -> ServerUnavailable | RemoteError:
+    """One line for a failed call: no server there, no answer in time (with the server's
+    reason when it gave one), or the status it answered with."""
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
+        return not_running(endpoint)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        # The server's own reason (e.g. why no VM is ready), when it gave one.
+        why = exc.details() or ""
+        why = f" ({why})" if why and why != "Deadline Exceeded" else ""
+        return error(f"{method} on {endpoint}: no answer within {timeout:g} s{why}")
+    return error(f"{method} on {endpoint} failed: {code.name}: {exc.details()}")
+
+
 class CacheClient:
     def __init__(self, endpoint: Path, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.endpoint = endpoint
@@ -148,17 +163,7 @@ class CacheClient:
                                 if isinstance(v, str))
             return reply
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
-                raise not_running(self.endpoint) from None
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                # The server's own reason (e.g. why no VM is ready), when it gave one.
-                why = exc.details() or ""
-                why = f" ({why})" if why and why != "Deadline Exceeded" else ""
-                raise RemoteError(f"{method} on {self.endpoint}: no answer within "
-                                  f"{timeout or self.timeout:g} s{why}") from None
-            raise RemoteError(f"{method} on {self.endpoint} failed: {code.name}: "
-                              f"{exc.details()}") from None
+            raise rpc_error(self.endpoint, method, timeout or self.timeout, exc) from None
 
     async def config(self, timeout: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """The server's VMConfig and AgentConfig, decoded from Kata's JSON."""

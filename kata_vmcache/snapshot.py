@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from .client import not_running
+from .client import not_running, rpc_error
 from .errors import RemoteError
 from .proto import vmcache_pb2, vmcache_pb2_grpc
 
@@ -152,17 +152,10 @@ class MonitorClient:
             await channel.close()
 
     def _error(self, method: str, exc: grpc.aio.AioRpcError) -> Exception:
-        code = exc.code()
-        if code == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
-            return not_running(self.endpoint)
-        if code == grpc.StatusCode.UNIMPLEMENTED:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
             return NoMonitor(f"the server at {self.endpoint} has no Monitor service "
                              "(not a kata-vmcache server?)")
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return ServerGone(f"{method} on {self.endpoint}: no answer within "
-                              f"{self.timeout:g} s")
-        return ServerGone(f"{method} on {self.endpoint} failed: {code.name}: "
-                          f"{exc.details()}")
+        return rpc_error(self.endpoint, method, self.timeout, exc, error=ServerGone)
 
     async def snapshot(self) -> Snapshot:
         if not self.endpoint.exists():
