@@ -113,8 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def load_config(args: argparse.Namespace) -> configmod.Config:
     config, warnings = configmod.load(args.config)
     for w in warnings:
-        where = f"{config.source}:{w.line}: " if w.line else f"{config.source}: "
-        logging.getLogger(PROG).warning("%s%s", where, w)
+        logging.getLogger(PROG).warning("%s", w)  # located: path:line: key: message
     return config
 
 

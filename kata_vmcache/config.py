@@ -192,18 +192,6 @@ class Config:
         return self.daemon.max_memory_mib or host_memory_mib()
 
 
-@dataclass(frozen=True)
-class Warning_:
-    """A non-fatal remark about the file (unknown key in one of Kata's tables)."""
-
-    key: str
-    message: str
-    line: int | None
-
-    def __str__(self) -> str:
-        return f"{self.key}: {self.message}"
-
-
 def host_cpus() -> int:
     return os.cpu_count() or 1
 
@@ -225,7 +213,7 @@ def find_config(explicit: Path | None) -> Path:
     )
 
 
-def load(path: Path | None = None) -> tuple[Config, list[Warning_]]:
+def load(path: Path | None = None) -> tuple[Config, list[ConfigProblem]]:
     """Read, parse and validate a configuration file; raise ConfigError with every problem."""
     path = find_config(path)
     try:
@@ -241,7 +229,7 @@ def load(path: Path | None = None) -> tuple[Config, list[Warning_]]:
     return parse(text, source=path)
 
 
-def parse(text: str, *, source: Path | None = None) -> tuple[Config, list[Warning_]]:
+def parse(text: str, *, source: Path | None = None) -> tuple[Config, list[ConfigProblem]]:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -267,7 +255,7 @@ class _Validator:
         self.source = source
         self.lines = _KeyLines(text)
         self.problems: list[ConfigProblem] = []
-        self.warnings: list[Warning_] = []
+        self.warnings: list[ConfigProblem] = []
 
     # reporting
 
@@ -278,7 +266,8 @@ class _Validator:
 
     def warn(self, key: str, message: str) -> None:
         table, _, name = key.rpartition(".")
-        self.warnings.append(Warning_(key, message, self.lines.find(table, name)))
+        self.warnings.append(ConfigProblem(key, message, self.source,
+                                           self.lines.find(table, name)))
 
     # typed getters: each returns a usable default after recording a problem
 

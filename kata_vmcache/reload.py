@@ -221,7 +221,7 @@ class Reloader:
             more = f" (and {len(exc.problems) - 1} more)" if len(exc.problems) > 1 else ""
             return "refused", f"{first}{more}"
         for w in warnings:
-            log.warning("%s: %s", new.source, w)
+            log.warning("%s", w)
         p = plan(old, new)
         if p.needs_restart:
             what = "; ".join(str(c) for c in p.needs_restart)
