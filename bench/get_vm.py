@@ -64,18 +64,19 @@ async def cached_get_vm(config: Config, cpus: int | None = None,
 
 async def cold_to_ping(config: Config) -> float:
     spec = spec_from_config(config, "tcg")
-    paths = VMPaths(Path(tempfile.mkdtemp(prefix="kvc-cold-")))
+    tmp = Path(tempfile.mkdtemp(prefix="kvc-cold-"))
+    paths = VMPaths(dir=tmp / "vm", own=tmp / "own", sandbox=tmp / "sbs")
     try:
         start = time.monotonic()
         argv = spec.argv(new_vm_id(), "00000000-0000-0000-0000-000000000000", paths)
         async with QemuProcess(argv, paths, log=logging.getLogger("bench")) as qemu, \
-                await GuestChannel.connect(paths.agent) as guest:
+                await GuestChannel.connect(paths.guest) as guest:
             await qemu.execute("cont")
             await guest.wait_ready(60)
             await guest.ping(10)
             return time.monotonic() - start
     finally:
-        shutil.rmtree(paths.dir, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def sample(name: str, n: int, measure: Callable[[], Awaitable[float]],

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -78,7 +77,7 @@ async def resume_and_ping(record: dict[str, Any]) -> Callable[[], Awaitable[None
     from qemu.qmp import QMPClient
 
     qmp = QMPClient("bench")
-    channel_ready = asyncio.ensure_future(GuestChannel.connect(Path(record["AgentPath"])))
+    channel_ready = asyncio.ensure_future(GuestChannel.connect(Path(record["GuestChannelPath"])))
     await qmp.connect(record["QmpChannelpath"])
     await qmp.execute("cont")
     channel = await channel_ready
@@ -114,7 +113,7 @@ async def cold(config_path: Path) -> dict[str, Any]:
     await vm.process.start()
     try:
         # Connect before the guest runs, as the daemon does, so the ready line is not missed.
-        channel = await GuestChannel.connect(vm.paths.agent)
+        channel = await GuestChannel.connect(vm.paths.guest)
         await vm.process.execute("cont")
         try:
             await channel.wait_ready(timeout=120)
@@ -123,8 +122,8 @@ async def cold(config_path: Path) -> dict[str, Any]:
             await channel.close()
         elapsed = ms(time.perf_counter_ns() - t)
     finally:
-        await vm.process.stop()
-        shutil.rmtree(vm.paths.dir, ignore_errors=True)
+        await vm.stop(3.0)
+        vm.remove_dirs()
     return {"to_guest_ms": [elapsed], "vms": []}
 
 

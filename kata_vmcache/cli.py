@@ -124,19 +124,26 @@ def endpoint_of(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .factory.direct import check_host, describe_vm
+
     command: str = args.command
     if command == "init":
         from .daemon import serve
 
         config = load_config(args)
         setup_logging(debug=args.debug, json_lines=config.daemon.log_format == "json")
+        for w in check_host(config):
+            logging.getLogger(PROG).warning("%s", w)
         asyncio.run(serve(config))
         return 0
     if command == "check-config":
         config = load_config(args)
-        width = max(len(k) for k, _ in configmod.describe(config))
+        for w in check_host(config):
+            logging.getLogger(PROG).warning("%s", w)
+        rows = [*configmod.describe(config), *describe_vm(config)]
+        width = max(len(k) for k, _ in rows)
         print(f"# {config.source}: OK")
-        for key, value in configmod.describe(config):
+        for key, value in rows:
             print(f"{key:<{width}} = {value}")
         return 0
     if command == "status":

@@ -89,6 +89,9 @@ class BaseVM:
     memory: int
     cpu_delta: int
     hypervisor: dict[str, Any]
+    #: Kata 1.x's kata-proxy of the VM (GrpcVM.proxyPid, proxyURL): 0 and "" if none.
+    proxy_pid: int = 0
+    proxy_url: str = ""
 
     @property
     def qmp_path(self) -> Path:
@@ -101,7 +104,8 @@ class BaseVM:
 
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "cpu": self.cpu, "memory": self.memory,
-                "cpuDelta": self.cpu_delta, "hypervisor": self.hypervisor}
+                "cpuDelta": self.cpu_delta, "proxyPid": self.proxy_pid,
+                "proxyURL": self.proxy_url, "hypervisor": self.hypervisor}
 
 
 def not_running(endpoint: Path) -> ServerUnavailable:
@@ -182,7 +186,7 @@ class CacheClient:
         """Take a paused VM. From the reply on, the caller owns it (and must stop it)."""
         reply = await self._call("GetBaseVM", timeout)
         return BaseVM(reply.id, reply.cpu, reply.memory, reply.cpuDelta,
-                      json.loads(reply.hypervisor))
+                      json.loads(reply.hypervisor), reply.proxyPid, reply.proxyURL)
 
     async def quit(self, timeout: float | None = None) -> None:
         await self._call("Quit", timeout)

@@ -61,11 +61,17 @@ KATA_DEFAULT_MEMORY_SLOTS = kata.DEFAULT_MEM_SLOTS
 KATA_MAX_QEMU_VCPUS = kata._MAX_QEMU_VCPUS["x86_64"]  # govmm's MaxVCPUs() on amd64
 KATA_DEFAULT_ENDPOINT = "/var/run/kata-containers/cache.sock"
 KATA_DEFAULT_TEMPLATE_PATH = "/run/vc/vm/template"
+#: persist/fs RunVMStoragePath(): where kata-runtime looks for a VM's sockets.
+KATA_VM_STORAGE_PATH = "/run/vc/vm"
+#: A VM id (12 characters) plus the longest file name Kata puts in a VM's directory.
+_VM_SOCKET_TAIL = len("/0123456789ab/console.sock")
 
 OUR_TABLE = "vmcache"
 
 Accelerator = Literal["auto", "kvm", "tcg"]
-ReadyProbe = Literal["serial", "none"]
+ReadyProbe = Literal["kata-agent", "serial"]
+GuestAgent = Literal["kata", "none"]
+KataVersion = Literal["1.x", "3.x"]
 LogFormat = Literal["text", "json"]
 
 # Keys Kata reads in [hypervisor.qemu] (1.x and 2.x). We use a few; the others are Kata's
@@ -96,7 +102,7 @@ KATA_QEMU_KEYS = frozenset(
 OUR_KEYS = frozenset(
     """
     accelerator ready_timeout state_dir boot_parallelism stop_timeout ready_probe ready_line
-    max_memory socket_mode socket_group log_format
+    max_memory socket_mode socket_group log_format vm_storage_path guest_agent kata_version
     """.split()
 )
 KATA_FACTORY_KEYS = frozenset(
@@ -160,10 +166,10 @@ class DaemonSettings:
     boot_parallelism: int = 2
     #: Seconds QEMU gets to exit after QMP `quit` before it is killed.
     stop_timeout: float = 3.0
-    #: How readiness is decided: "serial" (a line on the guest's second serial port, as the
-    #: bundled demo guest prints) or "none" (ready once QEMU runs; for guests without a
-    #: signal, e.g. a stock Kata image, until an agent probe exists).
-    ready_probe: ReadyProbe = "serial"
+    #: How readiness is decided: "kata-agent" (the agent answers its health check, as
+    #: Kata's NewVM asks before pausing) or "serial" (a line on our second serial port, as
+    #: the bundled demo guest prints). Default: "kata-agent" with guest_agent = "kata".
+    ready_probe: ReadyProbe = "kata-agent"
     #: The line the guest prints when it is up ("serial" probe).
     ready_line: str = "KATA-VMCACHE-READY"
     #: Hot-plug memory ceiling in MiB; 0 means the host's memory, as Kata does.
@@ -174,6 +180,17 @@ class DaemonSettings:
     socket_group: str = ""
     #: Log lines as "text" or "json".
     log_format: LogFormat = "text"
+    #: Kata's RunVMStoragePath: each VM's sockets, pid file and shared directory live in
+    #: `<vm_storage_path>/<vm id>/`, where kata-runtime looks for them (Kata 1.x's
+    #: kata-proxy sockets in `<its parent>/sbs/<vm id>/`).
+    vm_storage_path: Path = Path(KATA_VM_STORAGE_PATH)
+    #: "kata": the guest image runs Kata's agent (a proxy is started for 1.x, readiness
+    #: is its health check); "none": a guest without one (the demo guest).
+    guest_agent: GuestAgent = "kata"
+    #: Which Kata generation the file is for ([proxy.*] or [shim.*] present: 1.x).
+    kata_version: KataVersion = "3.x"
+    #: Where kata_version came from, for check-config.
+    kata_version_origin: str = "detected: no [proxy.*] or [shim.*] table"
 
 
 @dataclass(frozen=True)
@@ -414,7 +431,8 @@ class _Validator:
         if not 1 <= parallel <= 64:
             self.problem(f"{p}.boot_parallelism", f"out of range (got {parallel}, "
                          "expected 1 to 64)")
-        probe = self.choice(t, f"{p}.ready_probe", ("serial", "none"), d.ready_probe)
+        agent = self.choice(t, f"{p}.guest_agent", ("kata", "none"), d.guest_agent)
+        probe = self.ready_probe(t, f"{p}.ready_probe", agent)
         ready_line = self.get(t, f"{p}.ready_line", str, d.ready_line, "a string")
         if not ready_line.strip() or "\n" in ready_line:
             self.problem(f"{p}.ready_line", f"must be one non-empty line (got {ready_line!r})")
@@ -441,7 +459,15 @@ class _Validator:
             except KeyError:
                 self.problem(f"{p}.socket_group", f"no such group on this host (got {group!r})")
         log_format = self.choice(t, f"{p}.log_format", ("text", "json"), d.log_format)
-        if state_dir is None:
+        vm_storage = self.abs_path(t, f"{p}.vm_storage_path", KATA_VM_STORAGE_PATH)
+        for key, root in ((f"{p}.vm_storage_path", vm_storage), (f"{p}.state_dir", state_dir)):
+            # sun_path holds 107 bytes: the VM's sockets must fit below this directory.
+            if root is not None and len(os.fsencode(root)) + _VM_SOCKET_TAIL > 107:
+                self.problem(key, f"too long for the VMs' sockets below it (got "
+                             f"{len(os.fsencode(root))} bytes, expected at most "
+                             f"{107 - _VM_SOCKET_TAIL})")
+        version, origin = self.kata_version(t, f"{p}.kata_version")
+        if state_dir is None or vm_storage is None:
             return None
         return DaemonSettings(
             accelerator=accel,
@@ -455,7 +481,36 @@ class _Validator:
             socket_mode=mode,
             socket_group=group,
             log_format=log_format,
+            vm_storage_path=vm_storage,
+            guest_agent=agent,
+            kata_version=version,
+            kata_version_origin=origin,
         )
+
+    def ready_probe(self, t: Mapping[str, Any], key: str, agent: str) -> Any:
+        default = "kata-agent" if agent == "kata" else "serial"
+        if t.get("ready_probe") == "none":
+            # It cached VMs whose guest had barely run (`cont`, then `stop`), so a
+            # hand-off saved no boot at all: a cached VM must have booted (Kata's NewVM).
+            self.problem(key, 'no longer supported (got "none": it cached VMs before their '
+                         'guest had booted; expected "kata-agent" for a Kata guest, or '
+                         '"serial" for a guest that prints ready_line)')
+            return default
+        probe = self.choice(t, key, ("kata-agent", "serial"), default)
+        if probe == "kata-agent" and agent == "none":
+            self.problem(key, 'needs an agent to ask (got "kata-agent" with guest_agent = '
+                         '"none"; expected "serial")')
+        return probe
+
+    def kata_version(self, t: Mapping[str, Any], key: str) -> tuple[Any, str]:
+        """Kata 2.0 removed the [proxy.*] and [shim.*] tables: either present means a 1.x
+        file."""
+        if "kata_version" in t:
+            return self.choice(t, key, ("1.x", "3.x"), "3.x"), "set in [vmcache]"
+        for table in ("proxy", "shim"):
+            if isinstance(self.doc.get(table), Mapping) and self.doc[table]:
+                return "1.x", f"detected: [{table}.*] present"
+        return "3.x", "detected: no [proxy.*] or [shim.*] table"
 
     # value helpers
 
@@ -566,6 +621,8 @@ def describe(config: Config) -> Iterator[tuple[str, str]]:
     """The resolved settings as (dotted key, value) pairs, for `check-config`."""
     def rows(prefix: str, obj: object, fmt: Callable[[str, Any], str]) -> Iterator[tuple[str, str]]:
         for name in obj.__dataclass_fields__:  # type: ignore[attr-defined]
+            if name == "kata_version_origin":
+                continue  # shown with the generation (kata.generation)
             yield f"{prefix}.{name}", fmt(name, getattr(obj, name))
 
     def plain(name: str, value: Any) -> str:

@@ -36,6 +36,7 @@ from .factory.template import TemplateFactory
 from .monitor import MonitorServicer
 from .notify import Notifier, publish_status, status_line
 from .procs import pids
+from .proxy import is_kata_proxy
 from .qemu import is_vm_qemu
 from .reload import Reloader, remove_outcome
 from .server import CacheServicer, prepare_endpoint, remove_endpoint, start_server
@@ -77,7 +78,12 @@ async def _kill_and_wait(pid: int, timeout: float) -> None:
 
 
 async def recover(state_dir: Path, *, timeout: float = 3.0) -> None:
-    """Clean up after a daemon that did not stop cleanly (crash, SIGKILL, power loss)."""
+    """Clean up after a daemon that did not stop cleanly (crash, SIGKILL, power loss).
+
+    A record names the VM's QEMU, its kata-proxy and its directories (Kata's, the proxy's,
+    ours). VMs still ours are stopped (QEMU and proxy) and their directories removed;
+    handed-off VMs are the client's: left alone while their QEMU runs, their directories
+    removed once it has exited."""
     for vm_dir, record in read_records(state_dir):
         vm_id, pid, state = record.get("id", vm_dir.name), record.get("pid"), record.get("state")
         if not isinstance(pid, int):
@@ -85,16 +91,25 @@ async def recover(state_dir: Path, *, timeout: float = 3.0) -> None:
             # The directory's name is the VM's id, which is in QEMU's command line.
             pid, state = find_qemu(vm_dir.name), state or "launching"
         alive = isinstance(pid, int) and is_vm_qemu(pid, vm_id)
+        dirs = [vm_dir, *(Path(record[key]) for key in ("vm_dir", "sandbox_dir")
+                          if isinstance(record.get(key), str))]
         if state == "handed_off":
             if not alive:
-                shutil.rmtree(vm_dir, ignore_errors=True)
+                for path in dirs:
+                    shutil.rmtree(path, ignore_errors=True)
             continue  # someone else's VM now: never touch it
         if alive:
             assert isinstance(pid, int)
             log.warning("stopping VM %s (QEMU pid %d) left %s by a previous daemon",
                         vm_id, pid, state)
             await _kill_and_wait(pid, timeout)
-        shutil.rmtree(vm_dir, ignore_errors=True)
+        proxy = record.get("proxy_pid")
+        if isinstance(proxy, int) and is_kata_proxy(proxy, vm_id):
+            log.warning("stopping kata-proxy %d of VM %s left by a previous daemon", proxy,
+                        vm_id)
+            await _kill_and_wait(proxy, timeout)
+        for path in dirs:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 async def serve(config: Config, *, shutdown: asyncio.Event | None = None,

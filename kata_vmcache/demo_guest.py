@@ -302,6 +302,13 @@ def render_config(guest: DemoGuest, *, endpoint: Path, state_dir: Path, cache_nu
     settings: dict[str, object] = {
         "accelerator": accelerator,
         "state_dir": str(state_dir),
+        # Beside the state directory, not Kata's /run/vc/vm: the demo guest has no Kata
+        # agent, so no kata-runtime could use these VMs, and a test must not leave files
+        # where a real Kata host keeps its VMs.
+        "vm_storage_path": str(state_dir.parent / "vm"),
+        # No Kata agent in the demo guest: no proxy, no agent health check; it signals
+        # readiness on our serial port instead (Kata's devices are there all the same).
+        "guest_agent": "none",
         "ready_probe": "serial",
         # TCG on a busy 2-core host can take several times the ~3 s of an idle one.
         "ready_timeout": 60.0,
@@ -380,20 +387,22 @@ async def probe_accelerator(guest: DemoGuest, timeout: float = KVM_PROBE_SECONDS
     """"kvm" if the demo guest comes up under KVM within `timeout`, else "tcg"."""
     from .factory.direct import kvm_usable
     from .guest_channel import READY_LINE
+    from .machine import VMPaths, VMSpec
     from .probe import SerialLineProbe
-    from .qemu import QemuProcess, VMPaths, VMSpec
+    from .qemu import QemuProcess
 
     if not kvm_usable():
         return "tcg"
     spec = VMSpec(qemu=Path(shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"),
                   kernel=guest.kernel, initrd=guest.initrd, image=None, machine_type="q35",
                   kernel_params=tuple(KERNEL_PARAMS.split()), vcpus=1, max_vcpus=1,
-                  memory_mib=256, memory_slots=0, max_memory_mib=256, accelerator="kvm")
+                  memory_mib=256, memory_slots=0, max_memory_mib=256, accelerator="kvm",
+                  agent_channel="", own_serial=True)
     with tempfile.TemporaryDirectory(prefix="kvc-probe-") as tmp:
-        paths = VMPaths(Path(tmp))
+        paths = VMPaths(dir=Path(tmp) / "vm", own=Path(tmp) / "own", sandbox=Path(tmp) / "sbs")
         probe = SerialLineProbe(READY_LINE)
         try:
-            async with QemuProcess(spec.argv("kvm-probe", str(uuid.uuid4()), paths), paths,
+            async with QemuProcess(spec.argv("kvmprobe0000", str(uuid.uuid4()), paths), paths,
                                    log=log) as qemu:
                 await probe.attach(paths)
                 await qemu.execute("cont")

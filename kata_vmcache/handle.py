@@ -1,7 +1,8 @@
 """A VM the caller owns: what `client.get_vm()` returns.
 
 Ownership arrives with a hand-off record (`GrpcVM.hypervisor`: Kata's `ID`, `QmpChannelpath`,
-`QemuSMP`, plus our `Pid`, `AgentPath`, `ConsolePath`, `StateDir`, `MaxMemory`,
+`QemuSMP`, plus our `Pid`, `GuestChannelPath`, `ConsolePath`, `VMDir`, `SandboxDir`,
+`StateDir`, `MaxMemory`,
 `MemorySlots`), whether the VM came from the cache or was booted here. From `adopt()` on,
 the handle is the VM's only owner and the one thing that stops it:
 
@@ -55,6 +56,7 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from .errors import GuestUnresponsive, HotplugError, RequestError, VMDead, VMStateError
 from .guest_channel import SEED_BYTES, GuestChannel, GuestError, GuestInfo, GuestTimeout
+from .proxy import stop_handed_out_proxy
 from .qemu import is_vm_qemu
 
 if TYPE_CHECKING:
@@ -120,7 +122,7 @@ class VMHandle:
             return cls(base, None, source=source, reason=reason)
         pidfd = _open_ours(pid, base.id)
         if pidfd is None:
-            _remove_dir(base.hypervisor.get("StateDir"))
+            _remove_dirs(base.hypervisor)
             raise VMDead(f"VM {base.id}: its QEMU (pid {pid}) is gone")
         return cls(base, pidfd, source=source, reason=reason)
 
@@ -161,7 +163,8 @@ class VMHandle:
 
     @property
     def agent_path(self) -> Path | None:
-        return _path(self.record.get("AgentPath"))
+        """Our line-protocol channel to the guest (the demo guest's second serial port)."""
+        return _path(self.record.get("GuestChannelPath"))
 
     @property
     def state_dir(self) -> Path | None:
@@ -236,7 +239,7 @@ class VMHandle:
         path = self.agent_path
         if path is None:
             raise VMStateError(f"VM {self.id}: the hand-off record names no agent port "
-                               "(AgentPath); the guest cannot be asked anything")
+                               "(GuestChannelPath); the guest cannot be asked anything")
         try:
             self._guest = await GuestChannel.connect(path, timeout=timeout)
         except (GuestTimeout, OSError) as exc:
@@ -478,7 +481,8 @@ class VMHandle:
             finally:
                 await self._close_qmp()
                 self._close_pidfd()
-                _remove_dir(self.state_dir)
+                stop_handed_out_proxy(self.base.proxy_pid, self.id)
+                _remove_dirs(self.record)
                 self._stopped = True
 
     async def _shut_down(self, timeout: float) -> None:
@@ -583,6 +587,13 @@ def _open_ours(pid: int, vm_id: str) -> int | None:
         os.close(pidfd)
         return None
     return pidfd
+
+
+def _remove_dirs(record: dict[str, Any]) -> None:
+    """What a stopped VM leaves: Kata's directory of it (as Kata's own stop removes it,
+    qemu.go cleanupVM), its proxy's, and the server's record of it."""
+    for key in ("VMDir", "SandboxDir", "StateDir"):
+        _remove_dir(record.get(key))
 
 
 def _remove_dir(path: object) -> None:

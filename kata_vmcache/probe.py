@@ -3,12 +3,14 @@
 A probe is attached before the guest's CPUs run (QEMU starts with `-S`), so a signal the
 guest sends early cannot be missed; then the daemon sends `cont` and waits on the probe.
 
+- `KataAgentProbe`: the guest's Kata agent answers its gRPC health check (`/grpc.Health/
+  Check`), which is what Kata's `NewVM` asks (`agent.check()`) before a factory VM is
+  paused. Kata 1.x with a serial channel: through the VM's kata-proxy, at its URL.
 - `SerialLineProbe`: the guest prints a line (`KATA-VMCACHE-READY` for the bundled demo
-  guest) on its second serial port, a QEMU chardev socket we connect to.
-- `NoProbe`: ready as soon as QEMU runs, for guests that signal nothing.
+  guest) on our second serial port, a QEMU chardev socket we connect to.
 
-A Kata guest would get an agent health-check probe beside these (kata-agent over vsock),
-behind the same three methods.
+There is no probe that declares a VM ready without its guest's word: a VM enters the cache
+only once its guest has booted (Kata's NewVM boots, checks the agent, then pauses).
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ import asyncio
 import contextlib
 from typing import Protocol
 
-from .qemu import VMPaths
+import grpc
+
+from .machine import VMPaths
+from .proto import agent_health_pb2, agent_health_pb2_grpc
+
+#: One health check's deadline; the probe asks again until the caller's bound.
+AGENT_CHECK_TIMEOUT = 1.0
+#: Pause between checks while the agent is not up yet.
+AGENT_RETRY_INTERVAL = 0.1
 
 
 class ReadinessProbe(Protocol):
@@ -39,7 +49,7 @@ class SerialLineProbe:
         self.seen: list[bytes] = []
 
     async def attach(self, paths: VMPaths) -> None:
-        self._reader, self._writer = await asyncio.open_unix_connection(str(paths.agent))
+        self._reader, self._writer = await asyncio.open_unix_connection(str(paths.guest))
 
     async def wait(self) -> None:
         assert self._reader is not None, "attach() first"
@@ -61,12 +71,38 @@ class SerialLineProbe:
                 await writer.wait_closed()
 
 
-class NoProbe:
+class KataAgentProbe:
+    """Ready when the Kata agent answers `Health.Check` at `url` (Kata's agent.check()
+    treats any answer as alive; the status it gave is kept for the log). `seen` holds the
+    last failure, which the boot's timeout error shows."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.seen: list[bytes] = []
+        self.answer = ""
+        self._channel: grpc.aio.Channel | None = None
+
     async def attach(self, paths: VMPaths) -> None:
-        return None
+        # Nothing to catch early: the agent answers when asked, whenever it is up.
+        self._channel = grpc.aio.insecure_channel(self.url)
 
     async def wait(self) -> None:
-        return None
+        assert self._channel is not None, "attach() first"
+        stub = agent_health_pb2_grpc.HealthStub(self._channel)
+        while True:
+            try:
+                reply = await stub.Check(agent_health_pb2.CheckRequest(),
+                                         timeout=AGENT_CHECK_TIMEOUT)
+            except grpc.aio.AioRpcError as exc:
+                detail = f"{exc.code().name}: {exc.details()}"
+                self.seen = [f"the agent at {self.url} did not answer ({detail})".encode()]
+                await asyncio.sleep(AGENT_RETRY_INTERVAL)
+                continue
+            self.answer = agent_health_pb2.HealthCheckResponse.ServingStatus.Name(
+                reply.status)
+            return
 
     async def close(self) -> None:
-        return None
+        if self._channel is not None:
+            channel, self._channel = self._channel, None
+            await channel.close()

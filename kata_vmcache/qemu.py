@@ -1,8 +1,8 @@
 """One QEMU process and, while we own it, its QMP session.
 
-`VMSpec` is everything that makes two VMs interchangeable (what Kata compares), and turns
-into a QEMU argument list; `VMPaths` is where one VM's sockets and files live; `QemuProcess`
-owns the process:
+`machine.VMSpec` is everything that makes two VMs interchangeable (what Kata compares), and
+turns into Kata's QEMU argument list; `machine.VMPaths` is where one VM's sockets and files
+live; `QemuProcess` owns the process:
 
     async with QemuProcess(spec.argv(vm_id, uuid, paths), paths, log=log) as qemu:
         await qemu.qmp.execute("cont")
@@ -45,15 +45,17 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from .errors import LaunchError, VMDead
+from .machine import VMPaths, VMSpec, opt_value, qemu_name
 from .procs import cmdline, pid_alive
+
+__all__ = ["QemuProcess", "StatusChannel", "VMPaths", "VMSpec", "is_vm_qemu", "opt_value",
+           "qemu_name"]
 
 # qemu.qmp logs every message at DEBUG and each failed connection at ERROR; we report
 # failures ourselves, with the VM's id and QEMU's own words.
@@ -62,98 +64,6 @@ logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 LOG_TAIL_BYTES = 4096
 #: Opening the status channel of a VM that just booted: its QMP was answering a moment ago.
 IDLE_CONNECT_TIMEOUT = 2.0
-
-
-def opt_value(value: object) -> str:
-    """A value inside one of QEMU's `key=value,key=value` options: a comma is doubled, or
-    a path such as `/srv/a,readonly=off` would smuggle in options of its own."""
-    return str(value).replace(",", ",,")
-
-
-@dataclass(frozen=True)
-class VMSpec:
-    """What a VM is made of. Two VMs with equal specs are interchangeable."""
-
-    qemu: Path
-    kernel: Path
-    initrd: Path | None
-    image: Path | None
-    machine_type: str
-    kernel_params: tuple[str, ...]
-    vcpus: int
-    max_vcpus: int
-    memory_mib: int
-    memory_slots: int
-    max_memory_mib: int
-    accelerator: Literal["kvm", "tcg"]
-
-    def argv(self, vm_id: str, uuid: str, paths: VMPaths) -> list[str]:
-        max_mem = max(self.max_memory_mib, self.memory_mib)
-        args = [
-            str(self.qemu),
-            "-name", qemu_name(vm_id),
-            "-uuid", uuid,
-            "-machine", f"{self.machine_type},accel={self.accelerator}",
-            "-cpu", "host" if self.accelerator == "kvm" else "max",
-            "-nodefaults", "-no-user-config", "-display", "none",
-            # A guest that panics or reboots must show up as a dead VM, not boot again
-            # behind our back with a state we did not check.
-            "-no-reboot",
-            "-m", f"{self.memory_mib}M,slots={self.memory_slots},maxmem={max_mem}M",
-            # Kata's SMP layout: one core per socket, a socket per possible vCPU, so
-            # hot-plugging a vCPU is plugging a socket.
-            "-smp", f"{self.vcpus},cores=1,threads=1,sockets={self.max_vcpus},"
-                    f"maxcpus={self.max_vcpus}",
-            "-kernel", str(self.kernel),
-            "-append", " ".join(self.kernel_params),
-            "-chardev", f"socket,id=console,path={opt_value(paths.console)},server=on,wait=off",
-            "-serial", "chardev:console",
-            "-chardev", f"socket,id=agent,path={opt_value(paths.agent)},server=on,wait=off",
-            "-serial", "chardev:agent",
-            "-qmp", f"unix:{opt_value(paths.qmp)},server=on,wait=off",
-            "-S",
-        ]
-        if self.initrd is not None:
-            args += ["-initrd", str(self.initrd)]
-        if self.image is not None:
-            args += [
-                "-drive", f"file={opt_value(self.image)},format=raw,if=none,id=image,"
-                          "readonly=on",
-                "-device", "virtio-blk-pci,drive=image",
-            ]
-        return args
-
-
-@dataclass(frozen=True)
-class VMPaths:
-    """One VM's runtime directory and the files in it."""
-
-    dir: Path
-
-    @property
-    def qmp(self) -> Path:
-        return self.dir / "qmp.sock"
-
-    @property
-    def console(self) -> Path:
-        return self.dir / "console.sock"
-
-    @property
-    def agent(self) -> Path:
-        return self.dir / "agent.sock"
-
-    @property
-    def log(self) -> Path:
-        return self.dir / "qemu.log"
-
-    @property
-    def record(self) -> Path:
-        return self.dir / "vm.json"
-
-
-def qemu_name(vm_id: str) -> str:
-    """The `-name` a VM's QEMU runs with: how a pid is known to be that VM's QEMU."""
-    return f"kata-vmcache-{vm_id}"
 
 
 def is_vm_qemu(pid: int, vm_id: str) -> bool:
@@ -269,6 +179,7 @@ class QemuProcess:
         self._session_lock = asyncio.Lock()
         self._status_channel: StatusChannel | None = None
         self._stat_path = ""
+        self._end_callbacks: list[Callable[[], None]] = []
         #: A probe_status() in flight, so a hand-off can wait for the QMP slot to be free.
         self.probing: asyncio.Future[str] | None = None
         self.qmp: QMPClient | None = None
@@ -301,7 +212,10 @@ class QemuProcess:
     async def start(self, timeout: float = 10.0) -> None:
         """Launch QEMU (CPUs stopped) and connect QMP; raise LaunchError on failure."""
         loop = asyncio.get_running_loop()
-        self.paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.paths.own.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Kata's DirMode (0750) for its VM directory; the shared directory must exist
+        # before QEMU starts (its 9p device exports it).
+        self.paths.shared.mkdir(mode=0o750, parents=True, exist_ok=True)
         with open(self.paths.log, "wb") as logfile:
             try:
                 self._proc = subprocess.Popen(
@@ -360,6 +274,13 @@ class QemuProcess:
             self._closing = asyncio.ensure_future(self._disconnect_qmp())
         if self._on_exit is not None and not self._released:
             self._on_exit(self._proc.returncode)
+        for callback in self._end_callbacks:
+            callback()
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` once QEMU has exited and been reaped, whoever owned it then
+        (unlike `on_exit`, also for a released process: we are still its parent)."""
+        self._end_callbacks.append(callback)
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:

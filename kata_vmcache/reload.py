@@ -7,17 +7,17 @@ Then, by what changed:
 |-----------------------------------------------------|----------------------------------------|
 | [factory] vm_cache_number                           | the pool grows or shrinks              |
 | [hypervisor.qemu] (any key), [vmcache] accelerator, | VM settings: new VMs are built from the|
-| max_memory, and any edit that changes Kata's        | new settings, ready VMs built from the |
-| `Config` reply (e.g. [agent.kata])                  | old ones are stopped and replaced, and |
-|                                                     | `Config` answers with the new settings |
-| [vmcache] ready_timeout, ready_probe, ready_line,   | used for the next boots and stops;     |
-| stop_timeout                                        | ready VMs are kept                     |
+| max_memory, ready_probe, guest_agent, kata_version, | new settings, ready VMs built from the |
+| and any edit that changes Kata's `Config` reply     | old ones are stopped and replaced, and |
+| (e.g. [agent.kata], [proxy.kata])                   | `Config` answers with the new settings |
+| [vmcache] ready_timeout, ready_line, stop_timeout   | used for the next boots and stops;     |
+|                                                     | ready VMs are kept                     |
 | [vmcache] boot_parallelism                          | boots in flight finish; then the new   |
 |                                                     | number applies                         |
 | [vmcache] socket_mode, socket_group                 | applied to the socket at once          |
 | [vmcache] log_format                                | applied at once                        |
 | [factory] vm_cache_endpoint, enable_template,       | cannot change while running: the whole |
-| template_path; [vmcache] state_dir                  | reload is refused, naming the key;     |
+| template_path; [vmcache] state_dir, vm_storage_path| reload is refused, naming the key;     |
 |                                                     | restart the service to apply it        |
 
 VMs already handed off are never touched: they belong to whoever took them.
@@ -66,12 +66,16 @@ KATA_CONFIG = "Kata's Config reply"
 
 #: Bound at start-up: the socket, the VM records, the kind of factory.
 RESTART_KEYS = frozenset({"factory.vm_cache_endpoint", "factory.enable_template",
-                          "factory.template_path", "vmcache.state_dir"})
-#: What a VM is made of: VMs built with other values are retired.
-VM_KEYS = frozenset({"vmcache.accelerator", "vmcache.max_memory_mib", KATA_CONFIG})
+                          "factory.template_path", "vmcache.state_dir",
+                          "vmcache.vm_storage_path"})
+#: What a VM is made of: VMs built with other values are retired. The probe decides
+#: devices too (our serial ports), the agent and the generation the proxy and channel.
+VM_KEYS = frozenset({"vmcache.accelerator", "vmcache.max_memory_mib", KATA_CONFIG,
+                     "vmcache.ready_probe", "vmcache.guest_agent", "vmcache.kata_version",
+                     "vmcache.kata_version_origin"})
 VM_PREFIX = "hypervisor.qemu."
 #: How VMs are booted and stopped, not what they are: the factory is rebuilt, VMs are kept.
-BOOT_KEYS = frozenset({"vmcache.ready_timeout", "vmcache.ready_probe", "vmcache.ready_line",
+BOOT_KEYS = frozenset({"vmcache.ready_timeout", "vmcache.ready_line",
                        "vmcache.stop_timeout"})
 LIVE_KEYS = frozenset({"factory.vm_cache_number", "vmcache.boot_parallelism",
                        "vmcache.socket_mode", "vmcache.socket_group", "vmcache.log_format"})

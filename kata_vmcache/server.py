@@ -84,8 +84,13 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         the hand-off only sends it."""
         h = vm.handoff
         assert h is not None
+        # proxyPid/proxyURL: Kata 1.x's kata-proxy, which the receiver then talks to the
+        # agent through (and stops with the VM); 0 and "" when the VM has none.
+        proxy = vm.proxy
         reply = cache_pb2.GrpcVM(id=h.id, hypervisor=h.hypervisor, cpu=h.cpu,
-                                 memory=h.memory, cpuDelta=0)
+                                 memory=h.memory, cpuDelta=0,
+                                 proxyPid=proxy.pid or 0 if proxy is not None else 0,
+                                 proxyURL=proxy.url if proxy is not None else "")
         vm.reply = reply
         return reply
 

@@ -26,15 +26,17 @@ import functools
 import json
 import logging
 import os
+import shutil
 import time
 import uuid as uuidlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import VMStateError
-from .qemu import QemuProcess, VMPaths, VMSpec
+from .machine import BRIDGE_CAPACITY, BRIDGE_START_ADDR, MemoryBackend, VMPaths, VMSpec
+from .qemu import QemuProcess
 
 
 class VMState(enum.Enum):
@@ -72,14 +74,17 @@ class HandOff:
 class VM:
     """One VM owned by the daemon, from launch until it is handed off or dead."""
 
-    def __init__(self, spec: VMSpec, state_dir: Path, *, log: logging.Logger,
-                 template: str | None = None, extra_args: Sequence[str] = ()) -> None:
+    def __init__(self, spec: VMSpec, *, state_dir: Path, vm_storage: Path,
+                 log: logging.Logger, template: str | None = None,
+                 memory: MemoryBackend = "ram", memory_path: Path | None = None,
+                 cid: int | None = None, incoming: bool = False) -> None:
         self.id = new_vm_id()
         self.uuid = str(uuidlib.uuid4())
         self.spec = spec
-        self.paths = VMPaths(state_dir / "vms" / self.id)
+        self.paths = VMPaths.for_vm(self.id, vm_storage=vm_storage, state_dir=state_dir)
         self.log = log.getChild(self.id)
         self.template = template
+        self.cid = cid
         self.state = VMState.BOOTING
         self.history: list[VMState] = [VMState.BOOTING]
         self.reason = ""
@@ -88,11 +93,15 @@ class VM:
         self.handoff: HandOff | None = None
         #: The GetBaseVM reply message, made by the server when the VM became ready.
         self.reply: Any = None
-        # extra_args: what a factory adds to the spec's command line (templating: the
-        # memory backend file, -incoming).
-        self.process = QemuProcess([*spec.argv(self.id, self.uuid, self.paths), *extra_args],
-                                   self.paths,
-                                   log=self.log, on_exit=self._qemu_exited)
+        #: Kata 1.x's kata-proxy for this VM, once started (`proxy.KataProxy`).
+        self.proxy: Any = None
+        # memory, memory_path: Kata's templating (the template VM's shared RAM file, or a
+        # clone's private mapping of it).
+        self.process = QemuProcess(
+            spec.argv(self.id, self.uuid, self.paths, memory=memory, memory_path=memory_path,
+                      cid=cid, incoming=incoming),
+            self.paths, log=self.log, on_exit=self._qemu_exited)
+        self.process.on_end(self._qemu_ended)
         self._exit_listeners: list[Any] = []
 
     def __repr__(self) -> str:
@@ -142,6 +151,56 @@ class VM:
             for callback in self._exit_listeners:
                 callback(self)
 
+    def _qemu_ended(self) -> None:
+        if self.state is VMState.HANDED_OFF:
+            # Its receiver has stopped it (QEMU is our child, so we see it go): what is
+            # left of its directories and our record of it is nobody's now. Kata's own
+            # stop removes the VM's directory itself (qemu.go cleanupVM); a client that
+            # crashed does not.
+            self.log.info("handed-out VM's QEMU %s has exited; removing its files", self.pid)
+            self.remove_dirs()
+
+    # the VM's processes: QEMU and, for Kata 1.x guests, its kata-proxy
+
+    def problem_now(self) -> str | None:
+        """Why the VM cannot be handed out right now (synchronous, for the hand-off)."""
+        problem = self.process.problem_now()
+        if problem is None and self.proxy is not None:
+            problem = self.proxy.problem_now()
+        return problem
+
+    def release_idle(self) -> None:
+        """Hand out QEMU and its proxy: neither is signalled by us again."""
+        self.process.release_idle()
+        if self.proxy is not None:
+            self.proxy.release()
+
+    async def reclaim(self) -> None:
+        """Take back a released VM whose hand-off reply was never written."""
+        await self.process.reclaim()
+        if self.proxy is not None:
+            self.proxy.reclaim()
+
+    async def stop(self, timeout: float) -> None:
+        """QEMU (QMP quit, bounded wait, SIGKILL), then its proxy; both reaped on return.
+        A no-op for what was handed out."""
+        await self.process.stop(timeout)
+        if self.proxy is not None:
+            await self.proxy.stop(timeout)
+
+    async def kill(self) -> None:
+        """SIGKILL QEMU now (it stopped answering), then stop its proxy."""
+        await self.process.kill()
+        if self.proxy is not None:
+            self.proxy.reclaim()  # the caller decided: even a released proxy goes
+            await self.proxy.stop(1.0)
+
+    def remove_dirs(self) -> None:
+        """Kata's directory of the VM, its proxy's, and ours: for a VM the daemon stopped
+        (never for one handed out whose QEMU still runs: those are the client's)."""
+        for path in (self.paths.dir, self.paths.sandbox, self.paths.own):
+            shutil.rmtree(path, ignore_errors=True)
+
     # records
 
     def _record(self, state: VMState) -> dict[str, Any]:
@@ -152,9 +211,12 @@ class VM:
             "owner_pid": os.getpid(),
             "uuid": self.uuid,
             "created": self.created,
+            # Kata's directory of this VM, and where its kata-proxy listens: a restarted
+            # daemon removes them only for VMs it still owned, or whose QEMU is gone.
+            "vm_dir": str(self.paths.dir),
+            "sandbox_dir": str(self.paths.sandbox),
+            "proxy_pid": self.proxy.pid if self.proxy is not None else None,
             "qmp": str(self.paths.qmp),
-            "console": str(self.paths.console),
-            "agent": str(self.paths.agent),
         }
 
     def write_record(self) -> None:
@@ -198,25 +260,32 @@ class VM:
                 os.close(fd)
 
     def hypervisor_record(self) -> dict[str, Any]:
-        """Kata's qemu hand-off record (virtcontainers/qemu.go `qemuGrpc`) plus ours.
+        """Kata's qemu hand-off record (virtcontainers/qemu.go `qemuGrpc`: ID,
+        QmpChannelpath, State, NvdimmCount, QemuSMP) plus ours.
 
-        Kata's receiver unmarshals ID, QmpChannelpath, State, NvdimmCount and QemuSMP and
-        ignores the rest; our client reads the extra keys (pid, console, agent, state dir).
+        State.Bridges lists the VM's PCI bridges as Kata's `types.Bridge` (its receiver
+        hot-plugs devices onto them: an empty list would leave it nowhere to plug a
+        disk); HotplugVFIOOnRootBus and PCIeRootPort are what Kata's setup() copies from
+        the file. Kata ignores the keys it does not know; our client reads them (pid, our
+        serial console and guest channel, directories, hot-plug limits).
         """
         s = self.spec
         return {
             "ID": self.id,
             "QmpChannelpath": str(self.paths.qmp),
             "State": {
-                "Bridges": [],
+                "Bridges": [{"Devices": {}, "ID": bridge, "Addr": addr, "Type": "pci",
+                             "MaxCapacity": BRIDGE_CAPACITY}
+                            for addr, bridge in enumerate(s.bridge_ids,
+                                                          start=BRIDGE_START_ADDR)],
                 "HotpluggedVCPUs": [],
                 "HotpluggedMemory": 0,
                 "UUID": self.uuid,
-                "HotplugVFIOOnRootBus": False,
+                "HotplugVFIOOnRootBus": s.hotplug_vfio_on_root_bus,
                 "VirtiofsdPid": 0,
-                "PCIeRootPort": 0,
+                "PCIeRootPort": s.pcie_root_port,
             },
-            "NvdimmCount": 1 if s.image is not None else 0,
+            "NvdimmCount": 1 if s.nvdimm_image else 0,
             "QemuSMP": {
                 "CPUs": s.vcpus,
                 "Cores": 1,
@@ -225,9 +294,13 @@ class VM:
                 "MaxCPUs": s.max_vcpus,
             },
             "Pid": self.pid,
-            "ConsolePath": str(self.paths.console),
-            "AgentPath": str(self.paths.agent),
-            "StateDir": str(self.paths.dir),
+            "ConsolePath": str(self.paths.serial if s.own_serial else self.paths.console),
+            "GuestChannelPath": str(self.paths.guest) if s.own_serial else "",
+            "KataAgentPath": str(self.paths.agent) if s.agent_channel == "serial" else "",
+            "VsockCID": self.cid or 0,
+            "VMDir": str(self.paths.dir),
+            "SandboxDir": str(self.paths.sandbox),
+            "StateDir": str(self.paths.own),
             "MaxMemory": max(s.max_memory_mib, s.memory_mib),
             "MemorySlots": s.memory_slots,
             # A clone of a template: whoever resumes it should give the guest the time and

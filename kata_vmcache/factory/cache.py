@@ -37,7 +37,6 @@ from typing import Any
 from ..errors import CacheClosed, VmcacheError, VMDead
 from ..vm import VM, VMState
 from . import Factory
-from .direct import remove_vm_dir
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +302,7 @@ class VMCache:
             self.stats.died_in_pool += 1
             log.warning("cached VM %s died (%s); replacing it", vm.id, vm.reason)
             self.activity.vm_died(vm)
-        remove_vm_dir(vm)
+        self._background(self._kill(vm))  # its proxy, its directories
         self._wake.set()
         self._notify()
 
@@ -365,7 +364,7 @@ class VMCache:
             self._ready.popleft()
             if vm.state is not VMState.READY or not vm.process.running:
                 continue
-            problem = vm.process.problem_now()
+            problem = vm.problem_now()
             if problem is not None:
                 self._discard(vm, f"failed its hand-off check ({problem})")
                 continue
@@ -387,7 +386,7 @@ class VMCache:
                 self.put_back(vm)
                 raise
             if problem is None:
-                problem = vm.process.problem_now()
+                problem = vm.problem_now()
             if problem is not None:
                 self._discard(vm, f"failed its hand-off check ({problem})")
                 continue
@@ -409,7 +408,7 @@ class VMCache:
         """Release a reserved VM that holds no QMP session (every pooled VM): no await, so
         nothing can come between the check and the reply. State handed_off on disk before
         the reply goes: a daemon killed right after must not take the VM back."""
-        vm.process.release_idle()
+        vm.release_idle()
         vm.transition(VMState.HANDED_OFF)
 
     def delivered(self, vm: VM, *, asked: float | None = None) -> None:
@@ -443,7 +442,7 @@ class VMCache:
             return
         try:
             vm.require(VMState.HANDED_OFF)
-            await vm.process.reclaim()
+            await vm.reclaim()
             status = await vm.process.execute("query-status", timeout=TAKE_BACK_CHECK_TIMEOUT)
             if not isinstance(status, dict) or status.get("status") != "paused":
                 raise VMDead(f"it is not paused any more (status {status})")
@@ -499,8 +498,8 @@ class VMCache:
         self._notify()
 
     async def _kill(self, vm: VM) -> None:
-        await vm.process.kill()
-        remove_vm_dir(vm)
+        await vm.kill()
+        vm.remove_dirs()
         self._notify()
 
     # shutdown
@@ -517,10 +516,10 @@ class VMCache:
                 waiter.set_exception(CacheClosed("the VM cache is shutting down"))
 
     async def _stop(self, vm: VM) -> None:
-        await vm.process.stop(self.stop_timeout)
+        await vm.stop(self.stop_timeout)
         if vm.state is VMState.READY:
             vm.transition(VMState.DEAD, "stopped by the daemon")
-        remove_vm_dir(vm)
+        vm.remove_dirs()
 
     async def close(self) -> None:
         """Stop handing out and stop every VM we own. Booting VMs are stopped by

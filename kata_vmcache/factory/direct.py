@@ -17,17 +17,29 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
+import secrets
 import time
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
+from .. import kata
 from ..config import Config
-from ..errors import GuestNotReady, LaunchError
-from ..probe import NoProbe, ReadinessProbe, SerialLineProbe
-from ..qemu import VMSpec
+from ..errors import ConfigError, ConfigProblem, GuestNotReady, LaunchError
+from ..machine import (
+    AGENT_CHANNEL_NAME,
+    AGENT_VSOCK_PORT,
+    VMSpec,
+    running_nested,
+    sandbox_storage,
+)
+from ..probe import KataAgentProbe, ReadinessProbe, SerialLineProbe
+from ..proxy import KataProxy
 from ..vm import VM, VMState
 
 log = logging.getLogger(__name__)
+
+#: QEMU opens it for a vhost-vsock-pci device (utils.VHostVSockDevicePath).
+VHOST_VSOCK = "/dev/vhost-vsock"
 
 
 def kvm_usable() -> bool:
@@ -48,21 +60,134 @@ def resolve_accelerator(setting: str) -> Literal["kvm", "tcg"]:
 
 
 def spec_from_config(config: Config, accelerator: Literal["kvm", "tcg"]) -> VMSpec:
+    """The VM Kata would build from the file: sizes from the validated settings, devices
+    and kernel parameters from Kata's own derivation of the file (kata.py)."""
     h = config.hypervisor
+    kata_hv = kata.hypervisor_config(config.document)
     return VMSpec(
         qemu=h.path,
         kernel=h.kernel,
         initrd=h.initrd,
         image=h.image,
         machine_type=h.machine_type,
-        kernel_params=h.kernel_params,
+        kernel_params=tuple(kata_params(kata_hv["KernelParams"])),
         vcpus=h.vcpus,
         max_vcpus=h.max_vcpus,
         memory_mib=h.memory_mib,
         memory_slots=h.memory_slots,
         max_memory_mib=config.max_memory_mib,
         accelerator=accelerator,
+        generation=config.daemon.kata_version,
+        bridges=kata_hv["DefaultBridges"],
+        nested=running_nested() and not kata_hv["DisableNestingChecks"],
+        entropy_source=kata_hv["EntropySource"],
+        block_device_driver=kata_hv["BlockDeviceDriver"],
+        machine_accelerators=kata_hv["MachineAccelerators"],
+        cpu_features=kata_hv["CPUFeatures"],
+        disable_image_nvdimm=kata_hv["DisableImageNvdimm"],
+        agent_channel=agent_channel(config),
+        use_vsock=kata_hv["UseVSock"],
+        debug=kata_hv["Debug"],
+        pcie_root_port=kata_hv["PCIeRootPort"],
+        hotplug_vfio_on_root_bus=kata_hv["HotplugVFIOOnRootBus"],
+        own_serial=config.daemon.ready_probe == "serial",
     )
+
+
+def kata_params(params: list[dict[str, str]]) -> list[str]:
+    """vc.SerializeParams: `key=value`, or `key` alone when the value is empty."""
+    return [f"{p['Key']}={p['Value']}" if p["Value"] else p["Key"] for p in params]
+
+
+def agent_channel(config: Config) -> Literal["serial", "vsock", ""]:
+    """How the guest's agent is reached, as the file's Kata generation decides it: 1.x
+    uses vsock only when use_vsock is set and the host has it (else the virtio-serial
+    port, as Kata 1.x falls back), 3.x always uses vsock. A guest without an agent gets
+    the channel only where the host can provide it (config.py refuses the rest)."""
+    if config.daemon.kata_version == "1.x":
+        return "vsock" if kata.hypervisor_config(config.document)["UseVSock"] else "serial"
+    return "vsock" if host_has_vsock() else ""
+
+
+def host_has_vsock() -> bool:
+    return os.path.exists(VHOST_VSOCK)
+
+
+def proxy_path(config: Config) -> Path | None:
+    """The kata-proxy to start per VM: Kata 1.x, an agent in the guest, its serial
+    channel (with vsock, 1.x uses no proxy); None otherwise."""
+    if (config.daemon.kata_version != "1.x" or config.daemon.guest_agent != "kata"
+            or agent_channel(config) != "serial"):
+        return None
+    path = kata.vm_config(config.document)["ProxyConfig"]["Path"]
+    return Path(path or kata.DEFAULT_PROXY_PATH)
+
+
+def check_host(config: Config) -> list[ConfigProblem]:
+    """What this host must have for the configured Kata VM, checked before anything boots
+    (`init` and `check-config`): raises ConfigError naming each missing piece, returns
+    warnings. Not part of config.load(): a file is valid or not on any host."""
+    problems: list[ConfigProblem] = []
+    warnings: list[ConfigProblem] = []
+    d = config.daemon
+    source = config.source
+    shared_fs = kata.hypervisor_config(config.document)["SharedFS"]
+    if shared_fs not in ("virtio-9p", "none"):
+        origin = "" if "shared_fs" in _qemu_table(config) else f", Kata {d.kata_version}'s default"
+        problems.append(ConfigProblem(
+            "hypervisor.qemu.shared_fs", f"not supported by kata-vmcache (got {shared_fs!r}"
+            f'{origin}; expected "virtio-9p": virtio-fs needs a virtiofsd per VM, which '
+            "kata-vmcache does not run)", source))
+    if d.kata_version == "3.x" and not host_has_vsock():
+        if d.guest_agent == "kata":
+            problems.append(ConfigProblem(
+                "vmcache.guest_agent", f"Kata 3.x reaches its agent over vsock, and this host "
+                f"has no {VHOST_VSOCK} (load the vhost_vsock module; got guest_agent = "
+                '"kata")', source))
+        else:
+            warnings.append(ConfigProblem(
+                "vmcache.guest_agent", f"no {VHOST_VSOCK} on this host: the VMs get no vsock "
+                "device, so no agent channel (a guest without an agent needs none)", source))
+    proxy = proxy_path(config)
+    if proxy is not None and not (proxy.is_file() and os.access(proxy, os.X_OK)):
+        problems.append(ConfigProblem(
+            "proxy.kata.path", f"no kata-proxy at {str(proxy)!r}: Kata 1.x with use_vsock = "
+            "false reaches the agent only through a kata-proxy per VM (install Kata 1.x's "
+            'kata-proxy, or set [vmcache] guest_agent = "none" for a guest without an agent)',
+            source))
+    if problems:
+        raise ConfigError(problems)
+    return warnings
+
+
+def _qemu_table(config: Config) -> Any:
+    hypervisor = config.document.get("hypervisor")
+    return hypervisor.get("qemu", {}) if isinstance(hypervisor, dict) else {}
+
+
+def describe_vm(config: Config) -> list[tuple[str, str]]:
+    """What `check-config` says about the Kata VM it will build."""
+    d = config.daemon
+    where = f"{d.vm_storage_path}/<vm id>/"
+    channel = agent_channel(config)
+    proxy = proxy_path(config)
+    if channel == "serial":
+        how = f"virtio-serial port {AGENT_CHANNEL_NAME} on {where}kata.sock"
+        how += (f", through kata-proxy {proxy} listening on "
+                f"{sandbox_storage(d.vm_storage_path)}/<vm id>/proxy.sock" if proxy else
+                " (no proxy: guest_agent = \"none\")")
+    elif channel == "vsock":
+        how = f"vhost-vsock-pci, a guest CID per VM, agent port {AGENT_VSOCK_PORT}"
+    else:
+        how = f"none (no {VHOST_VSOCK} on this host)"
+    return [
+        ("kata.generation", f"{d.kata_version} ({d.kata_version_origin})"),
+        ("kata.vm_directory", f"{where} (qmp.sock console.sock kata.sock pid shared/)"),
+        ("kata.agent_channel", how),
+        ("kata.readiness", {"kata-agent": "the agent's health check (grpc.Health/Check)",
+                            "serial": f"{d.ready_line!r} on our second serial port"}
+         [d.ready_probe]),
+    ]
 
 
 def booted(vm: VM, started: float) -> None:
@@ -73,15 +198,35 @@ def booted(vm: VM, started: float) -> None:
 
 
 async def abandon(vm: VM, why: BaseException, stop_timeout: float) -> None:
-    """The end of a failed boot: failed (with why), QEMU stopped, its directory gone."""
+    """The end of a failed boot: failed (with why), QEMU and its proxy stopped, its
+    directories gone."""
     if vm.state is VMState.BOOTING:
         vm.transition(VMState.FAILED, str(why) or type(why).__name__)
-    await vm.process.stop(stop_timeout)
-    remove_vm_dir(vm)
+    await vm.stop(stop_timeout)
+    vm.remove_dirs()
 
 
-def remove_vm_dir(vm: VM) -> None:
-    shutil.rmtree(vm.paths.dir, ignore_errors=True)
+class VsockCids:
+    """Guest CIDs for the VMs' vhost-vsock devices: unique among ours, random start (as
+    Kata's FindContextID, so two daemons rarely collide; QEMU refuses a CID in use, and
+    that boot fails and the next one gets another)."""
+
+    FIRST, LAST = 3, 0xFFFFFFFE
+
+    def __init__(self) -> None:
+        self._next = secrets.randbelow(self.LAST - self.FIRST) + self.FIRST
+        self._used: set[int] = set()
+
+    def take(self) -> int:
+        while self._next in self._used:
+            self._next = self._next + 1 if self._next < self.LAST else self.FIRST
+        cid = self._next
+        self._used.add(cid)
+        return cid
+
+    def give_back(self, cid: int | None) -> None:
+        if cid is not None:
+            self._used.discard(cid)
 
 
 class DirectFactory:
@@ -90,28 +235,55 @@ class DirectFactory:
         self.auto = config.daemon.accelerator == "auto"
         self.spec = spec_from_config(config, resolve_accelerator(config.daemon.accelerator))
         self.state_dir = config.daemon.state_dir
+        self.vm_storage = config.daemon.vm_storage_path
+        self.proxy = proxy_path(config)
+        self.cids = VsockCids()
 
     @property
     def accelerator(self) -> str:
         return self.spec.accelerator
 
-    def create(self) -> VM:
-        return VM(self.spec, self.state_dir, log=log)
+    def create(self, **template: Any) -> VM:
+        """A VM to boot (not started yet); `template` are templating's VM arguments."""
+        cid = self.cids.take() if self.spec.agent_channel == "vsock" else None
+        vm = VM(self.spec, state_dir=self.state_dir, vm_storage=self.vm_storage, log=log,
+                cid=cid, **template)
+        if cid is not None:
+            # A CID is ours until the VM is handed out (then its receiver's, until QEMU
+            # exits) or gone.
+            vm.process.on_end(lambda: self.cids.give_back(cid))
+        return vm
 
-    def _probe(self) -> ReadinessProbe:
-        if self.config.daemon.ready_probe == "none":
-            return NoProbe()
-        return SerialLineProbe(self.config.daemon.ready_line)
+    def probe_for(self, vm: VM) -> ReadinessProbe:
+        if self.config.daemon.ready_probe == "serial":
+            return SerialLineProbe(self.config.daemon.ready_line)
+        if vm.proxy is not None:
+            return KataAgentProbe(vm.proxy.url)
+        # Kata's agent URL over vsock (kata_agent.go agentURL: vsock://<cid>:<port>),
+        # in gRPC's own spelling of a vsock target.
+        return KataAgentProbe(f"vsock:{vm.cid}:{AGENT_VSOCK_PORT}")
+
+    def start_proxy(self, vm: VM) -> None:
+        """Kata 1.x's setupProxy: once QEMU has created kata.sock, before the agent check."""
+        if self.proxy is None:
+            return
+        kata_proxy = kata.vm_config(self.config.document)["ProxyConfig"]
+        vm.proxy = KataProxy(self.proxy, vm.id, vm.paths, debug=bool(kata_proxy["Debug"]),
+                             log=vm.log)
+        vm.proxy.start()
+        vm.write_record()
 
     async def boot(self, vm: VM) -> None:
-        """booting -> ready (paused, QMP held); on failure the VM is stopped and removed."""
+        """booting -> ready (paused, guest ready); on failure the VM is stopped and removed."""
         vm.require(VMState.BOOTING)
         started = time.monotonic()
         timeout = self.config.daemon.ready_timeout
-        probe = self._probe()
+        probe = None
         try:
             await vm.process.start()
             vm.write_record()
+            self.start_proxy(vm)
+            probe = self.probe_for(vm)
             await probe.attach(vm.paths)
             await vm.process.execute("cont")
             await self._wait_ready(vm, probe, timeout)
@@ -121,7 +293,10 @@ class DirectFactory:
             await abandon(vm, exc, self.config.daemon.stop_timeout)
             raise
         finally:
-            await probe.close()
+            if probe is not None:
+                await probe.close()
+        if isinstance(probe, KataAgentProbe):
+            vm.log.info("the agent answered its health check (%s)", probe.answer)
 
     async def _wait_ready(self, vm: VM, probe: ReadinessProbe, timeout: float) -> None:
         ready = asyncio.ensure_future(probe.wait())

@@ -45,10 +45,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..errors import GuestNotReady, TemplateError, UsageError
+from ..errors import GuestNotReady, TemplateError
 from ..guest_channel import SEED_BYTES, GuestChannel
 from ..vm import VM, VMState
-from .direct import DirectFactory, abandon, booted, remove_vm_dir
+from .direct import DirectFactory, abandon, booted
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +115,6 @@ class TemplateFactory:
     """A factory (see `factory/__init__.py`) whose VMs are clones of one template VM."""
 
     def __init__(self, config: Config) -> None:
-        if config.daemon.ready_probe != "serial":
-            # The clone check talks to the guest's agent port; without it a clone with
-            # frozen timers could be handed out.
-            raise UsageError("factory.enable_template needs vmcache.ready_probe = \"serial\" "
-                             f"(got {config.daemon.ready_probe!r}): every clone is checked "
-                             "with the guest's timer-based ping before it is cached")
         self.config = config
         self.direct = DirectFactory(config)
         self.path = config.factory.template_path
@@ -188,12 +182,6 @@ class TemplateFactory:
         return digest if isinstance(digest, str) else None
 
     # the template
-
-    def _memory_args(self, share: bool) -> list[str]:
-        mib = self.direct.spec.memory_mib
-        return ["-object", f"memory-backend-file,id=tmplmem,size={mib}M,"
-                           f"mem-path={self.memory},share={'on' if share else 'off'}",
-                "-numa", "node,memdev=tmplmem"]
 
     async def ensure_template(self) -> None:
         """Reuse the template on disk if it matches the settings, else build it."""
@@ -264,7 +252,8 @@ class TemplateFactory:
         started = time.monotonic()
         self._claim()
         spec = self.direct.spec
-        vm = VM(spec, self.direct.state_dir, log=log, extra_args=self._memory_args(True))
+        # Kata's BootToBeTemplate: its RAM is the shared file the clones map.
+        vm = self.direct.create(memory="template", memory_path=self.memory)
         vm.log.info("booting the template VM (%d MiB in %s)", spec.memory_mib, self.memory)
         await self.direct.boot(vm)  # ready and paused; stopped and removed on failure
         try:
@@ -277,10 +266,10 @@ class TemplateFactory:
             raise
         finally:
             # Never `cont` the template: its RAM is the clones' RAM (module docstring).
-            await vm.process.stop(self.config.daemon.stop_timeout)
+            await vm.stop(self.config.daemon.stop_timeout)
             if vm.state is VMState.READY:
                 vm.transition(VMState.DEAD, "template saved")
-            remove_vm_dir(vm)
+            vm.remove_dirs()
         self.settings_file.write_text(json.dumps({"digest": digest,
                                                   "settings": self.settings()}, indent=1))
         self._built, self.origin = digest, "built"
@@ -322,8 +311,9 @@ class TemplateFactory:
     # clones (the Factory interface)
 
     def create(self) -> VM:
-        return VM(self.direct.spec, self.direct.state_dir, log=log, template=str(self.path),
-                  extra_args=[*self._memory_args(False), "-incoming", "defer"])
+        # Kata's BootFromTemplate: the file mapped private, device state from the template.
+        return self.direct.create(template=str(self.path), memory="clone",
+                                  memory_path=self.memory)
 
     async def boot(self, vm: VM) -> None:
         """booting -> ready: restore from the template, check the timers, stay paused."""
@@ -339,16 +329,33 @@ class TemplateFactory:
             vm.write_record()
             await self._set_capabilities(vm)
             await self._migrate(vm, "migrate-incoming", f"exec:cat {shlex.quote(str(self.state))}")
-            await self._check_timers(vm)
+            self.direct.start_proxy(vm)  # Kata's NewVM starts a clone's proxy too
+            await self._check_clone(vm)
             booted(vm, started)
         except BaseException as exc:
             await abandon(vm, exc, self.config.daemon.stop_timeout)
             raise
 
-    async def _check_timers(self, vm: VM) -> None:
-        """Resume, ping with a guest-side sleep, pause: a clone with frozen timers fails."""
+    async def _check_clone(self, vm: VM) -> None:
+        """Resume, ask the guest something that needs its timers, pause: a clone with frozen
+        timers fails. The demo guest: a ping it answers after sleeping. A Kata guest: the
+        agent's health check (Kata itself checks no clone; we will not cache one unasked)."""
         timeout = self.config.daemon.ready_timeout
-        async with await GuestChannel.connect(vm.paths.agent) as channel:
+        if self.config.daemon.ready_probe == "kata-agent":
+            probe = self.direct.probe_for(vm)
+            await probe.attach(vm.paths)
+            try:
+                await vm.process.execute("cont")
+                await asyncio.wait_for(probe.wait(), timeout)
+            except TimeoutError as exc:
+                raise GuestNotReady(f"clone {vm.id} restored from the template in {self.path}: "
+                                    f"the agent did not answer within {timeout:g} s, so it is "
+                                    "not cached", argv=vm.process.argv) from exc
+            finally:
+                await probe.close()
+            await vm.process.execute("stop")
+            return
+        async with await GuestChannel.connect(vm.paths.guest) as channel:
             await vm.process.execute("cont")
             try:
                 await channel.ping(timeout, guest_sleep_ms=CHECK_SLEEP_MS)

@@ -187,7 +187,7 @@ def test_cli_get_resume_wait_guest(make_daemon: Callable[..., Daemon]) -> None:
     assert status["status"] == "running"
 
     async def ask_guest() -> tuple[float, int]:
-        async with await GuestChannel.connect(Path(h["AgentPath"])) as guest:
+        async with await GuestChannel.connect(Path(h["GuestChannelPath"])) as guest:
             return await guest.ping(), (await guest.info()).cpus
     rtt, cpus = asyncio.run(ask_guest())
     assert rtt > 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import logging
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -69,7 +68,7 @@ async def guest_mem_kib(agent: Path) -> int:
 
 
 async def stop(vm: VM) -> None:
-    await vm.process.stop()
+    await vm.stop(3.0)
     if vm.state is VMState.READY:
         vm.transition(VMState.DEAD, "test done")
 
@@ -103,7 +102,7 @@ def test_cache_of_clones_hands_out_vms_whose_timers_run(
                 return await answers_timer_ping(agent)
 
             # A clone whose timers are frozen never wakes from the guest-side sleep.
-            assert asyncio.run(resume_check(Path(record["AgentPath"]))) > 0
+            assert asyncio.run(resume_check(Path(record["GuestChannelPath"]))) > 0
     finally:
         code = daemon.stop()
     assert code == 0, daemon.log()
@@ -140,8 +139,8 @@ def test_template_is_reused_with_same_settings_and_rebuilt_on_change(
             try:
                 assert vm.state is VMState.READY
                 await vm.process.execute("cont")
-                assert await guest_mem_kib(vm.paths.agent) < 192 * 1024
-                assert await answers_timer_ping(vm.paths.agent) > 0
+                assert await guest_mem_kib(vm.paths.guest) < 192 * 1024
+                assert await answers_timer_ping(vm.paths.guest) > 0
             finally:
                 await stop(vm)
         finally:
@@ -171,14 +170,14 @@ def test_clone_with_frozen_timers_is_never_cached(
             await builder.ensure_template()
             # Resume the saved template on its shared RAM (what the daemon never does)
             # and let its guest live on for run_on_ms of its own time.
-            runner = VM(builder.spec, config.daemon.state_dir, log=logging.getLogger("test"),
-                        extra_args=[*builder._memory_args(True), "-incoming", "defer"])
+            runner = builder.direct.create(memory="template", memory_path=builder.memory,
+                                           incoming=True)
             try:
                 await runner.process.start()
                 await builder._set_capabilities(runner)
                 await builder._migrate(runner, "migrate-incoming",
                                        f"exec:cat {template_path / 'state'}")
-                async with await GuestChannel.connect(runner.paths.agent) as channel:
+                async with await GuestChannel.connect(runner.paths.guest) as channel:
                     await runner.process.execute("cont")
                     await channel.ping(120, guest_sleep_ms=run_on_ms)
                 await runner.process.execute("stop")
@@ -197,6 +196,7 @@ def test_clone_with_frozen_timers_is_never_cached(
             assert VMState.READY not in vm.history
             assert not vm.process.running
             assert not vm.paths.dir.exists()
+            assert not vm.paths.own.exists()
         finally:
             await checker.close()
             await builder.close()

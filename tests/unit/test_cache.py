@@ -96,7 +96,7 @@ class FakeFactory:
         self.created: list[VM] = []
 
     def create(self) -> VM:
-        vm = VM(SPEC, self.tmp, log=cachemod.log)
+        vm = VM(SPEC, state_dir=self.tmp, vm_storage=self.tmp / "vm", log=cachemod.log)
         vm.process = FakeProcess(vm)  # type: ignore[assignment]
         self.created.append(vm)
         return vm

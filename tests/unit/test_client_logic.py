@@ -145,6 +145,7 @@ def test_handle_json_adds_what_the_vm_has_now() -> None:
 
     out = asyncio.run(make())
     assert out == {"id": "abc", "cpu": 1, "memory": 256, "cpuDelta": 0,
+                   "proxyPid": 0, "proxyURL": "",
                    "hypervisor": {"ID": "abc", "QmpChannelpath": "/x/qmp.sock"},
                    "vcpus": 2, "memoryMiB": 512, "source": "direct",
                    "reason": "does not fit"}
