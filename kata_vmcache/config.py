@@ -61,6 +61,8 @@ KATA_DEFAULT_MEMORY_SLOTS = kata.DEFAULT_MEM_SLOTS
 KATA_MAX_QEMU_VCPUS = kata._MAX_QEMU_VCPUS["x86_64"]  # govmm's MaxVCPUs() on amd64
 KATA_DEFAULT_ENDPOINT = "/var/run/kata-containers/cache.sock"
 KATA_DEFAULT_TEMPLATE_PATH = "/run/vc/vm/template"
+#: qemu.go genericMemoryTopology: maxmem has 1024 MiB above the host's memory for an NVDIMM.
+NVDIMM_ROOM_MIB = 1024
 #: persist/fs RunVMStoragePath(): where kata-runtime looks for a VM's sockets.
 KATA_VM_STORAGE_PATH = "/run/vc/vm"
 #: A VM id (12 characters) plus the longest file name Kata puts in a VM's directory.
@@ -172,7 +174,7 @@ class DaemonSettings:
     ready_probe: ReadyProbe = "kata-agent"
     #: The line the guest prints when it is up ("serial" probe).
     ready_line: str = "KATA-VMCACHE-READY"
-    #: Hot-plug memory ceiling in MiB; 0 means the host's memory, as Kata does.
+    #: Hot-plug memory ceiling in MiB; 0 means Kata's (Config.max_memory_mib).
     max_memory_mib: int = 0
     #: Permission bits of the gRPC socket.
     socket_mode: int = 0o600
@@ -206,7 +208,14 @@ class Config:
 
     @property
     def max_memory_mib(self) -> int:
-        return self.daemon.max_memory_mib or host_memory_mib()
+        """QEMU's maxmem: `[vmcache] max_memory`, else Kata's (genericMemoryTopology): the
+        host's memory plus memory_offset plus 1024 MiB, the room an image's NVDIMM needs."""
+        if self.daemon.max_memory_mib:
+            return self.daemon.max_memory_mib
+        qemu = self.document.get("hypervisor", {}).get("qemu", {})
+        offset = qemu.get("memory_offset", 0) if isinstance(qemu, Mapping) else 0
+        offset = offset if isinstance(offset, int) and not isinstance(offset, bool) else 0
+        return host_memory_mib() + offset + NVDIMM_ROOM_MIB
 
 
 def host_cpus() -> int:

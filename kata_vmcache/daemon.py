@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import Config
@@ -77,13 +78,14 @@ async def _kill_and_wait(pid: int, timeout: float) -> None:
         os.close(pidfd)
 
 
-async def recover(state_dir: Path, *, timeout: float = 3.0) -> None:
+async def recover(state_dir: Path, *, timeout: float = 3.0) -> list[Callable[[], None]]:
     """Clean up after a daemon that did not stop cleanly (crash, SIGKILL, power loss).
 
     A record names the VM's QEMU, its kata-proxy and its directories (Kata's, the proxy's,
     ours). VMs still ours are stopped (QEMU and proxy) and their directories removed;
     handed-off VMs are the client's: left alone while their QEMU runs, their directories
-    removed once it has exited."""
+    removed once it has exited (watched until then: the returned callables stop watching)."""
+    watches: list[Callable[[], None]] = []
     for vm_dir, record in read_records(state_dir):
         vm_id, pid, state = record.get("id", vm_dir.name), record.get("pid"), record.get("state")
         if not isinstance(pid, int):
@@ -97,6 +99,10 @@ async def recover(state_dir: Path, *, timeout: float = 3.0) -> None:
             if not alive:
                 for path in dirs:
                     shutil.rmtree(path, ignore_errors=True)
+            else:
+                assert isinstance(pid, int)
+                if (unwatch := _remove_when_gone(pid, vm_id, dirs)) is not None:
+                    watches.append(unwatch)
             continue  # someone else's VM now: never touch it
         if alive:
             assert isinstance(pid, int)
@@ -110,6 +116,37 @@ async def recover(state_dir: Path, *, timeout: float = 3.0) -> None:
             await _kill_and_wait(proxy, timeout)
         for path in dirs:
             shutil.rmtree(path, ignore_errors=True)
+    return watches
+
+
+def _remove_when_gone(pid: int, vm_id: str, dirs: list[Path]) -> Callable[[], None] | None:
+    """A handed-out VM a previous daemon launched (so not our child): watch its QEMU
+    through a pidfd and remove its leftover directories once it exits, never before."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    if not is_vm_qemu(pid, vm_id):  # the pid was reused between the check and the open
+        os.close(pidfd)
+        return None
+    loop = asyncio.get_running_loop()
+    watching = True
+
+    def unwatch() -> None:
+        nonlocal watching
+        if watching:
+            watching = False
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+
+    def gone() -> None:
+        unwatch()
+        log.info("handed-out VM %s's QEMU %d has exited; removing its files", vm_id, pid)
+        for path in dirs:
+            shutil.rmtree(path, ignore_errors=True)
+
+    loop.add_reader(pidfd, gone)
+    return unwatch
 
 
 async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
@@ -132,12 +169,13 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
     endpoint = config.factory.vm_cache_endpoint
     # From the start: recovery and start-up run on the loop too, and must not stall it.
     watchdog = asyncio.create_task(notifier.watchdog(), name="watchdog")
+    watches: list[Callable[[], None]] = []
     try:
         prepare_endpoint(endpoint)
         state_dir = config.daemon.state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(state_dir, 0o700)
-        await recover(state_dir, timeout=config.daemon.stop_timeout)
+        watches = await recover(state_dir, timeout=config.daemon.stop_timeout)
 
         factory = make_factory(config)
         cache = VMCache(factory, config.factory.vm_cache_number,
@@ -174,6 +212,8 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
             remove_endpoint(endpoint)
             log.info("stopped (%d VMs handed out)", cache.stats.handed_out)
     finally:
+        for unwatch in watches:
+            unwatch()
         await _cancel({watchdog})
         for sig in handled:
             loop.remove_signal_handler(sig)

@@ -1,8 +1,9 @@
 """Suite-wide guards: no test may leave a QEMU process or a child process behind.
 
-After every test, any QEMU started by kata-vmcache (its `-name kata-vmcache-<id>`) that was
-not running before the test, and any child of this pytest process, fails the test; the
-leftovers are then killed by pid so one leak does not cascade into the next tests.
+After every test, any QEMU started by kata-vmcache (its `-name sandbox-<id>`, as Kata names
+its VMs) that was not running before the test, and any child of this pytest process (a
+kata-proxy too), fails the test; the leftovers are then killed by pid so one leak does not
+cascade into the next tests.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def our_qemus() -> set[int]:
     table = _process_table()
     return {pid for pid in _descendants(table, os.getpid())
             if table[pid][1] not in ("Z", "X") and table[pid][2].startswith("qemu-system")
-            and any(a.startswith("kata-vmcache-") for a in cmdline(pid))}
+            and any(a.startswith("sandbox-") for a in cmdline(pid))}
 
 
 def zombie_qemus() -> set[int]:

@@ -86,8 +86,18 @@ def stop_taken_vm(record: dict[str, Any], timeout: float = 10.0) -> None:
             wait_for(lambda: not pid_alive(pid), 5, f"QEMU {pid} to die")
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # ours if the daemon exited first (subreaper)
-    if record.get("StateDir"):
-        shutil.rmtree(record["StateDir"], ignore_errors=True)
+    proxy = record.get("ProxyPid")
+    if isinstance(proxy, int) and proxy > 0 and pid_alive(proxy):
+        os.kill(proxy, signal.SIGTERM)  # Kata's VM.Disconnect
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not pid_alive(proxy), timeout, f"kata-proxy {proxy} to exit")
+        if pid_alive(proxy):
+            os.kill(proxy, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(proxy, os.WNOHANG)
+    for key in ("StateDir", "VMDir", "SandboxDir"):
+        if record.get(key):
+            shutil.rmtree(record[key], ignore_errors=True)
 
 
 async def console_run(path: Path, command: str, marker: str, timeout: float = 15) -> str:
@@ -178,7 +188,7 @@ class Daemon:
         result = self.cli("get")
         assert result.returncode == 0, result.stderr
         vm: dict[str, Any] = json.loads(result.stdout)
-        self.taken.append(vm["hypervisor"])
+        self.taken.append({**vm["hypervisor"], "ProxyPid": vm.get("proxyPid", 0)})
         return vm
 
     def send_signal(self, sig: int) -> None:

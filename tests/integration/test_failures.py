@@ -27,7 +27,7 @@ def test_failing_boots_back_off_quietly_and_the_daemon_keeps_serving(
         make_config: Callable[..., Path], workdir: Path, report: Report) -> None:
     broken = workdir / "broken-kernel"
     broken.write_bytes(b"this is not a kernel\n" * 64)  # exists, so the config accepts it
-    config = make_config(cache_number=2, ready_probe="none")
+    config = make_config(cache_number=2)
     text = config.read_text()
     kernel_line = next(line for line in text.splitlines() if line.startswith("kernel = "))
     config.write_text(text.replace(kernel_line, f'kernel = "{broken}"'))
@@ -72,7 +72,7 @@ def test_failing_boots_back_off_quietly_and_the_daemon_keeps_serving(
 
 def test_restart_after_sigkill_stops_orphans_and_keeps_handed_off_vms(
         make_daemon: Callable[..., Daemon], report: Report) -> None:
-    first = make_daemon(cache_number=2, ready_probe="none")
+    first = make_daemon(cache_number=2)
     first.wait_ready(2)
     taken = first.get()["hypervisor"]
     wait_for(lambda: len(status_pids(first.endpoint)) == 2, 30, "2 VMs in Status")
@@ -84,7 +84,7 @@ def test_restart_after_sigkill_stops_orphans_and_keeps_handed_off_vms(
     assert all(pid_alive(p) for p in orphans)
 
     started = time.monotonic()
-    second = make_daemon(cache_number=2, ready_probe="none")  # same socket, same state dir
+    second = make_daemon(cache_number=2)  # same socket, same state dir
     report("restart after SIGKILL: serving after (s)", f"{time.monotonic() - started:.3f}")
     for pid in orphans:
         wait_for(lambda pid=pid: not pid_alive(pid), 10, f"orphaned QEMU {pid} to be stopped")

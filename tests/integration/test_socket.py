@@ -34,7 +34,7 @@ Report = Callable[[str, object], None]
 
 def test_hostile_peers_leave_the_server_answering_and_no_fd_behind(
         make_daemon: Callable[..., Daemon], report: Report) -> None:
-    d = make_daemon(cache_number=1, ready_probe="none")
+    d = make_daemon(cache_number=1)
     d.wait_ready(1)
     wait_for(lambda: len(status_pids(d.endpoint)) == 1, 30, "1 VM in Status")
     baseline = fd_count(d.pid)
@@ -88,7 +88,7 @@ def test_hostile_peers_leave_the_server_answering_and_no_fd_behind(
 def test_a_silent_peer_is_dropped_by_the_server(make_daemon: Callable[..., Daemon]) -> None:
     """A peer that connects and never speaks HTTP/2 is closed after the handshake timeout
     (5 s), so half-open connections cannot pile up even if their peers never close."""
-    d = make_daemon(cache_number=1, ready_probe="none")
+    d = make_daemon(cache_number=1)
     c = RawConnection(d.endpoint, timeout=1)
     try:
         wait_for(c.closed_by_peer, 30, "the server to drop a silent peer")
@@ -115,7 +115,7 @@ def test_permissions_group_socket_argv_and_state_dirs(
         demo_guest: object, workdir: Path) -> None:
     # The workdir must be reachable by `nobody` for the group test (mkdtemp makes it 0700).
     os.chmod(workdir, 0o755)
-    d = make_daemon(cache_number=1, ready_probe="none")
+    d = make_daemon(cache_number=1)
     d.wait_ready(1)
     st = d.endpoint.stat()
     assert stat.S_IMODE(st.st_mode) == 0o600
@@ -133,7 +133,7 @@ def test_permissions_group_socket_argv_and_state_dirs(
     # A kernel path full of shell syntax is one argument to QEMU, never shell input.
     trap = workdir / "k;touch PWNED;$(touch PWNED2)"
     shutil.copy(demo_guest.kernel, trap)  # type: ignore[attr-defined]
-    config = make_config(cache_number=1, ready_probe="none", socket_mode="0660",
+    config = make_config(cache_number=1, socket_mode="0660",
                          socket_group="nogroup")
     text = config.read_text()
     kernel_line = next(line for line in text.splitlines() if line.startswith("kernel = "))

@@ -1,8 +1,5 @@
 """Dead and hung cached VMs, on real QEMU: a cached QEMU that exits, is killed, or stops
 answering QMP leaves Status and is replaced; GetBaseVM never hands out such a VM.
-
-`ready_probe = "none"` keeps boots short: the daemon still launches QEMU, connects QMP,
-runs and pauses the guest, and supervises it exactly as with the serial probe.
 """
 
 from __future__ import annotations
@@ -52,7 +49,7 @@ def leaves_status(endpoint: Path, pid: int, started: float, timeout: float = 20.
 
 def test_dead_killed_and_hung_vms_leave_status_and_are_replaced(
         make_daemon: Callable[..., Daemon], report: Report) -> None:
-    d = make_daemon(cache_number=3, ready_probe="none")
+    d = make_daemon(cache_number=3)
     d.wait_ready(3)
     wait_for(lambda: len(status_pids(d.endpoint)) == 3, 30, "3 VMs in Status")
     exited, killed, hung = status_pids(d.endpoint)
@@ -98,7 +95,7 @@ def test_dead_killed_and_hung_vms_leave_status_and_are_replaced(
 
 def test_get_never_hands_out_a_dead_or_hung_vm(make_daemon: Callable[..., Daemon]) -> None:
     """Both cached VMs go bad just before GetBaseVM: the caller gets a fresh one."""
-    d = make_daemon(cache_number=2, ready_probe="none")
+    d = make_daemon(cache_number=2)
     d.wait_ready(2)
     wait_for(lambda: len(status_pids(d.endpoint)) == 2, 30, "2 VMs in Status")
     dead, hung = status_pids(d.endpoint)

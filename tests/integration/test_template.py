@@ -221,12 +221,14 @@ def test_template_someone_else_made_is_never_deleted(
     assert (template_path / "state").read_text() == "not ours"
 
 
-def test_templating_without_the_guest_probe_is_refused_in_one_line(
+def test_the_retired_none_probe_is_refused_in_one_line(
         template_config: TemplateConfig, workdir: Path) -> None:
+    """`ready_probe = "none"` cached VMs whose guest had not booted (a template made of
+    one would be worse): refused at start, naming the key, before anything boots."""
     config = template_config(cache_number=1, ready_probe="none")
     result = subprocess.run([*CLI, "--config", str(config), "init"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1, result.stderr
-    assert "enable_template needs vmcache.ready_probe" in result.stderr
+    assert "vmcache.ready_probe: no longer supported" in result.stderr
     assert not (workdir / "cache.sock").exists()

@@ -185,3 +185,26 @@ def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="permission denied"):
         cfg.load(path)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("extra", "version", "origin"), [
+    ("", "3.x", "detected: no [proxy.*] or [shim.*] table"),
+    ("[proxy.kata]\npath = \"/usr/libexec/kata-containers/kata-proxy\"\n", "1.x",
+     "detected: [proxy.*] present"),
+    ("[shim.kata]\n", "1.x", "detected: [shim.*] present"),
+    ("[proxy.kata]\n[vmcache]\nkata_version = \"3.x\"\n", "3.x", "set in [vmcache]"),
+])
+def test_the_kata_generation_is_detected_or_set(assets: dict[str, Path], extra: str,
+                                                version: str, origin: str) -> None:
+    text = (f'[hypervisor.qemu]\npath = "{assets["QEMU"]}"\nkernel = "{assets["KERNEL"]}"\n'
+            f'initrd = "{assets["INITRD"]}"\n{extra}')
+    config, _ = cfg.parse(text)
+    assert (config.daemon.kata_version, config.daemon.kata_version_origin) == (version, origin)
+
+
+def test_the_probe_follows_the_guest_agent(assets: dict[str, Path]) -> None:
+    base = (f'[hypervisor.qemu]\npath = "{assets["QEMU"]}"\nkernel = "{assets["KERNEL"]}"\n'
+            f'initrd = "{assets["INITRD"]}"\n[vmcache]\n')
+    assert cfg.parse(base)[0].daemon.ready_probe == "kata-agent"
+    config, _ = cfg.parse(base + 'guest_agent = "none"\n')
+    assert (config.daemon.guest_agent, config.daemon.ready_probe) == ("none", "serial")

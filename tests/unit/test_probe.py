@@ -1,0 +1,87 @@
+"""The agent health-check probe against a real gRPC server built from the agent's proto
+(protos/agent_health.proto) on a real Unix socket: what a kata-proxy relays from an agent."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from kata_vmcache.machine import VMPaths
+from kata_vmcache.probe import KataAgentProbe
+from kata_vmcache.proto import agent_health_pb2, agent_health_pb2_grpc
+
+Status = agent_health_pb2.HealthCheckResponse
+
+
+class Agent(agent_health_pb2_grpc.HealthServicer):
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.checks = 0
+
+    async def Check(self, request: agent_health_pb2.CheckRequest,
+                    context: grpc.aio.ServicerContext) -> agent_health_pb2.HealthCheckResponse:
+        self.checks += 1
+        return Status(status=self.status)
+
+
+@pytest_asyncio.fixture
+async def serve(tmp_path: Path) -> AsyncIterator[object]:
+    servers: list[grpc.aio.Server] = []
+
+    async def start(agent: Agent, path: Path) -> None:
+        server = grpc.aio.server()
+        agent_health_pb2_grpc.add_HealthServicer_to_server(agent, server)
+        server.add_insecure_port(f"unix:{path}")
+        await server.start()
+        servers.append(server)
+
+    yield start
+    for server in servers:
+        await server.stop(0)
+
+
+PATHS = VMPaths(dir=Path("/nonexistent/vm"), own=Path("/nonexistent/own"),
+                sandbox=Path("/nonexistent/sbs"))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("status", "name"), [(Status.SERVING, "SERVING"),
+                                              (Status.NOT_SERVING, "NOT_SERVING")])
+async def test_any_answer_is_an_agent_that_is_up(serve: object, tmp_path: Path, status: int,
+                                                 name: str) -> None:
+    """Kata's agent.check() only asks for an answer; the status is kept for the log."""
+    agent = Agent(status)
+    await serve(agent, tmp_path / "proxy.sock")  # type: ignore[operator]
+    probe = KataAgentProbe(f"unix://{tmp_path}/proxy.sock")
+    await probe.attach(PATHS)
+    try:
+        await asyncio.wait_for(probe.wait(), 10)
+    finally:
+        await probe.close()
+    assert probe.answer == name
+    assert agent.checks == 1
+
+
+@pytest.mark.asyncio
+async def test_the_probe_asks_until_the_agent_is_up(serve: object, tmp_path: Path) -> None:
+    path = tmp_path / "proxy.sock"
+    probe = KataAgentProbe(f"unix://{path}")
+    await probe.attach(PATHS)
+    try:
+        waiting = asyncio.ensure_future(probe.wait())
+        # Nobody there yet: the probe keeps asking, and says what it got.
+        done, _ = await asyncio.wait({waiting}, timeout=1.0)
+        assert not done
+        assert b"UNAVAILABLE" in probe.seen[-1]
+        assert str(path).encode() in probe.seen[-1]
+        agent = Agent(Status.SERVING)
+        await serve(agent, path)  # type: ignore[operator]
+        await asyncio.wait_for(waiting, 10)
+    finally:
+        await probe.close()
+    assert probe.answer == "SERVING"
