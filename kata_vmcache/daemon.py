@@ -26,14 +26,17 @@ import logging
 import os
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .config import Config
 from .errors import UsageError
 from .factory.cache import VMCache
 from .factory.direct import DirectFactory
 from .factory.template import TemplateFactory
+from .machine import VM_ID, VMPaths
 from .monitor import MonitorServicer
 from .notify import Notifier, publish_status, status_line
 from .procs import pids
@@ -41,7 +44,7 @@ from .proxy import is_kata_proxy
 from .qemu import is_vm_qemu
 from .reload import Reloader, remove_outcome
 from .server import CacheServicer, prepare_endpoint, remove_endpoint, start_server
-from .vm import read_records
+from .vm import scan_records
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ def find_qemu(vm_id: str) -> int | None:
 
 
 async def _kill_and_wait(pid: int, timeout: float) -> None:
+    """Stop a process we proved is ours: SIGTERM, and SIGCONT so that one stopped by a
+    signal handles it now rather than hang until SIGKILL after `timeout`."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -66,9 +71,11 @@ async def _kill_and_wait(pid: int, timeout: float) -> None:
         exited = asyncio.Event()
         loop.add_reader(pidfd, exited.set)
         try:
-            for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
+            for signals, wait in (((signal.SIGTERM, signal.SIGCONT), timeout),
+                                  ((signal.SIGKILL,), 5.0)):
+                for sig in signals:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(pidfd, sig)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(exited.wait(), wait)
                     return
@@ -78,45 +85,91 @@ async def _kill_and_wait(pid: int, timeout: float) -> None:
         os.close(pidfd)
 
 
-async def recover(state_dir: Path, *, timeout: float = 3.0) -> list[Callable[[], None]]:
+@dataclass(frozen=True)
+class Unclaimed:
+    """A VM directory whose record cannot be believed while a QEMU of that VM runs: it may
+    be a client's VM, so it is reported (log, `status --json`), never stopped."""
+
+    path: str
+    problem: str
+    pid: int
+
+
+@dataclass
+class Recovery:
+    #: Stop watching handed-out VMs of a previous daemon (called at shut-down).
+    watches: list[Callable[[], None]] = field(default_factory=list)
+    unclaimed: list[Unclaimed] = field(default_factory=list)
+
+
+async def recover(state_dir: Path, vm_storage: Path, *, timeout: float = 3.0) -> Recovery:
     """Clean up after a daemon that did not stop cleanly (crash, SIGKILL, power loss).
 
     A record names the VM's QEMU, its kata-proxy and its directories (Kata's, the proxy's,
-    ours). VMs still ours are stopped (QEMU and proxy) and their directories removed;
-    handed-off VMs are the client's: left alone while their QEMU runs, their directories
-    removed once it has exited (watched until then: the returned callables stop watching)."""
-    watches: list[Callable[[], None]] = []
-    for vm_dir, record in read_records(state_dir):
-        vm_id, pid, state = record.get("id", vm_dir.name), record.get("pid"), record.get("state")
-        if not isinstance(pid, int):
-            # No record yet: the daemon died between launching QEMU and writing vm.json.
-            # The directory's name is the VM's id, which is in QEMU's command line.
-            pid, state = find_qemu(vm_dir.name), state or "launching"
-        alive = isinstance(pid, int) and is_vm_qemu(pid, vm_id)
-        dirs = [vm_dir, *(Path(record[key]) for key in ("vm_dir", "sandbox_dir")
-                          if isinstance(record.get(key), str))]
+    ours). VMs still ours are stopped (QEMU and proxy, all side by side, so stuck ones
+    cost one `timeout` in all) and their directories removed; handed-off VMs are the
+    client's: left alone while their QEMU runs, their directories removed once it has
+    exited. A record that cannot be believed (missing, truncated, not JSON, the wrong
+    shape) proves nothing: if a QEMU of that VM runs it is reported and left alone,
+    with its files; if none runs, the directories are removed. Each is warned about once.
+    """
+    found = Recovery()
+    stops: list[Coroutine[Any, Any, None]] = []
+    for entry in scan_records(state_dir):
+        vm_id = entry.dir.name
+        record = entry.record
+        if record is None:
+            pid = find_qemu(vm_id) if VM_ID.fullmatch(vm_id) else None
+            where = entry.dir / "vm.json"
+            if pid is not None:
+                log.warning("%s: %s; VM %s's QEMU (pid %d) runs, and may be a client's: "
+                            "left running, with its files (see status --json)", where,
+                            entry.problem, vm_id, pid)
+                found.unclaimed.append(Unclaimed(str(where), entry.problem, pid))
+                continue
+            if not VM_ID.fullmatch(vm_id) or not entry.dir.is_dir():
+                log.warning("%s: %s; not a VM directory of ours: left alone", entry.dir,
+                            entry.problem)
+                continue
+            log.warning("%s: %s; no QEMU of VM %s runs: its files are removed", where,
+                        entry.problem, vm_id)
+            paths = VMPaths.for_vm(vm_id, vm_storage=vm_storage, state_dir=state_dir)
+            _remove(paths.dir, paths.sandbox, paths.own)
+            continue
+        pid, state = record["pid"], record["state"]
+        if pid is None:
+            # Recorded before its launch: the daemon died before it could note the pid.
+            pid = find_qemu(vm_id)
+        alive = pid is not None and is_vm_qemu(pid, vm_id)
+        dirs = [entry.dir, *(Path(record[key]) for key in ("vm_dir", "sandbox_dir")
+                             if key in record)]
         if state == "handed_off":
             if not alive:
-                for path in dirs:
-                    shutil.rmtree(path, ignore_errors=True)
-            else:
-                assert isinstance(pid, int)
-                if (unwatch := _remove_when_gone(pid, vm_id, dirs)) is not None:
-                    watches.append(unwatch)
+                _remove(*dirs)
+            elif pid is not None and (unwatch := _remove_when_gone(pid, vm_id, dirs)):
+                found.watches.append(unwatch)
             continue  # someone else's VM now: never touch it
-        if alive:
-            assert isinstance(pid, int)
-            log.warning("stopping VM %s (QEMU pid %d) left %s by a previous daemon",
-                        vm_id, pid, state)
-            await _kill_and_wait(pid, timeout)
-        proxy = record.get("proxy_pid")
-        if isinstance(proxy, int) and is_kata_proxy(proxy, vm_id):
-            log.warning("stopping kata-proxy %d of VM %s left by a previous daemon", proxy,
-                        vm_id)
-            await _kill_and_wait(proxy, timeout)
-        for path in dirs:
-            shutil.rmtree(path, ignore_errors=True)
-    return watches
+        stops.append(_stop_orphan(vm_id, state, pid if alive else None,
+                                  record.get("proxy_pid"), dirs, timeout))
+    await asyncio.gather(*stops)
+    return found
+
+
+async def _stop_orphan(vm_id: str, state: str, pid: int | None, proxy: int | None,
+                       dirs: list[Path], timeout: float) -> None:
+    if pid is not None:
+        log.warning("stopping VM %s (QEMU pid %d) left %s by a previous daemon", vm_id, pid,
+                    state)
+        await _kill_and_wait(pid, timeout)
+    if proxy is not None and is_kata_proxy(proxy, vm_id):
+        log.warning("stopping kata-proxy %d of VM %s left by a previous daemon", proxy, vm_id)
+        await _kill_and_wait(proxy, timeout)
+    _remove(*dirs)
+
+
+def _remove(*dirs: Path) -> None:
+    for path in dirs:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _remove_when_gone(pid: int, vm_id: str, dirs: list[Path]) -> Callable[[], None] | None:
@@ -175,7 +228,9 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
         state_dir = config.daemon.state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(state_dir, 0o700)
-        watches = await recover(state_dir, timeout=config.daemon.stop_timeout)
+        recovered = await recover(state_dir, config.daemon.vm_storage_path,
+                                  timeout=config.daemon.stop_timeout)
+        watches = recovered.watches
 
         factory = make_factory(config)
         cache = VMCache(factory, config.factory.vm_cache_number,

@@ -29,7 +29,7 @@ import os
 import shutil
 import time
 import uuid as uuidlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,9 +219,31 @@ class VM:
             "qmp": str(self.paths.qmp),
         }
 
+    def claim(self) -> None:
+        """Write the VM's first record ("booting", no pid yet) before its QEMU is launched:
+        a daemon that dies at any moment after the launch leaves a record saying the VM
+        was ours and never handed out, so its successor may stop it. A VM whose record is
+        missing or damaged while its QEMU runs is then not ours to judge (recovery)."""
+        self.paths.own.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.write_record()
+
     def write_record(self) -> None:
-        """vm.json, replaced atomically so a crash never leaves half a record. The hand-off
-        only renames the record `prepare_handed_off_record()` wrote beforehand."""
+        """vm.json, written in full, flushed, then renamed over the old one: a crash (or
+        power loss) at any moment leaves the old record or the new one, never half of one.
+        The hand-off only renames the record `prepare_handed_off_record()` wrote ahead.
+
+        A record that cannot be written (a full disk) fails a boot or a hand-off; for a VM
+        that is over (dead, failed) it is only logged: its files are removed next, and
+        nothing must stop its QEMU being stopped."""
+        try:
+            self._write_record()
+        except OSError as exc:
+            if self.state not in (VMState.DEAD, VMState.FAILED):
+                raise
+            self.log.warning("cannot record VM %s as %s in %s: %s", self.id,
+                             self.state.value, self.paths.record, exc.strerror or exc)
+
+    def _write_record(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             if self.state is VMState.HANDED_OFF:
                 try:
@@ -230,8 +252,13 @@ class VM:
                 except FileNotFoundError:
                     pass  # not prepared (or used already): write it now
             tmp = self.paths.record.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self._record(self.state)))
-            tmp.replace(self.paths.record)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, json.dumps(self._record(self.state)).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.paths.record)
 
     @functools.cached_property
     def _handed_off_path(self) -> str:
@@ -317,14 +344,72 @@ class VM:
         )
 
 
-def read_records(state_dir: Path) -> Iterable[tuple[Path, dict[str, Any]]]:
-    """Every VM record under state_dir (unreadable ones as {}), for crash recovery."""
+#: What a record must hold, and of which type, to be believed.
+_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (str,), "state": (str,), "pid": (int, type(None)), "owner_pid": (int,),
+}
+_RECORD_OPTIONAL: dict[str, tuple[type, ...]] = {
+    "vm_dir": (str,), "sandbox_dir": (str,), "proxy_pid": (int, type(None)),
+}
+_STATES = frozenset(state.value for state in VMState)
+
+
+@dataclass(frozen=True)
+class RecordEntry:
+    """One directory under `<state_dir>/vms/`: its record, or why it cannot be believed."""
+
+    dir: Path
+    record: dict[str, Any] | None
+    problem: str = ""
+
+
+def record_problem(record: object, dir_name: str) -> str:
+    """Why a parsed vm.json cannot be believed ("" when it can)."""
+    if not isinstance(record, dict):
+        return f"not a JSON object (got {type(record).__name__})"
+    for key, types in _RECORD_FIELDS.items():
+        if key not in record:
+            return f"no {key!r}"
+        if not isinstance(record[key], types) or isinstance(record[key], bool):
+            return f"{key!r} has the wrong type (got {type(record[key]).__name__})"
+    for key, types in _RECORD_OPTIONAL.items():
+        if key in record and (not isinstance(record[key], types)
+                              or isinstance(record[key], bool)):
+            return f"{key!r} has the wrong type (got {type(record[key]).__name__})"
+    if record["id"] != dir_name:
+        return f"its id {record['id']!r} is not its directory's name"
+    if record["state"] not in _STATES:
+        return f"unknown state {record['state']!r}"
+    return ""
+
+
+def scan_records(state_dir: Path) -> Iterator[RecordEntry]:
+    """Every VM directory under state_dir with its record, or the reason it cannot be
+    believed (missing, unreadable, truncated, not JSON, the wrong shape or types)."""
     root = state_dir / "vms"
     if not root.is_dir():
         return
     for entry in sorted(root.iterdir()):
+        if not entry.is_dir() or entry.is_symlink():
+            yield RecordEntry(entry, None, "not a directory")
+            continue
         try:
-            record = json.loads((entry / "vm.json").read_text())
-        except (OSError, ValueError):
-            record = {}
-        yield entry, record
+            record = json.loads((entry / "vm.json").read_bytes())
+        except FileNotFoundError:
+            yield RecordEntry(entry, None, "no vm.json")
+            continue
+        except OSError as exc:
+            yield RecordEntry(entry, None, f"vm.json cannot be read ({exc.strerror})")
+            continue
+        except ValueError as exc:
+            yield RecordEntry(entry, None, f"vm.json is not JSON ({exc})")
+            continue
+        problem = record_problem(record, entry.name)
+        yield RecordEntry(entry, record if not problem else None, problem)
+
+
+def read_records(state_dir: Path) -> Iterable[tuple[Path, dict[str, Any]]]:
+    """The believable VM records under state_dir (tests, benchmarks)."""
+    for entry in scan_records(state_dir):
+        if entry.record is not None:
+            yield entry.dir, entry.record

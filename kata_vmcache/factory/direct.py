@@ -198,12 +198,15 @@ def booted(vm: VM, started: float) -> None:
 
 
 async def abandon(vm: VM, why: BaseException, stop_timeout: float) -> None:
-    """The end of a failed boot: failed (with why), QEMU and its proxy stopped, its
-    directories gone."""
-    if vm.state is VMState.BOOTING:
-        vm.transition(VMState.FAILED, str(why) or type(why).__name__)
-    await vm.stop(stop_timeout)
-    vm.remove_dirs()
+    """The end of a failed boot: QEMU and its proxy stopped, then the VM failed (with why)
+    and its directories gone. Stopping comes first and depends on nothing on disk: a
+    failure to write (a full disk) must not leave a QEMU running."""
+    try:
+        await vm.stop(stop_timeout)
+    finally:
+        if vm.state is VMState.BOOTING:
+            vm.transition(VMState.FAILED, str(why) or type(why).__name__)
+        vm.remove_dirs()
 
 
 class VsockCids:
@@ -280,6 +283,7 @@ class DirectFactory:
         timeout = self.config.daemon.ready_timeout
         probe = None
         try:
+            vm.claim()
             await vm.process.start()
             vm.write_record()
             self.start_proxy(vm)

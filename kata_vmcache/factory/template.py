@@ -325,6 +325,7 @@ class TemplateFactory:
             raise
         started = time.monotonic()
         try:
+            vm.claim()
             await vm.process.start()
             vm.write_record()
             await self._set_capabilities(vm)

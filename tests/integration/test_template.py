@@ -19,6 +19,7 @@ from kata_vmcache import config as configmod
 from kata_vmcache.errors import GuestNotReady, TemplateError
 from kata_vmcache.factory.template import TemplateFactory, freshen, mount_fstype
 from kata_vmcache.guest_channel import GuestChannel
+from kata_vmcache.procs import cmdline
 from kata_vmcache.vm import VM, VMState
 
 from .harness import CLI, Daemon, qmp
@@ -94,6 +95,15 @@ def test_cache_of_clones_hands_out_vms_whose_timers_run(
         for _ in range(2):
             record = daemon.get()["hypervisor"]
             assert record["FromTemplate"] is True
+            # A clone is a Kata VM too: Kata's devices and paths, its RAM the template's
+            # memory file mapped private (Kata's BootFromTemplate).
+            argv = cmdline(record["Pid"])
+            assert (f"memory-backend-file,id=dimm1,size=256M,mem-path={template_path}/memory"
+                    in argv)
+            assert "virtconsole,chardev=charconsole0,id=console0" in argv
+            assert argv[argv.index("-incoming") + 1] == "defer"
+            assert Path(record["VMDir"], "qmp.sock").is_socket()
+            assert Path(record["VMDir"], "shared").is_dir()
             assert qmp(Path(record["QmpChannelpath"]), "query-status")[0]["status"] == "paused"
             qmp(Path(record["QmpChannelpath"]), "cont")
 
