@@ -240,8 +240,9 @@ class VM:
         except OSError as exc:
             if self.state not in (VMState.DEAD, VMState.FAILED):
                 raise
-            self.log.warning("cannot record VM %s as %s in %s: %s", self.id,
-                             self.state.value, self.paths.record, exc.strerror or exc)
+            # Debug only: the failure that caused this is reported once, by the cache.
+            self.log.debug("cannot record VM %s as %s in %s: %s", self.id,
+                           self.state.value, self.paths.record, exc.strerror or exc)
 
     def _write_record(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -256,6 +257,8 @@ class VM:
             try:
                 os.write(fd, json.dumps(self._record(self.state)).encode())
                 os.fsync(fd)
+            except OSError as exc:  # name the file: os.write() does not
+                raise OSError(exc.errno, exc.strerror, str(tmp)) from exc
             finally:
                 os.close(fd)
             os.rename(tmp, self.paths.record)

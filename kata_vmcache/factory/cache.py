@@ -224,6 +224,13 @@ class VMCache:
                 except VmcacheError as exc:
                     self._boot_failed(str(exc))
                     return
+                except OSError as exc:
+                    # The host refused a file the VM needs (a full disk, a broken
+                    # directory): the boot has already stopped QEMU and removed its files.
+                    where = f" ({exc.filename})" if exc.filename else ""
+                    self._boot_failed(f"cannot write the VM's files: "
+                                      f"{exc.strerror or exc}{where}")
+                    return
                 except Exception as exc:  # a bug must not take the pool down
                     log.exception("unexpected error booting VM %s", vm.id)
                     self._boot_failed(f"internal error: {exc!r}")
