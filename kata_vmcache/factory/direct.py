@@ -36,8 +36,9 @@ from ..machine import (
     running_nested,
     sandbox_storage,
 )
-from ..probe import KataAgentProbe, ReadinessProbe, SerialLineProbe
+from ..probe import KataAgentProbe, KataTtrpcProbe, ReadinessProbe, SerialLineProbe
 from ..proxy import KataProxy
+from ..ttrpc import VsockAddress
 from ..vm import VM, VMState
 
 log = logging.getLogger(__name__)
@@ -305,7 +306,9 @@ def describe_vm(config: Config) -> list[tuple[str, str]]:
         ("kata.generation", f"{d.kata_version} ({d.kata_version_origin})"),
         ("kata.vm_directory", f"{where} (qmp.sock console.sock kata.sock pid shared/)"),
         ("kata.agent_channel", how),
-        ("kata.readiness", {"kata-agent": "the agent's health check (grpc.Health/Check)",
+        ("kata.readiness", {"kata-agent": "the agent's health check (grpc.Health/Check"
+                                          + (f" over ttrpc, vsock port {AGENT_VSOCK_PORT})"
+                                             if d.kata_version == "3.x" else ")"),
                             "serial": f"{d.ready_line!r} on our second serial port"}
          [d.ready_probe]),
     ]
@@ -380,7 +383,14 @@ class DirectFactory:
             return SerialLineProbe(self.config.daemon.ready_line)
         if vm.proxy is not None:
             return KataAgentProbe(vm.proxy.url)
-        # Kata's agent URL over vsock (kata_agent.go agentURL: vsock://<cid>:<port>),
+        if self.config.daemon.kata_version == "3.x":
+            # Kata 3.x's agent speaks ttrpc on its vsock port (kata_agent.go agentURL:
+            # vsock://<cid>:1024); check_host refuses a 3.x agent on a host without vsock.
+            if vm.cid is None:
+                raise LaunchError(f"VM {vm.id} has no vsock device: Kata 3.x's agent is "
+                                  "reached over vsock only", argv=vm.process.argv)
+            return KataTtrpcProbe(VsockAddress(vm.cid, AGENT_VSOCK_PORT))
+        # Kata 1.x's agent URL over vsock (kata_agent.go agentURL: vsock://<cid>:<port>),
         # in gRPC's own spelling of a vsock target.
         return KataAgentProbe(f"vsock:{vm.cid}:{AGENT_VSOCK_PORT}")
 
@@ -416,7 +426,7 @@ class DirectFactory:
         finally:
             if probe is not None:
                 await probe.close()
-        if isinstance(probe, KataAgentProbe):
+        if isinstance(probe, KataAgentProbe | KataTtrpcProbe):
             vm.log.info("the agent answered its health check (%s)", probe.answer)
 
     async def _wait_ready(self, vm: VM, probe: ReadinessProbe, timeout: float) -> None:

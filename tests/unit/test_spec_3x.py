@@ -27,6 +27,7 @@ def write(tmp: Path, qemu: str = "", *, vmcache: str = "", factory: str = "",
     (tmp / "qemu").chmod(0o755)
     path = tmp / "configuration.toml"
     machine = "" if "machine_type" in qemu else 'machine_type = "q35"'
+    agent = "" if "guest_agent" in vmcache else 'guest_agent = "none"\nready_probe = "serial"'
     path.write_text(f"""
 [hypervisor.qemu]
 path = "{tmp}/qemu"
@@ -46,8 +47,7 @@ vm_cache_endpoint = "{tmp}/cache.sock"
 accelerator = "tcg"
 state_dir = "{tmp}/state"
 vm_storage_path = "{tmp}/vm"
-guest_agent = "none"
-ready_probe = "serial"
+{agent}
 {vmcache}
 {tables}
 """)
@@ -171,3 +171,33 @@ def test_image_root_problems(tmp_path: Path, qemu: str, key: str) -> None:
 
 def test_a_good_3x_file_has_no_problem(tmp_path: Path) -> None:
     assert check_kata3(write(tmp_path, 'machine_type = "microvm"')) == []
+
+
+def test_3x_agent_readiness_is_a_ttrpc_check_on_vsock(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3.x guest with Kata's agent is asked over ttrpc on its vsock port 1024; a 1.x
+    guest on vsock keeps the gRPC check."""
+    from kata_vmcache.factory import direct
+    from kata_vmcache.probe import KataAgentProbe, KataTtrpcProbe
+    from kata_vmcache.ttrpc import VsockAddress
+
+    monkeypatch.setattr(direct, "host_has_vsock", lambda: True)
+    monkeypatch.setattr(kata, "_host_supports_vsock", lambda: True)
+    factory = direct.DirectFactory(write(tmp_path, vmcache='guest_agent = "kata"\n'
+                                                          'ready_probe = "kata-agent"'))
+    assert factory.spec.agent_channel == "vsock"
+    vm = factory.create()
+    probe = factory.probe_for(vm)
+    assert isinstance(probe, KataTtrpcProbe)
+    assert vm.cid is not None
+    assert probe.address == VsockAddress(vm.cid, 1024)
+    assert f"guest-cid={vm.cid}" in " ".join(vm.process.argv)
+
+    one = direct.DirectFactory(write(tmp_path, "use_vsock = true",
+                                     vmcache='kata_version = "1.x"\nguest_agent = "kata"\n'
+                                             'ready_probe = "kata-agent"',
+                                     tables="[agent.kata]"))
+    vm1 = one.create()
+    probe1 = one.probe_for(vm1)
+    assert isinstance(probe1, KataAgentProbe)
+    assert probe1.url == f"vsock:{vm1.cid}:1024"
