@@ -114,6 +114,8 @@ def kata3_fields(config: Config, kata_hv: dict[str, Any]) -> dict[str, Any]:
     q = _qemu_table(config)
     file_mem = kata_hv["FileBackedMemRootDir"]
     return {
+        "machine_type": machine_type_3x(config),
+        "shared_fs": shared_fs_3x(config),
         # config.go defaultMaxMemSz(): default_maxmemory, else (or above) the host's
         # memory. Our [vmcache] max_memory, when set, still wins: it is the user's word.
         "max_memory_mib": config.daemon.max_memory_mib or kata_hv["DefaultMaxMemorySize"],
@@ -130,7 +132,6 @@ def kata3_fields(config: Config, kata_hv: dict[str, Any]) -> dict[str, Any]:
         # config.go kernelVerityParams(): the string as written (HypervisorConfig's
         # KernelVerityParams, which kata.py does not emit).
         "kernel_verity_params": _str(q, "kernel_verity_params"),
-        "shared_fs": kata_hv["SharedFS"],
         "mem_prealloc": kata_hv["MemPrealloc"],
         "hugepages": kata_hv["HugePages"],
         "vhost_user_store": kata_hv["EnableVhostUserStore"],
@@ -150,6 +151,18 @@ def kata3_fields(config: Config, kata_hv: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def machine_type_3x(config: Config) -> str:
+    """machine_type as Kata 3.x reads it: absent, "q35" (config-settings.go.in
+    defaultMachineType; 1.x's, which config.py and kata.py apply, is "pc")."""
+    return _str(_qemu_table(config), "machine_type") or "q35"
+
+
+def shared_fs_3x(config: Config) -> str:
+    """shared_fs as Kata 3.x reads it: absent, "virtio-fs" (config.go sharedFS();
+    1.x's default, which kata.py applies, is "virtio-9p")."""
+    return _str(_qemu_table(config), "shared_fs") or "virtio-fs"
+
+
 #: config.go extraMonitorSocket(): the protocols Kata 3.x accepts.
 EXTRA_MONITORS_3X = ("hmp", "qmp", "qmp-pretty")
 
@@ -166,7 +179,7 @@ def check_kata3(config: Config) -> list[ConfigProblem]:
     def problem(key: str, message: str) -> None:
         problems.append(ConfigProblem(f"hypervisor.qemu.{key}", message, source))
 
-    machine = hv["HypervisorMachineType"]
+    machine = machine_type_3x(config)
     if machine not in MACHINES_3X:
         problem("machine_type", f"Kata 3.x builds only {' and '.join(MACHINES_3X)} VMs on "
                 f"amd64 (got {machine!r}; qemu_amd64.go supportedQemuMachines)")
@@ -192,6 +205,12 @@ def check_kata3(config: Config) -> list[ConfigProblem]:
     if hv["EnableVhostUserStore"] and not hv["HugePages"]:
         problem("enable_vhost_user_store", "needs enable_hugepages = true (Kata 3.x "
                 "refuses vhost-user storage without hugepages)")
+    shared_fs = shared_fs_3x(config)
+    if shared_fs not in ("virtio-9p", "none"):
+        origin = "" if "shared_fs" in q else ", Kata 3.x's default"
+        problem("shared_fs", f"not supported by kata-vmcache (got {shared_fs!r}{origin}; "
+                'expected "virtio-9p": virtio-fs needs a virtiofsd per VM, which '
+                "kata-vmcache does not run)")
     monitor = hv["ExtraMonitorSocket"]
     if monitor and monitor not in EXTRA_MONITORS_3X:
         problem("extra_monitor_socket", f"got {monitor!r}; expected one of "
@@ -269,7 +288,9 @@ def check_host(config: Config) -> list[ConfigProblem]:
                 "vmcache.guest_agent", f"no {VHOST_VSOCK} on this host: the VMs get no vsock "
                 "device, so no agent channel (a guest without an agent needs none)", source))
     if d.kata_version == "3.x":
-        problems += check_kata3(config)
+        # Once per key: shared_fs may be named above already.
+        named = {p.key for p in problems}
+        problems += [p for p in check_kata3(config) if p.key not in named]
     proxy = proxy_path(config)
     if proxy is not None and not (proxy.is_file() and os.access(proxy, os.X_OK)):
         problems.append(ConfigProblem(
