@@ -324,6 +324,8 @@ path = "{qemu}"
 kernel = "{guest.kernel}"
 initrd = "{guest.initrd}"
 machine_type = "q35"
+# Kata 3.x's default is virtio-fs, which needs a virtiofsd per VM; kata-vmcache builds 9p.
+shared_fs = "virtio-9p"
 kernel_params = "{KERNEL_PARAMS}"
 default_vcpus = 1
 # 0: as many as the host has (Kata's rule); headroom for vCPU hot-plug.
@@ -373,7 +375,9 @@ def build_demo(dest: Path, *, cache_number: int = 2) -> DemoBuild:
     config = dest / CONFIG_NAME
     if config.exists():
         text = config.read_text()
-        if text.startswith(CONFIG_HEADER) and f'initrd = "{guest.initrd}"' in text:
+        # One written before shared_fs was (Kata 3.x would read virtio-fs) is redone.
+        if (text.startswith(CONFIG_HEADER) and f'initrd = "{guest.initrd}"' in text
+                and "\nshared_fs = " in text):
             accel = "kvm" if 'accelerator = "kvm"' in text else "tcg"
             return DemoBuild(guest, config, accel)
     accel = asyncio.run(probe_accelerator(guest))

@@ -6,6 +6,8 @@ guest sends early cannot be missed; then the daemon sends `cont` and waits on th
 - `KataAgentProbe`: the guest's Kata agent answers its gRPC health check (`/grpc.Health/
   Check`), which is what Kata's `NewVM` asks (`agent.check()`) before a factory VM is
   paused. Kata 1.x with a serial channel: through the VM's kata-proxy, at its URL.
+- `KataTtrpcProbe`: the same check as Kata 3.x asks it, over ttrpc (`grpc.Health`,
+  `Check`) on the agent's vsock port.
 - `SerialLineProbe`: the guest prints a line (`KATA-VMCACHE-READY` for the bundled demo
   guest) on our second serial port, a QEMU chardev socket we connect to.
 
@@ -20,9 +22,11 @@ import contextlib
 from typing import Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from .machine import VMPaths
 from .proto import agent_health_pb2, agent_health_pb2_grpc
+from .ttrpc import Address, TtrpcClient, TtrpcError, TtrpcProtocolError
 
 #: One health check's deadline; the probe asks again until the caller's bound.
 AGENT_CHECK_TIMEOUT = 1.0
@@ -106,3 +110,55 @@ class KataAgentProbe:
         if self._channel is not None:
             channel, self._channel = self._channel, None
             await channel.close()
+
+
+class KataTtrpcProbe:
+    """Kata 3.x: ready when the agent answers `grpc.Health`/`Check` over ttrpc at
+    `address` (its vsock port, kata_agent.go agentURL; a Unix socket in tests). As Kata's
+    `NewVM` (3.30.0 vm.go: `agent.check()`, kata_agent.go `check` sends a CheckRequest)
+    any answer counts, and its status is kept for the log; until then the probe connects
+    and asks again, as Kata's dialer retries (protocols/client/client.go commonDialer).
+    `seen` holds the last failure, which the boot's timeout error shows."""
+
+    SERVICE = "grpc.Health"
+    METHOD = "Check"
+
+    def __init__(self, address: Address) -> None:
+        self.address = address
+        self.seen: list[bytes] = []
+        self.answer = ""
+        self._client: TtrpcClient | None = None
+
+    @property
+    def url(self) -> str:
+        return str(self.address)
+
+    async def attach(self, paths: VMPaths) -> None:
+        # Nothing to catch early: the agent answers when asked, whenever it is up.
+        pass
+
+    async def wait(self) -> None:
+        request = agent_health_pb2.CheckRequest().SerializeToString()
+        while True:
+            try:
+                if self._client is None:
+                    self._client = await TtrpcClient.connect(self.address,
+                                                             AGENT_CHECK_TIMEOUT)
+                payload = await self._client.call(self.SERVICE, self.METHOD, request,
+                                                  timeout=AGENT_CHECK_TIMEOUT)
+                reply = agent_health_pb2.HealthCheckResponse.FromString(payload)
+            except (OSError, TimeoutError, TtrpcError, TtrpcProtocolError,
+                    DecodeError) as exc:
+                detail = str(exc) or type(exc).__name__
+                self.seen = [f"the agent at {self.url} did not answer ({detail})".encode()]
+                await self.close()
+                await asyncio.sleep(AGENT_RETRY_INTERVAL)
+                continue
+            self.answer = agent_health_pb2.HealthCheckResponse.ServingStatus.Name(
+                reply.status)
+            return
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()

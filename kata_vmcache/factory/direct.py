@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -28,12 +29,16 @@ from ..errors import ConfigError, ConfigProblem, GuestNotReady, LaunchError
 from ..machine import (
     AGENT_CHANNEL_NAME,
     AGENT_VSOCK_PORT,
+    MACHINES_3X,
+    MAX_PCIE_PORTS_3X,
     VMSpec,
+    kernel_root_params_3x,
     running_nested,
     sandbox_storage,
 )
-from ..probe import KataAgentProbe, ReadinessProbe, SerialLineProbe
+from ..probe import KataAgentProbe, KataTtrpcProbe, ReadinessProbe, SerialLineProbe
 from ..proxy import KataProxy
+from ..ttrpc import VsockAddress
 from ..vm import VM, VMState
 
 log = logging.getLogger(__name__)
@@ -61,10 +66,11 @@ def resolve_accelerator(setting: str) -> Literal["kvm", "tcg"]:
 
 def spec_from_config(config: Config, accelerator: Literal["kvm", "tcg"]) -> VMSpec:
     """The VM Kata would build from the file: sizes from the validated settings, devices
-    and kernel parameters from Kata's own derivation of the file (kata.py)."""
+    and kernel parameters from Kata's own derivation of the file (kata.py). Raises
+    ConfigError for a Kata 3.x file whose VM cannot be built as Kata builds it."""
     h = config.hypervisor
     kata_hv = kata.hypervisor_config(config.document)
-    return VMSpec(
+    spec = VMSpec(
         qemu=h.path,
         kernel=h.kernel,
         initrd=h.initrd,
@@ -92,6 +98,139 @@ def spec_from_config(config: Config, accelerator: Literal["kvm", "tcg"]) -> VMSp
         hotplug_vfio_on_root_bus=kata_hv["HotplugVFIOOnRootBus"],
         own_serial=config.daemon.ready_probe == "serial",
     )
+    if config.daemon.kata_version == "1.x":
+        return spec
+    problems = check_kata3(config)
+    if problems:
+        raise ConfigError(problems)
+    return dataclasses.replace(spec, **kata3_fields(config, kata_hv))
+
+
+def kata3_fields(config: Config, kata_hv: dict[str, Any]) -> dict[str, Any]:
+    """The VMSpec fields only Kata 3.x's device model reads (machine.Kata3Line), from
+    Kata's HypervisorConfig (kata.py), and where that has no key, from the file as
+    kata-containers 3.30.0's loader reads it (src/runtime/pkg/katautils/config.go,
+    newQemuHypervisorConfig)."""
+    q = _qemu_table(config)
+    file_mem = kata_hv["FileBackedMemRootDir"]
+    return {
+        "machine_type": machine_type_3x(config),
+        "shared_fs": shared_fs_3x(config),
+        # config.go defaultMaxMemSz(): default_maxmemory, else (or above) the host's
+        # memory. Our [vmcache] max_memory, when set, still wins: it is the user's word.
+        "max_memory_mib": config.daemon.max_memory_mib or kata_hv["DefaultMaxMemorySize"],
+        "memory_offset_mib": kata_hv["MemOffset"],
+        # config.go pcieRootPort(): capped at maxPCIeRootPorts (16).
+        "pcie_root_port": min(kata_hv["PCIeRootPort"], MAX_PCIE_PORTS_3X),
+        "pcie_switch_port": kata_hv["PCIeSwitchPort"],
+        "hot_plug_vfio": kata_hv["HotPlugVFIO"],
+        "cold_plug_vfio": kata_hv["ColdPlugVFIO"],
+        "disable_guest_selinux": kata_hv["DisableGuestSeLinux"],
+        "iommu": kata_hv["IOMMU"],
+        "legacy_serial": kata_hv["LegacySerial"],
+        "rootfs_type": kata_hv["RootfsType"],
+        # config.go kernelVerityParams(): the string as written (HypervisorConfig's
+        # KernelVerityParams, which kata.py does not emit).
+        "kernel_verity_params": _str(q, "kernel_verity_params"),
+        "mem_prealloc": kata_hv["MemPrealloc"],
+        "hugepages": kata_hv["HugePages"],
+        "vhost_user_store": kata_hv["EnableVhostUserStore"],
+        # qemu.go setupFileBackedMem: a directory that does not exist is logged by Kata
+        # and the VM gets plain RAM.
+        "file_mem_backend": Path(file_mem) if file_mem and os.path.isdir(file_mem) else None,
+        "pvpanic": kata_hv["GuestMemoryDumpPath"] != "",
+        # config.go: reclaim_guest_freed_memory and indep_iothreads (defaults false and 0,
+        # config-settings.go.in), which kata.py does not emit.
+        "balloon": _bool(q, "reclaim_guest_freed_memory"),
+        "iothreads": kata_hv["EnableIOThreads"],
+        "indep_iothreads": _int(q, "indep_iothreads"),
+        "seccomp_sandbox": kata_hv["SeccompSandbox"],
+        "firmware": Path(kata_hv["FirmwarePath"]) if kata_hv["FirmwarePath"] else None,
+        "pflash": tuple(kata_hv["PFlash"] or ()),
+        "extra_monitor": kata_hv["ExtraMonitorSocket"],
+    }
+
+
+def machine_type_3x(config: Config) -> str:
+    """machine_type as Kata 3.x reads it: absent, "q35" (config-settings.go.in
+    defaultMachineType; 1.x's, which config.py and kata.py apply, is "pc")."""
+    return _str(_qemu_table(config), "machine_type") or "q35"
+
+
+def shared_fs_3x(config: Config) -> str:
+    """shared_fs as Kata 3.x reads it: absent, "virtio-fs" (config.go sharedFS();
+    1.x's default, which kata.py applies, is "virtio-9p")."""
+    return _str(_qemu_table(config), "shared_fs") or "virtio-fs"
+
+
+#: config.go extraMonitorSocket(): the protocols Kata 3.x accepts.
+EXTRA_MONITORS_3X = ("hmp", "qmp", "qmp-pretty")
+
+
+def check_kata3(config: Config) -> list[ConfigProblem]:
+    """What in a Kata 3.x file Kata 3.30.0 itself refuses when it builds the VM, or what
+    kata-vmcache cannot build the way Kata does. File-level rules, kept beside the 3.x
+    device model (machine.Kata3Line) whose assumptions they state."""
+    q = _qemu_table(config)
+    hv = kata.hypervisor_config(config.document)
+    source = config.source
+    problems: list[ConfigProblem] = []
+
+    def problem(key: str, message: str) -> None:
+        problems.append(ConfigProblem(f"hypervisor.qemu.{key}", message, source))
+
+    machine = machine_type_3x(config)
+    if machine not in MACHINES_3X:
+        problem("machine_type", f"Kata 3.x builds only {' and '.join(MACHINES_3X)} VMs on "
+                f"amd64 (got {machine!r}; qemu_amd64.go supportedQemuMachines)")
+    if hv["ConfidentialGuest"]:
+        problem("confidential_guest", "not supported by kata-vmcache (got true): a "
+                "confidential guest needs Kata's protection devices and firmware")
+    if hv["IOMMU"] and machine != "q35":
+        problem("enable_iommu", f"machine type {machine!r} has no vIOMMU (got true; "
+                "Kata 3.x adds intel-iommu on q35 only)")
+    if hv["ImagePath"]:
+        try:
+            kernel_root_params_3x(hv["RootfsType"], True, _str(q, "kernel_verity_params"))
+        except ValueError as exc:
+            key = "rootfs_type" if "rootfs" in str(exc) else "kernel_verity_params"
+            problem(key, f"{exc} (Kata 3.x refuses it)")
+    if config.factory.enable_template:
+        if hv["FileBackedMemRootDir"]:
+            problem("file_mem_backend", "VM templating does not work with file backed "
+                    "memory (Kata 3.x refuses enable_template with it)")
+        if hv["HugePages"]:
+            problem("enable_hugepages", "VM templating does not work with hugepages: Kata "
+                    "3.x backs the VM's memory with /dev/hugepages, not the template's file")
+    if hv["EnableVhostUserStore"] and not hv["HugePages"]:
+        problem("enable_vhost_user_store", "needs enable_hugepages = true (Kata 3.x "
+                "refuses vhost-user storage without hugepages)")
+    shared_fs = shared_fs_3x(config)
+    if shared_fs not in ("virtio-9p", "none"):
+        origin = "" if "shared_fs" in q else ", Kata 3.x's default"
+        problem("shared_fs", f"not supported by kata-vmcache (got {shared_fs!r}{origin}; "
+                'expected "virtio-9p": virtio-fs needs a virtiofsd per VM, which '
+                "kata-vmcache does not run)")
+    monitor = hv["ExtraMonitorSocket"]
+    if monitor and monitor not in EXTRA_MONITORS_3X:
+        problem("extra_monitor_socket", f"got {monitor!r}; expected one of "
+                f"{', '.join(EXTRA_MONITORS_3X)}")
+    return problems
+
+
+def _str(table: Any, key: str) -> str:
+    value = table.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def _bool(table: Any, key: str) -> bool:
+    value = table.get(key)
+    return value if isinstance(value, bool) else False
+
+
+def _int(table: Any, key: str) -> int:
+    value = table.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def kata_params(params: list[dict[str, str]]) -> list[str]:
@@ -148,6 +287,10 @@ def check_host(config: Config) -> list[ConfigProblem]:
             warnings.append(ConfigProblem(
                 "vmcache.guest_agent", f"no {VHOST_VSOCK} on this host: the VMs get no vsock "
                 "device, so no agent channel (a guest without an agent needs none)", source))
+    if d.kata_version == "3.x":
+        # Once per key: shared_fs may be named above already.
+        named = {p.key for p in problems}
+        problems += [p for p in check_kata3(config) if p.key not in named]
     proxy = proxy_path(config)
     if proxy is not None and not (proxy.is_file() and os.access(proxy, os.X_OK)):
         problems.append(ConfigProblem(
@@ -184,7 +327,9 @@ def describe_vm(config: Config) -> list[tuple[str, str]]:
         ("kata.generation", f"{d.kata_version} ({d.kata_version_origin})"),
         ("kata.vm_directory", f"{where} (qmp.sock console.sock kata.sock pid shared/)"),
         ("kata.agent_channel", how),
-        ("kata.readiness", {"kata-agent": "the agent's health check (grpc.Health/Check)",
+        ("kata.readiness", {"kata-agent": "the agent's health check (grpc.Health/Check"
+                                          + (f" over ttrpc, vsock port {AGENT_VSOCK_PORT})"
+                                             if d.kata_version == "3.x" else ")"),
                             "serial": f"{d.ready_line!r} on our second serial port"}
          [d.ready_probe]),
     ]
@@ -262,7 +407,14 @@ class DirectFactory:
             return SerialLineProbe(self.config.daemon.ready_line)
         if vm.proxy is not None:
             return KataAgentProbe(vm.proxy.url)
-        # Kata's agent URL over vsock (kata_agent.go agentURL: vsock://<cid>:<port>),
+        if self.config.daemon.kata_version == "3.x":
+            # Kata 3.x's agent speaks ttrpc on its vsock port (kata_agent.go agentURL:
+            # vsock://<cid>:1024); check_host refuses a 3.x agent on a host without vsock.
+            if vm.cid is None:
+                raise LaunchError(f"VM {vm.id} has no vsock device: Kata 3.x's agent is "
+                                  "reached over vsock only", argv=vm.process.argv)
+            return KataTtrpcProbe(VsockAddress(vm.cid, AGENT_VSOCK_PORT))
+        # Kata 1.x's agent URL over vsock (kata_agent.go agentURL: vsock://<cid>:<port>),
         # in gRPC's own spelling of a vsock target.
         return KataAgentProbe(f"vsock:{vm.cid}:{AGENT_VSOCK_PORT}")
 
@@ -299,7 +451,7 @@ class DirectFactory:
         finally:
             if probe is not None:
                 await probe.close()
-        if isinstance(probe, KataAgentProbe):
+        if isinstance(probe, KataAgentProbe | KataTtrpcProbe):
             vm.log.info("the agent answered its health check (%s)", probe.answer)
 
     async def _wait_ready(self, vm: VM, probe: ReadinessProbe, timeout: float) -> None:
