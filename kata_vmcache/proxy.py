@@ -67,6 +67,7 @@ class KataProxy:
         self._pidfd: int | None = None
         self._exited = asyncio.Event()
         self._released = False
+        self._stopping = False
 
     @property
     def url(self) -> str:
@@ -103,7 +104,7 @@ class KataProxy:
             return
         self._close_pidfd()
         self._exited.set()
-        if not self._released:
+        if not (self._released or self._stopping):
             self.log.warning("kata-proxy %d exited with %s", self._proc.pid,
                              self._proc.returncode)
 
@@ -136,6 +137,7 @@ class KataProxy:
         """SIGTERM (Kata's kataProxy.stop), a bounded wait, SIGKILL; reaped on return."""
         if self._proc is None or self._released:
             return
+        self._stopping = True
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
             if self._exited.is_set():
                 break
