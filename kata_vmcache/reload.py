@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Literal
 
 from . import config as configmod
-from . import kata
 from .config import Config
 from .errors import ConfigError, VmcacheError
 from .factory import Factory
@@ -68,7 +67,8 @@ KATA_CONFIG = "Kata's Config reply"
 RESTART_KEYS = frozenset({"factory.vm_cache_endpoint", "factory.enable_template",
                           "factory.template_path", "vmcache.state_dir"})
 #: What a VM is made of: VMs built with other values are retired.
-VM_KEYS = frozenset({"vmcache.accelerator", "vmcache.max_memory_mib", KATA_CONFIG})
+VM_KEYS = frozenset({"vmcache.accelerator", "vmcache.max_memory_mib", "vmcache.kata_version",
+                     KATA_CONFIG})
 VM_PREFIX = "hypervisor.qemu."
 #: How VMs are booted and stopped, not what they are: the factory is rebuilt, VMs are kept.
 BOOT_KEYS = frozenset({"vmcache.ready_timeout", "vmcache.ready_probe", "vmcache.ready_line",
@@ -124,7 +124,7 @@ def plan(old: Config, new: Config) -> Plan:
     before, after = dict(configmod.describe(old)), dict(configmod.describe(new))
     changes = [Change(k, before.get(k, "(unset)"), v) for k, v in after.items()
                if before.get(k) != v]
-    if kata.vm_config(old.document) != kata.vm_config(new.document):
+    if old.kata_vm_config() != new.kata_vm_config():
         changes.append(Change(KATA_CONFIG, "", ""))
     return Plan(tuple(changes))
 
