@@ -56,15 +56,9 @@ DEFAULT_CONFIG_PATHS = (
     Path("/usr/share/defaults/kata-containers/configuration.toml"),
 )
 
-# Kata defaults (pkg/katautils/config-settings.go.in and the Makefile that fills it).
-#: Kata 3.x's default binary (1.x's is kata.DEFAULT_HYPERVISOR_PATH, qemu-lite).
-KATA_DEFAULT_QEMU_PATH = kata.DEFAULT_HYPERVISOR_PATH_3X
+# Kata defaults (pkg/katautils/config-settings.go.in). The hypervisor's (binary, machine
+# type, vCPUs, memory, slots) are the generation's, in kata.py: the values come from there.
 KATA_DEFAULT_KERNEL = kata.DEFAULT_KERNEL_PATH
-KATA_DEFAULT_MACHINE_TYPE = kata.DEFAULT_MACHINE_TYPE
-KATA_DEFAULT_VCPUS = kata.DEFAULT_VCPUS
-KATA_DEFAULT_MEMORY_MIB = kata.DEFAULT_MEMORY_MIB
-KATA_DEFAULT_MEMORY_SLOTS = kata.DEFAULT_MEM_SLOTS
-KATA_MAX_QEMU_VCPUS = kata._MAX_QEMU_VCPUS["x86_64"]  # govmm's MaxVCPUs() on amd64
 KATA_DEFAULT_ENDPOINT = "/var/run/kata-containers/cache.sock"
 KATA_DEFAULT_TEMPLATE_PATH = "/run/vc/vm/template"
 
@@ -217,10 +211,6 @@ class Config:
     @property
     def max_memory_mib(self) -> int:
         return self.daemon.max_memory_mib or host_memory_mib()
-
-
-def host_cpus() -> int:
-    return os.cpu_count() or 1
 
 
 def host_memory_mib() -> int:
