@@ -137,18 +137,30 @@ def main() -> int:
         return 2
     failed = 0
     with tempfile.TemporaryDirectory(prefix="kata-compare-") as tmp:
-        for name, path in cases(Path(tmp)):
-            doc = tomllib.loads(path.read_text())
-            payload = kata.vm_config(doc, "3.x")
+        def judge(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
             data, agent = Path(tmp) / "data.json", Path(tmp) / "agent.json"
             data.write_text(json.dumps(payload))
             agent.write_text(json.dumps(payload["AgentConfig"]))
             env = {**os.environ}
             if not kata.host_has_vhost_vsock():
                 env["VMCACHE_VSOCK_DEVICE"] = "/dev/null"
-            result = json.loads(subprocess.run(
+            result: dict[str, Any] = json.loads(subprocess.run(
                 [str(binary), str(path), str(data), str(agent)], env=env, check=True,
                 capture_output=True, text=True).stdout)
+            return result
+
+        files = cases(Path(tmp))
+        # A control that must fail: the 1.x payload of the demo file (what the daemon sent
+        # 3.x before it had one of its own) is not what 3.x derives.
+        name, path = files[-1]
+        control = judge(path, kata.vm_config(tomllib.loads(path.read_text()), "1.x"))
+        if control.get("match", True):
+            print(f"control: Kata accepted the 1.x payload of {name}: the harness is broken")
+            return 2
+        print(f"control: the 1.x payload of {name} differs, as it must")
+        for name, path in files:
+            payload = kata.vm_config(tomllib.loads(path.read_text()), "3.x")
+            result = judge(path, payload)
             if "error" in result:
                 failed += 1
                 print(f"{name}: {result['error']}")
