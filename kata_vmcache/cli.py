@@ -144,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         width = max(len(k) for k, _ in rows)
         print(f"# {config.source}: OK")
         for key, value in rows:
+            if key == f"{configmod.OUR_TABLE}.kata_version":
+                value = f"{value} ({config.daemon.kata_version_origin})"
             print(f"{key:<{width}} = {value}")
         return 0
     if command == "status":

@@ -316,7 +316,7 @@ async def get_vm(config: Config | None = None, *, cpus: int | None = None,
                                 timeout=timeout, hotplug_timeout=hotplug_timeout)
     cache_config, _ = await client.config()
     if config is not None:
-        differences = config_differences(cache_config, kata.vm_config(config.document))
+        differences = config_differences(cache_config, config.kata_vm_config())
         if differences:
             reason = "does not fit the cache: " + describe_differences(differences)
             ours = config.hypervisor
@@ -330,7 +330,7 @@ async def get_vm(config: Config | None = None, *, cpus: int | None = None,
     # Refuse a bad request before taking a VM (the cache's VMs are not spent on it); the
     # VM's own record is the final word once it is taken.
     h = cache_config.get("HypervisorConfig") or {}
-    size_request(cpus, memory_mib, base_cpus=_int(h, "NumVCPUs", 1),
+    size_request(cpus, memory_mib, base_cpus=base_vcpus(h),
                  base_memory_mib=_int(h, "MemorySize", 0),
                  max_cpus=_int(h, "DefaultMaxVCPUs", 0),
                  max_memory_mib=config.max_memory_mib if config else None,
@@ -400,6 +400,17 @@ async def _bring_up(handle: VMHandle, cpus: int | None, memory_mib: int | None, 
 def _int(table: Mapping[str, Any], key: str, default: int) -> int:
     value = table.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def base_vcpus(hypervisor: Mapping[str, Any]) -> int:
+    """The vCPUs of the cache's VMs from its HypervisorConfig: 1.x's NumVCPUs, or 3.x's
+    NumVCPUsF rounded up as 3.x's NumVCPUs() does (1 when neither is there)."""
+    if "NumVCPUs" in hypervisor:
+        return _int(hypervisor, "NumVCPUs", 1)
+    exact = hypervisor.get("NumVCPUsF")
+    if isinstance(exact, int | float) and not isinstance(exact, bool) and exact > 0:
+        return math.ceil(exact)
+    return 1
 
 
 # --- for scripts ---------------------------------------------------------------------------

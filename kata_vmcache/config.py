@@ -18,9 +18,14 @@ Every problem in the file is collected and reported at once, each as
 `PATH:LINE: table.key: what is wrong (got X, expected Y)`. After `load()` returns, the rest of
 the program trusts the `Config` object: nothing downstream re-validates.
 
-Derived values (vCPUs, max vCPUs, memory, memory slots) follow Kata's loader
-(kata-containers/runtime `pkg/katautils/config.go`), so the VM we boot is the VM kata-runtime
-would have booted from the same file.
+The file is read the way one Kata generation reads it (`[vmcache] kata_version`, "1.x" or
+"3.x"; by default detected: a `[proxy.*]` or `[shim.*]` table means 1.x). The VM's values
+(binary, kernel, vCPUs, max vCPUs, memory, memory slots) come from that generation's
+derivation in kata.py (`kata.resolve()`), the same one the `Config` reply is built from, so
+the VM we boot is the VM kata-runtime compares and would have booted from the same file: a
+`default_memory` under Kata's 256 MiB floor boots 2048 MiB, as Kata's would; with `path`
+unset the binary is the generation's default, refused when it does not exist, as Kata
+refuses it.
 """
 
 from __future__ import annotations
@@ -51,14 +56,9 @@ DEFAULT_CONFIG_PATHS = (
     Path("/usr/share/defaults/kata-containers/configuration.toml"),
 )
 
-# Kata defaults (pkg/katautils/config-settings.go.in and the Makefile that fills it).
-KATA_DEFAULT_QEMU_PATH = "/usr/bin/qemu-system-x86_64"
+# Kata defaults (pkg/katautils/config-settings.go.in). The hypervisor's (binary, machine
+# type, vCPUs, memory, slots) are the generation's, in kata.py: the values come from there.
 KATA_DEFAULT_KERNEL = kata.DEFAULT_KERNEL_PATH
-KATA_DEFAULT_MACHINE_TYPE = kata.DEFAULT_MACHINE_TYPE
-KATA_DEFAULT_VCPUS = kata.DEFAULT_VCPUS
-KATA_DEFAULT_MEMORY_MIB = kata.DEFAULT_MEMORY_MIB
-KATA_DEFAULT_MEMORY_SLOTS = kata.DEFAULT_MEM_SLOTS
-KATA_MAX_QEMU_VCPUS = kata._MAX_QEMU_VCPUS["x86_64"]  # govmm's MaxVCPUs() on amd64
 KATA_DEFAULT_ENDPOINT = "/var/run/kata-containers/cache.sock"
 KATA_DEFAULT_TEMPLATE_PATH = "/run/vc/vm/template"
 #: qemu.go genericMemoryTopology: maxmem has 1024 MiB above the host's memory for an NVDIMM.
@@ -99,6 +99,13 @@ KATA_QEMU_KEYS = frozenset(
     disable_seccomp static_sandbox_resource_mgmt sgx_epc_size snp_id_block snp_id_auth
     snp_guest_policy snp_certs_path extra_monitor_socket reclaim_guest_freed_memory
     tdx_quote_generation_service_socket_port indep_iothreads
+    block_device_logical_sector_size block_device_physical_sector_size default_maxmemory
+    disk_rate_limiter_bw_max_rate disk_rate_limiter_bw_one_time_burst
+    disk_rate_limiter_ops_max_rate disk_rate_limiter_ops_one_time_burst
+    net_rate_limiter_bw_max_rate net_rate_limiter_bw_one_time_burst
+    net_rate_limiter_ops_max_rate net_rate_limiter_ops_one_time_burst enable_numa
+    numa_mapping hypervisor_loglevel measurement_algo remote_hypervisor_socket
+    remote_hypervisor_timeout rootless use_legacy_serial vhost_user_reconnect_timeout_sec
     """.split()
 )
 OUR_KEYS = frozenset(
@@ -116,7 +123,7 @@ KATA_FACTORY_KEYS = frozenset(
 class HypervisorSettings:
     """`[hypervisor.qemu]`, resolved the way Kata resolves it."""
 
-    #: QEMU binary (Kata: `path`).
+    #: QEMU binary (Kata: `path`; unset: the generation's default, 1.x qemu-lite).
     path: Path
     #: Guest kernel (Kata: `kernel`).
     kernel: Path
@@ -124,20 +131,24 @@ class HypervisorSettings:
     initrd: Path | None
     #: Root disk image, attached read-only as Kata does (Kata: `image`).
     image: Path | None
-    #: QEMU machine type (Kata: `machine_type`, default "pc").
+    #: QEMU machine type (Kata: `machine_type`, default 1.x "pc", 3.x "q35").
     machine_type: str
     #: Extra kernel command line, split on white space (Kata: `kernel_params`).
     kernel_params: tuple[str, ...]
-    #: vCPUs a VM boots with (Kata: `default_vcpus`; 0 -> 1, <0 or > host CPUs -> host CPUs).
+    #: vCPUs a VM boots with (Kata: `default_vcpus`; 0 -> 1, <0 or > host CPUs -> host CPUs;
+    #: 3.x takes a fraction and boots it rounded up).
     vcpus: int
     #: vCPU hot-plug ceiling (Kata: `default_maxvcpus`; 0 or > host CPUs -> host CPUs).
     max_vcpus: int
-    #: Boot memory in MiB (Kata: `default_memory`, 0 -> 2048).
+    #: Boot memory in MiB (Kata: `default_memory`; under 256 -> 2048).
     memory_mib: int
     #: DIMM slots for memory hot-plug (Kata: `memory_slots`, 0 -> 10).
     memory_slots: int
     #: Kata's `enable_debug`: keeps the guest console verbose.
     debug: bool
+
+    # path, kernel, vcpus, max_vcpus, memory_mib and memory_slots are `kata.resolve()`'s
+    # values for the file's Kata generation: the Config reply carries the same ones.
 
 
 @dataclass(frozen=True)
@@ -189,7 +200,9 @@ class DaemonSettings:
     #: "kata": the guest image runs Kata's agent (a proxy is started for 1.x, readiness
     #: is its health check); "none": a guest without one (the demo guest).
     guest_agent: GuestAgent = "kata"
-    #: Which Kata generation the file is for ([proxy.*] or [shim.*] present: 1.x).
+    #: Which Kata generation the file is for ([proxy.*] or [shim.*] present: 1.x): how the
+    #: file is read, which generation's `Config` payload is sent and which device model
+    #: its VMs get.
     kata_version: KataVersion = "3.x"
     #: Where kata_version came from, for check-config.
     kata_version_origin: str = "detected: no [proxy.*] or [shim.*] table"
@@ -206,6 +219,10 @@ class Config:
     #: The parsed document, for rebuilding Kata's JSON exactly as Kata's loader sees it.
     document: Mapping[str, Any] = field(repr=False, default_factory=dict)
 
+    def kata_vm_config(self) -> dict[str, Any]:
+        """The `Config` payload: Kata's VMConfig JSON for the file's generation."""
+        return kata.vm_config(self.document, self.daemon.kata_version)
+
     @property
     def max_memory_mib(self) -> int:
         """QEMU's maxmem: `[vmcache] max_memory`, else Kata's (genericMemoryTopology): the
@@ -216,10 +233,6 @@ class Config:
         offset = qemu.get("memory_offset", 0) if isinstance(qemu, Mapping) else 0
         offset = offset if isinstance(offset, int) and not isinstance(offset, bool) else 0
         return host_memory_mib() + offset + NVDIMM_ROOM_MIB
-
-
-def host_cpus() -> int:
-    return os.cpu_count() or 1
 
 
 def host_memory_mib() -> int:
@@ -347,18 +360,23 @@ class _Validator:
         if "qemu" not in hypervisor_tables:
             found = f" (found: {', '.join(others)})" if others else ""
             self.problem("hypervisor.qemu", f"table missing: kata-vmcache drives QEMU{found}")
-        hv = self.hypervisor(self.table("hypervisor.qemu"))
+        ours_table = self.table(OUR_TABLE)
+        # First: it decides how the other tables are read.
+        version, origin = self.kata_version(ours_table, f"{OUR_TABLE}.kata_version")
+        hv = self.hypervisor(self.table("hypervisor.qemu"), version)
         fac = self.factory(self.table("factory"))
-        ours = self.ours(self.table(OUR_TABLE))
+        ours = self.ours(ours_table, version, origin)
         if self.problems or hv is None or fac is None or ours is None:
             return None
         return Config(self.source, hv, fac, ours, MappingProxyType(dict(self.doc)))
 
-    def hypervisor(self, t: Mapping[str, Any]) -> HypervisorSettings | None:
+    def hypervisor(self, t: Mapping[str, Any],
+                   version: KataVersion) -> HypervisorSettings | None:
         p = "hypervisor.qemu"
         self.check_keys(t, p, KATA_QEMU_KEYS, strict=False)
-        qemu = self.existing_file(t, f"{p}.path", KATA_DEFAULT_QEMU_PATH, executable=True)
-        kernel = self.existing_file(t, f"{p}.kernel", KATA_DEFAULT_KERNEL)
+        qemu = self.existing_file(t, f"{p}.path", kata.default_hypervisor_path(version),
+                                  executable=True, generation=version)
+        kernel = self.existing_file(t, f"{p}.kernel", KATA_DEFAULT_KERNEL, generation=version)
         initrd = self.existing_file(t, f"{p}.initrd", "")
         image = self.existing_file(t, f"{p}.image", "")
         if t.get("initrd") and t.get("image"):
@@ -371,39 +389,51 @@ class _Validator:
             self.problem(f"{p}.machine_type", f"not a machine type (got {machine!r}, "
                          "expected a name like \"q35\" or \"pc\")")
         params = self.get(t, f"{p}.kernel_params", str, "", "a string of kernel parameters")
-        vcpus = self.get(t, f"{p}.default_vcpus", int, 0, "an integer")
+        # Kata 1.x decodes default_vcpus into an int32, 3.x into a float32 (a fraction of a
+        # CPU is a cgroup quota; the VM boots with it rounded up).
+        if version == "3.x":
+            self.get(t, f"{p}.default_vcpus", (int, float), 0, "a number")
+        else:
+            self.get(t, f"{p}.default_vcpus", int, 0, "an integer")
         max_vcpus = self.get(t, f"{p}.default_maxvcpus", int, 0, "an integer >= 0")
         if max_vcpus < 0:
             self.problem(f"{p}.default_maxvcpus", f"must be >= 0 (got {max_vcpus})")
         memory = self.get(t, f"{p}.default_memory", int, 0, "an integer (MiB)")
         if memory < 0:
             self.problem(f"{p}.default_memory", f"must be >= 0 MiB (got {memory})")
-        elif 0 < memory < 64:
-            self.problem(f"{p}.default_memory", f"too small for a guest (got {memory} MiB, "
-                         "expected at least 64)")
+        elif 0 < memory < kata.MIN_HYPERVISOR_MEMORY_MIB:
+            self.warn(f"{p}.default_memory", f"under Kata's minimum of "
+                      f"{kata.MIN_HYPERVISOR_MEMORY_MIB} MiB (got {memory}): Kata {version}, "
+                      f"and so kata-vmcache, boots {kata.DEFAULT_MEMORY_MIB} MiB")
         slots = self.get(t, f"{p}.memory_slots", int, 0, "an integer")
         if not 0 <= slots <= 255:
             self.problem(f"{p}.memory_slots", f"out of range (got {slots}, expected 0 to 255)")
         debug = self.get(t, f"{p}.enable_debug", bool, False, "true or false")
+        if version == "3.x" and t.get("enable_numa") is True:
+            self.warn(f"{p}.enable_numa", "kata-vmcache boots VMs without guest NUMA nodes: "
+                      "Kata 3.x will not take them (its Config has GuestNUMANodes)")
+        for key, reason in kata.loader_refusals(self.doc, version):
+            self.warn(f"{p}.{key}", f"Kata {version}'s loader refuses this file: {reason}")
 
-        resolved_vcpus = _kata_vcpus(vcpus)
-        resolved_max = _kata_max_vcpus(max_vcpus)
-        if resolved_max < resolved_vcpus:
-            self.problem(f"{p}.default_maxvcpus", f"smaller than default_vcpus "
-                         f"(got {resolved_max}, expected >= {resolved_vcpus})")
         if self.problems or qemu is None or kernel is None:
             return None
+        # One derivation: what the VM boots with is what the Config reply says.
+        r = kata.resolve(self.doc, version)
+        if r.max_vcpus < r.vcpus:
+            self.problem(f"{p}.default_maxvcpus", f"smaller than default_vcpus "
+                         f"(got {r.max_vcpus}, expected >= {r.vcpus})")
+            return None
         return HypervisorSettings(
-            path=qemu,
-            kernel=kernel,
+            path=Path(r.path),
+            kernel=Path(r.kernel),
             initrd=initrd,
             image=image,
-            machine_type=machine or KATA_DEFAULT_MACHINE_TYPE,
+            machine_type=r.machine_type,
             kernel_params=tuple(params.split()),
-            vcpus=resolved_vcpus,
-            max_vcpus=resolved_max,
-            memory_mib=memory or KATA_DEFAULT_MEMORY_MIB,
-            memory_slots=slots or KATA_DEFAULT_MEMORY_SLOTS,
+            vcpus=r.vcpus,
+            max_vcpus=r.max_vcpus,
+            memory_mib=r.memory_mib,
+            memory_slots=r.memory_slots,
             debug=debug,
         )
 
@@ -427,7 +457,8 @@ class _Validator:
             return None
         return FactorySettings(number, endpoint, template, template_path)
 
-    def ours(self, t: Mapping[str, Any]) -> DaemonSettings | None:
+    def ours(self, t: Mapping[str, Any], version: KataVersion,
+             origin: str) -> DaemonSettings | None:
         p = OUR_TABLE
         d = DaemonSettings()
         self.check_keys(t, p, OUR_KEYS, strict=True)
@@ -475,7 +506,6 @@ class _Validator:
                 self.problem(key, f"too long for the VMs' sockets below it (got "
                              f"{len(os.fsencode(root))} bytes, expected at most "
                              f"{107 - _VM_SOCKET_TAIL})")
-        version, origin = self.kata_version(t, f"{p}.kata_version")
         if state_dir is None or vm_storage is None:
             return None
         return DaemonSettings(
@@ -513,13 +543,10 @@ class _Validator:
 
     def kata_version(self, t: Mapping[str, Any], key: str) -> tuple[Any, str]:
         """Kata 2.0 removed the [proxy.*] and [shim.*] tables: either present means a 1.x
-        file."""
+        file (kata.detect_generation)."""
         if "kata_version" in t:
-            return self.choice(t, key, ("1.x", "3.x"), "3.x"), "set in [vmcache]"
-        for table in ("proxy", "shim"):
-            if isinstance(self.doc.get(table), Mapping) and self.doc[table]:
-                return "1.x", f"detected: [{table}.*] present"
-        return "3.x", "detected: no [proxy.*] or [shim.*] table"
+            return self.choice(t, key, kata.GENERATIONS, "3.x"), "set in [vmcache]"
+        return kata.detect_generation(self.doc)
 
     # value helpers
 
@@ -550,7 +577,7 @@ class _Validator:
         return Path(os.path.normpath(value))
 
     def existing_file(self, t: Mapping[str, Any], key: str, default: str,
-                      *, executable: bool = False) -> Path | None:
+                      *, executable: bool = False, generation: str = "") -> Path | None:
         value = self.get(t, key, str, default, "a path to a file")
         if not value:
             return None
@@ -559,7 +586,10 @@ class _Validator:
             return None
         path = Path(value)
         if not path.exists():
-            origin = "" if key.rpartition(".")[2] in t else " (Kata's default; set it)"
+            # Kata's loader refuses a file whose paths do not resolve (ResolvePath).
+            origin = ("" if key.rpartition(".")[2] in t
+                      else f" (Kata {generation}'s default, which its loader refuses when "
+                           "missing; set it)")
             self.problem(key, f"no such file (got {value!r}){origin}")
         elif not path.is_file():
             self.problem(key, f"not a regular file (got {value!r})")
@@ -569,19 +599,6 @@ class _Validator:
             self.problem(key, f"not readable (got {value!r})")
         # Kata resolves symlinks (ResolvePath) and so compares real paths: so do we.
         return Path(os.path.realpath(path)) if path.exists() else path
-
-
-def _kata_vcpus(requested: int) -> int:
-    cpus = host_cpus()
-    if requested < 0 or requested > cpus:
-        return cpus
-    return requested or KATA_DEFAULT_VCPUS
-
-
-def _kata_max_vcpus(requested: int) -> int:
-    cpus = host_cpus()
-    value = cpus if requested == 0 or requested > cpus else requested
-    return min(value, KATA_MAX_QEMU_VCPUS)
 
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -631,7 +648,7 @@ def describe(config: Config) -> Iterator[tuple[str, str]]:
     def rows(prefix: str, obj: object, fmt: Callable[[str, Any], str]) -> Iterator[tuple[str, str]]:
         for name in obj.__dataclass_fields__:  # type: ignore[attr-defined]
             if name == "kata_version_origin":
-                continue  # shown with the generation (kata.generation)
+                continue  # how kata_version was chosen, not a setting (check-config shows it)
             yield f"{prefix}.{name}", fmt(name, getattr(obj, name))
 
     def plain(name: str, value: Any) -> str:

@@ -333,6 +333,9 @@ default_maxvcpus = 0
 default_memory = 256
 memory_slots = 4
 enable_debug = false
+# Kata 3.x's default is virtio-fs, which its loader refuses without a virtiofsd (the demo
+# guest has none); virtio-9p is 1.x's default and accepted by both generations.
+shared_fs = "virtio-9p"
 
 [agent.kata]
 

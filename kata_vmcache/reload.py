@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Literal
 
 from . import config as configmod
-from . import kata
 from .config import Config
 from .errors import ConfigError, VmcacheError
 from .factory import Factory
@@ -128,7 +127,7 @@ def plan(old: Config, new: Config) -> Plan:
     before, after = dict(configmod.describe(old)), dict(configmod.describe(new))
     changes = [Change(k, before.get(k, "(unset)"), v) for k, v in after.items()
                if before.get(k) != v]
-    if kata.vm_config(old.document) != kata.vm_config(new.document):
+    if old.kata_vm_config() != new.kata_vm_config():
         changes.append(Change(KATA_CONFIG, "", ""))
     return Plan(tuple(changes))
 

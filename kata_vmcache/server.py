@@ -37,14 +37,13 @@ from pathlib import Path
 import grpc
 from google.protobuf import empty_pb2
 
-from . import kata
 from .config import Config
 from .errors import CacheClosed, EndpointInUse, VmcacheError
 from .factory.cache import VMCache
 from .monitor import MonitorServicer
 from .monitor import add_to_server as add_monitor_to_server
 from .proto import cache_pb2, cache_pb2_grpc
-from .vm import VM
+from .vm import VM, VMState
 
 SERVICE_NAME = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
 
@@ -61,7 +60,8 @@ HANDSHAKE_TIMEOUT_MS = 5_000
 
 
 def config_reply(config: Config) -> cache_pb2.GrpcVMConfig:
-    vm_config = kata.vm_config(config.document)
+    """Kata's VMConfig JSON of the file's generation ([vmcache] kata_version), derived once."""
+    vm_config = config.kata_vm_config()
     return cache_pb2.GrpcVMConfig(
         Data=json.dumps(vm_config, separators=(",", ":")).encode(),
         AgentConfig=json.dumps(vm_config["AgentConfig"], separators=(",", ":")).encode(),
@@ -148,6 +148,9 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
 
     async def Status(self, request: empty_pb2.Empty,
                      context: grpc.aio.ServicerContext) -> cache_pb2.GrpcStatus:
+        """Kata's server answers with the VMs in its cache (factory/cache/cache.go GetVMStatus:
+        the paused VMs a GetBaseVM can have), so do we: only ready VMs. Booting ones, and
+        every other state, are in the Monitor snapshot (`status --json`)."""
         # Templating on and the template's size ride in trailing metadata: Kata's
         # GrpcStatus must not grow fields (DESIGN.md, wire contract).
         describe = getattr(self.cache.factory, "describe_template", None)
@@ -158,7 +161,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             vmstatus=[
                 cache_pb2.GrpcVMStatus(pid=vm.pid or 0, cpu=vm.spec.vcpus,
                                        memory=vm.spec.memory_mib)
-                for vm in self.cache.owned()
+                for vm in self.cache.owned() if vm.state is VMState.READY
             ],
         )
 

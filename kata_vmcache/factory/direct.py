@@ -69,7 +69,8 @@ def spec_from_config(config: Config, accelerator: Literal["kvm", "tcg"]) -> VMSp
     and kernel parameters from Kata's own derivation of the file (kata.py). Raises
     ConfigError for a Kata 3.x file whose VM cannot be built as Kata builds it."""
     h = config.hypervisor
-    kata_hv = kata.hypervisor_config(config.document)
+    # One derivation: the payload the Config reply sends, for the file's generation.
+    kata_hv = kata.hypervisor_config(config.document, config.daemon.kata_version)
     spec = VMSpec(
         qemu=h.path,
         kernel=h.kernel,
@@ -92,10 +93,11 @@ def spec_from_config(config: Config, accelerator: Literal["kvm", "tcg"]) -> VMSp
         cpu_features=kata_hv["CPUFeatures"],
         disable_image_nvdimm=kata_hv["DisableImageNvdimm"],
         agent_channel=agent_channel(config),
-        use_vsock=kata_hv["UseVSock"],
+        # 1.x's fields; 3.x has no UseVSock (vsock always) nor HotplugVFIOOnRootBus.
+        use_vsock=kata_hv.get("UseVSock", True),
         debug=kata_hv["Debug"],
         pcie_root_port=kata_hv["PCIeRootPort"],
-        hotplug_vfio_on_root_bus=kata_hv["HotplugVFIOOnRootBus"],
+        hotplug_vfio_on_root_bus=kata_hv.get("HotplugVFIOOnRootBus", False),
         own_serial=config.daemon.ready_probe == "serial",
     )
     if config.daemon.kata_version == "1.x":
@@ -114,8 +116,8 @@ def kata3_fields(config: Config, kata_hv: dict[str, Any]) -> dict[str, Any]:
     q = _qemu_table(config)
     file_mem = kata_hv["FileBackedMemRootDir"]
     return {
-        "machine_type": machine_type_3x(config),
-        "shared_fs": shared_fs_3x(config),
+        "machine_type": kata_hv["HypervisorMachineType"],
+        "shared_fs": kata_hv["SharedFS"],
         # config.go defaultMaxMemSz(): default_maxmemory, else (or above) the host's
         # memory. Our [vmcache] max_memory, when set, still wins: it is the user's word.
         "max_memory_mib": config.daemon.max_memory_mib or kata_hv["DefaultMaxMemorySize"],
@@ -151,18 +153,6 @@ def kata3_fields(config: Config, kata_hv: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def machine_type_3x(config: Config) -> str:
-    """machine_type as Kata 3.x reads it: absent, "q35" (config-settings.go.in
-    defaultMachineType; 1.x's, which config.py and kata.py apply, is "pc")."""
-    return _str(_qemu_table(config), "machine_type") or "q35"
-
-
-def shared_fs_3x(config: Config) -> str:
-    """shared_fs as Kata 3.x reads it: absent, "virtio-fs" (config.go sharedFS();
-    1.x's default, which kata.py applies, is "virtio-9p")."""
-    return _str(_qemu_table(config), "shared_fs") or "virtio-fs"
-
-
 #: config.go extraMonitorSocket(): the protocols Kata 3.x accepts.
 EXTRA_MONITORS_3X = ("hmp", "qmp", "qmp-pretty")
 
@@ -172,14 +162,14 @@ def check_kata3(config: Config) -> list[ConfigProblem]:
     kata-vmcache cannot build the way Kata does. File-level rules, kept beside the 3.x
     device model (machine.Kata3Line) whose assumptions they state."""
     q = _qemu_table(config)
-    hv = kata.hypervisor_config(config.document)
+    hv = kata.hypervisor_config(config.document, "3.x")
     source = config.source
     problems: list[ConfigProblem] = []
 
     def problem(key: str, message: str) -> None:
         problems.append(ConfigProblem(f"hypervisor.qemu.{key}", message, source))
 
-    machine = machine_type_3x(config)
+    machine = hv["HypervisorMachineType"]
     if machine not in MACHINES_3X:
         problem("machine_type", f"Kata 3.x builds only {' and '.join(MACHINES_3X)} VMs on "
                 f"amd64 (got {machine!r}; qemu_amd64.go supportedQemuMachines)")
@@ -205,7 +195,7 @@ def check_kata3(config: Config) -> list[ConfigProblem]:
     if hv["EnableVhostUserStore"] and not hv["HugePages"]:
         problem("enable_vhost_user_store", "needs enable_hugepages = true (Kata 3.x "
                 "refuses vhost-user storage without hugepages)")
-    shared_fs = shared_fs_3x(config)
+    shared_fs = hv["SharedFS"]
     if shared_fs not in ("virtio-9p", "none"):
         origin = "" if "shared_fs" in q else ", Kata 3.x's default"
         problem("shared_fs", f"not supported by kata-vmcache (got {shared_fs!r}{origin}; "
@@ -270,7 +260,7 @@ def check_host(config: Config) -> list[ConfigProblem]:
     warnings: list[ConfigProblem] = []
     d = config.daemon
     source = config.source
-    shared_fs = kata.hypervisor_config(config.document)["SharedFS"]
+    shared_fs = kata.hypervisor_config(config.document, d.kata_version)["SharedFS"]
     if shared_fs not in ("virtio-9p", "none"):
         origin = "" if "shared_fs" in _qemu_table(config) else f", Kata {d.kata_version}'s default"
         problems.append(ConfigProblem(
@@ -324,7 +314,6 @@ def describe_vm(config: Config) -> list[tuple[str, str]]:
     else:
         how = f"none (no {VHOST_VSOCK} on this host)"
     return [
-        ("kata.generation", f"{d.kata_version} ({d.kata_version_origin})"),
         ("kata.vm_directory", f"{where} (qmp.sock console.sock kata.sock pid shared/)"),
         ("kata.agent_channel", how),
         ("kata.readiness", {"kata-agent": "the agent's health check (grpc.Health/Check"

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2
 
-from kata_vmcache.proto import cache_pb2_grpc
+from kata_vmcache.proto import cache_pb2_grpc, vmcache_pb2, vmcache_pb2_grpc
 
 # --- the daemon's process ------------------------------------------------------------------
 
@@ -58,6 +58,16 @@ def status_pids(endpoint: Path, timeout: float = 10.0) -> list[int]:
     with channel:
         reply = s.Status(empty_pb2.Empty(), timeout=timeout)
     return [v.pid for v in reply.vmstatus]
+
+
+def owned_vms(endpoint: Path, timeout: float = 10.0) -> list[tuple[int, str]]:
+    """(pid, state) of every VM the daemon owns, booting ones included: the Monitor
+    snapshot (Kata's Status lists only the ready ones)."""
+    channel = grpc.insecure_channel(f"unix:{endpoint}")
+    with channel:
+        reply = vmcache_pb2_grpc.MonitorStub(channel).Snapshot(
+            vmcache_pb2.SnapshotRequest(), timeout=timeout)
+    return [(v.pid, v.state) for v in reply.vms]
 
 
 def get_vm(endpoint: Path, timeout: float = 60.0) -> TakenVM:

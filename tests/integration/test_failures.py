@@ -16,7 +16,7 @@ from conftest import our_qemus  # tests/conftest.py: the leak guard's own census
 from kata_vmcache.procs import pid_alive
 
 from .harness import Daemon, qmp, wait_for
-from .observe import TakenVM, cpu_seconds, get_vm, status_pids
+from .observe import TakenVM, cpu_seconds, get_vm, owned_vms, status_pids
 
 pytestmark = pytest.mark.qemu
 
@@ -123,8 +123,10 @@ def test_sigterm_under_load_exits_fast_and_touches_no_handed_off_vm(
         t.start()
     # The three ready VMs are gone; three callers wait; the refills are booting.
     wait_for(lambda: len(outcomes) >= 3, 60, "three hand-offs")
-    # Status lists booting VMs too: the daemon owns QEMUs it has not finished booting.
-    wait_for(lambda: status_pids(d.endpoint), 30, "boots in flight")
+    # The daemon owns QEMUs it has not finished booting (the snapshot lists them; Kata's
+    # Status lists ready VMs only).
+    wait_for(lambda: [pid for pid, state in owned_vms(d.endpoint) if state == "booting"],
+             30, "boots in flight")
     handed = {o.pid for o in outcomes if isinstance(o, TakenVM)}
     started = time.monotonic()
     d.send_signal(signal.SIGTERM)

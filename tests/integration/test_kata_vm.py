@@ -224,7 +224,7 @@ def test_check_config_names_generation_paths_and_agent_channel(
     assert result.returncode == 0, result.stderr
     rows = {key.strip(): value for key, _, value in (line.partition(" = ") for line in
                                                     result.stdout.splitlines())}
-    assert rows["kata.generation"] == "1.x (detected: [proxy.*] present)"
+    assert rows["vmcache.kata_version"] == "1.x (detected: [proxy.kata] present)"
     assert rows["kata.vm_directory"].startswith(f"{workdir}/vm/<vm id>/")
     assert rows["kata.agent_channel"] == (
         f"virtio-serial port agent.channel.0 on {workdir}/vm/<vm id>/kata.sock, through "

@@ -56,7 +56,7 @@ def test_dead_killed_and_hung_vms_leave_status_and_are_replaced(
 
     def replaced(victim: int, started: float) -> str:
         """Seconds until 3 VMs are ready (booted and paused) again, the victim not among
-        them. (Status lists booting VMs too, so it shows a replacement sooner.)"""
+        them."""
         wait_for(lambda: len({r["pid"] for r in d.records("ready")} - {victim}) == 3, 60,
                  f"a replacement for {victim}", interval=0.02)
         return f"{time.monotonic() - started:.3f}"

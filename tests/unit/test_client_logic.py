@@ -13,6 +13,7 @@ from kata_vmcache import kata
 from kata_vmcache.client import (
     BaseVM,
     Sizing,
+    base_vcpus,
     config_differences,
     describe_differences,
     size_request,
@@ -150,3 +151,10 @@ def test_handle_json_adds_what_the_vm_has_now() -> None:
                    "vcpus": 2, "memoryMiB": 512, "source": "direct",
                    "reason": "does not fit"}
     assert Path(base.hypervisor["QmpChannelpath"]) == base.qmp_path
+
+
+def test_base_vcpus_of_either_generations_payload() -> None:
+    assert base_vcpus({"NumVCPUs": 3}) == 3  # 1.x
+    assert base_vcpus({"NumVCPUsF": 1.5}) == 2  # 3.x: NumVCPUs() rounds up
+    assert base_vcpus({"NumVCPUsF": 2.0}) == 2
+    assert base_vcpus({}) == 1

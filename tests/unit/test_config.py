@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kata_vmcache import config as cfg
+from kata_vmcache import kata
 from kata_vmcache.errors import ConfigError
 
 DATA = Path(__file__).parent.parent / "data" / "config"
@@ -50,7 +51,8 @@ def test_good_file_resolves_kata_defaults(tmp_path: Path, assets: dict[str, Path
     assert h.machine_type == "q35"
     assert h.kernel_params == ("console=ttyS0", "quiet")
     assert (h.vcpus, h.memory_mib, h.memory_slots) == (1, 256, 4)
-    assert h.max_vcpus == cfg.host_cpus()  # Kata: 0 means the host's CPUs
+    assert h.max_vcpus == kata.resolve({}, "3.x").max_vcpus  # 0 means the host's CPUs
+    assert config.daemon.kata_version == "3.x"  # no [proxy.*] or [shim.*] table
     assert config.factory.vm_cache_number == 2
     assert config.factory.vm_cache_endpoint == Path("/run/kata-test/cache.sock")
     assert config.factory.template_path == Path(cfg.KATA_DEFAULT_TEMPLATE_PATH)
@@ -63,22 +65,87 @@ def test_kata_defaults_when_keys_are_absent(tmp_path: Path, assets: dict[str, Pa
     text = (f'[hypervisor.qemu]\npath = "{assets["QEMU"]}"\nkernel = "{assets["KERNEL"]}"\n'
             f'initrd = "{assets["INITRD"]}"\n')
     config, _ = cfg.parse(text)
-    assert config.hypervisor.machine_type == "pc"
+    assert config.hypervisor.machine_type == "q35"  # Kata 3.x's default
     assert config.hypervisor.memory_mib == 2048
     assert config.hypervisor.memory_slots == 10
     assert config.hypervisor.vcpus == 1
     assert config.factory.vm_cache_number == 0
     assert config.factory.vm_cache_endpoint == Path("/var/run/kata-containers/cache.sock")
-    assert config.daemon == cfg.DaemonSettings()
+    assert config.daemon == cfg.DaemonSettings(
+        kata_version_origin="detected: no [proxy.*] or [shim.*] table")
+    # A 1.x file (it has a [proxy.kata] table): 1.x's default machine type.
+    config, _ = cfg.parse(text + '[proxy.kata]\npath = "/usr/libexec/kata-proxy"\n')
+    assert config.hypervisor.machine_type == "pc"
+    assert (config.daemon.kata_version, config.daemon.kata_version_origin) == (
+        "1.x", "detected: [proxy.kata] present")
 
 
-def test_vcpus_clamped_like_kata(assets: dict[str, Path]) -> None:
-    base = (f'[hypervisor.qemu]\npath = "{assets["QEMU"]}"\nkernel = "{assets["KERNEL"]}"\n'
+@pytest.mark.parametrize("version", kata.GENERATIONS)
+def test_vcpus_clamped_like_kata(assets: dict[str, Path], version: kata.Generation,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # One CPU count for both fields and both the VM and the Config reply: the generation's.
+    monkeypatch.setattr(kata, "_go_num_cpu", lambda: 3)
+    monkeypatch.setattr(kata, "_host_cpus_3x", lambda: 3)
+    base = (f'[vmcache]\nkata_version = "{version}"\n[hypervisor.qemu]\n'
+            f'path = "{assets["QEMU"]}"\nkernel = "{assets["KERNEL"]}"\n'
             f'initrd = "{assets["INITRD"]}"\n')
-    assert cfg.parse(base + "default_vcpus = -1\n")[0].hypervisor.vcpus == cfg.host_cpus()
-    assert cfg.parse(base + "default_vcpus = 999\n")[0].hypervisor.vcpus == cfg.host_cpus()
-    assert cfg.parse(base + "default_maxvcpus = 999\n")[0].hypervisor.max_vcpus == min(
-        cfg.host_cpus(), cfg.KATA_MAX_QEMU_VCPUS)
+    assert cfg.parse(base + "default_vcpus = -1\n")[0].hypervisor.vcpus == 3
+    assert cfg.parse(base + "default_vcpus = 999\n")[0].hypervisor.vcpus == 3
+    assert cfg.parse(base + "default_maxvcpus = 999\n")[0].hypervisor.max_vcpus == 3
+
+
+def test_kata_version_set_detected_or_refused(assets: dict[str, Path]) -> None:
+    base = (f'[hypervisor.qemu]\npath = "{assets["QEMU"]}"\nkernel = "{assets["KERNEL"]}"\n'
+            f'initrd = "{assets["INITRD"]}"\n[shim.kata]\n')
+    daemon = cfg.parse(base)[0].daemon
+    assert (daemon.kata_version, daemon.kata_version_origin) == (
+        "1.x", "detected: [shim.kata] present")
+    daemon = cfg.parse(base + '[vmcache]\nkata_version = "3.x"\n')[0].daemon
+    assert (daemon.kata_version, daemon.kata_version_origin) == ("3.x", "set in [vmcache]")
+    with pytest.raises(ConfigError, match=r'vmcache.kata_version: not a valid choice '
+                                          r'\(got \'2.x\', expected "1.x" or "3.x"\)'):
+        cfg.parse(base + '[vmcache]\nkata_version = "2.x"\n')
+
+
+def test_unset_path_is_the_generations_default(assets: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    base = (f'[hypervisor.qemu]\nkernel = "{assets["KERNEL"]}"\n'
+            f'initrd = "{assets["INITRD"]}"\n')
+    # 1.x's loader defaults to qemu-lite, which no current distribution ships: refused.
+    with pytest.raises(ConfigError) as info:
+        cfg.parse(base + '[vmcache]\nkata_version = "1.x"\n')
+    assert str(info.value) == (
+        "hypervisor.qemu.path: no such file (got '/usr/bin/qemu-lite-system-x86_64') "
+        "(Kata 1.x's default, which its loader refuses when missing; set it)")
+    # 3.x's default is the binary the daemon then runs, and the Config reply names.
+    if not Path(kata.DEFAULT_HYPERVISOR_PATH_3X).exists():
+        pytest.skip("no /usr/bin/qemu-system-x86_64 on this host")
+    config = cfg.parse(base + '[vmcache]\nkata_version = "3.x"\n')[0]
+    assert config.hypervisor.path == Path(kata.DEFAULT_HYPERVISOR_PATH_3X).resolve()
+    assert config.kata_vm_config()["HypervisorConfig"]["HypervisorPath"] == str(
+        config.hypervisor.path)
+
+
+def test_memory_under_katas_floor_boots_katas_default(assets: dict[str, Path]) -> None:
+    text = (f'[hypervisor.qemu]\npath = "{assets["QEMU"]}"\nkernel = "{assets["KERNEL"]}"\n'
+            f'initrd = "{assets["INITRD"]}"\nshared_fs = "virtio-9p"\ndefault_memory = 128\n')
+    config, warnings = cfg.parse(text)
+    assert config.hypervisor.memory_mib == 2048
+    assert config.kata_vm_config()["HypervisorConfig"]["MemorySize"] == 2048
+    assert [str(w) for w in warnings] == [
+        "hypervisor.qemu.default_memory: under Kata's minimum of 256 MiB (got 128): "
+        "Kata 3.x, and so kata-vmcache, boots 2048 MiB"]
+
+
+def test_what_3x_refuses_is_said(assets: dict[str, Path]) -> None:
+    text = (f'[hypervisor.qemu]\npath = "{assets["QEMU"]}"\nkernel = "{assets["KERNEL"]}"\n'
+            f'initrd = "{assets["INITRD"]}"\n')
+    _, warnings = cfg.parse(text)
+    assert [str(w) for w in warnings] == [
+        "hypervisor.qemu.shared_fs: Kata 3.x's loader refuses this file: virtio-fs (its "
+        "default) needs virtio_fs_daemon, which is not set; set shared_fs = \"virtio-9p\" or "
+        "virtio_fs_daemon"]
+    assert cfg.parse(text + '[proxy.kata]\n')[1] == []  # 1.x's default is virtio-9p
 
 
 def test_symlinked_assets_resolve_to_real_paths(tmp_path: Path,
@@ -92,7 +159,7 @@ def test_symlinked_assets_resolve_to_real_paths(tmp_path: Path,
 
 @pytest.mark.parametrize("src", BAD, ids=[p.stem for p in BAD])
 def test_bad_input_is_named(src: Path, tmp_path: Path, assets: dict[str, Path]) -> None:
-    if src.stem == "maxvcpus_below_vcpus" and cfg.host_cpus() < 2:
+    if src.stem == "maxvcpus_below_vcpus" and kata.resolve({}, "3.x").max_vcpus < 2:
         pytest.skip("needs a host with 2 CPUs or more")
     expected = src.read_text().splitlines()[0].removeprefix("# expect: ")
     for name, path in assets.items():
@@ -131,11 +198,11 @@ def test_all_problems_reported_at_once(tmp_path: Path, assets: dict[str, Path]) 
 
 def test_unknown_key_in_kata_table_warns(assets: dict[str, Path]) -> None:
     text = (f'[hypervisor.qemu]\npath = "{assets["QEMU"]}"\nkernel = "{assets["KERNEL"]}"\n'
-            f'initrd = "{assets["INITRD"]}"\ndefault_memroy = 512\n')
+            f'initrd = "{assets["INITRD"]}"\nshared_fs = "virtio-9p"\ndefault_memroy = 512\n')
     _, warnings = cfg.parse(text)
     assert [str(w) for w in warnings] == [
         "hypervisor.qemu.default_memroy: unknown key, ignored; did you mean 'default_memory'?"]
-    assert warnings[0].line == 5
+    assert warnings[0].line == 6
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
@@ -190,8 +257,8 @@ def test_unreadable_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("extra", "version", "origin"), [
     ("", "3.x", "detected: no [proxy.*] or [shim.*] table"),
     ("[proxy.kata]\npath = \"/usr/libexec/kata-containers/kata-proxy\"\n", "1.x",
-     "detected: [proxy.*] present"),
-    ("[shim.kata]\n", "1.x", "detected: [shim.*] present"),
+     "detected: [proxy.kata] present"),
+    ("[shim.kata]\n", "1.x", "detected: [shim.kata] present"),
     ("[proxy.kata]\n[vmcache]\nkata_version = \"3.x\"\n", "3.x", "set in [vmcache]"),
 ])
 def test_the_kata_generation_is_detected_or_set(assets: dict[str, Path], extra: str,

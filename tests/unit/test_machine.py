@@ -96,7 +96,7 @@ def host(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(direct, "running_nested", lambda: True)
     monkeypatch.setattr(direct, "host_has_vsock", lambda: False)
     monkeypatch.setattr(cfg, "host_memory_mib", lambda: 24105)
-    monkeypatch.setattr(cfg, "host_cpus", lambda: 2)
+    monkeypatch.setattr("kata_vmcache.kata._host_cpus_3x", lambda: 2)
     monkeypatch.setattr("kata_vmcache.kata._go_num_cpu", lambda: 2)
     monkeypatch.setattr("kata_vmcache.kata._host_supports_vsock", lambda: False)
 
