@@ -324,7 +324,8 @@ path = "{qemu}"
 kernel = "{guest.kernel}"
 initrd = "{guest.initrd}"
 machine_type = "q35"
-# Kata 3.x's default is virtio-fs, which needs a virtiofsd per VM; kata-vmcache builds 9p.
+# Kata 3.x's default is virtio-fs, which needs a virtiofsd per VM (its loader refuses the
+# file without one; kata-vmcache runs none); virtio-9p is 1.x's default, fine for both.
 shared_fs = "virtio-9p"
 kernel_params = "{KERNEL_PARAMS}"
 default_vcpus = 1
@@ -333,9 +334,6 @@ default_maxvcpus = 0
 default_memory = 256
 memory_slots = 4
 enable_debug = false
-# Kata 3.x's default is virtio-fs, which its loader refuses without a virtiofsd (the demo
-# guest has none); virtio-9p is 1.x's default and accepted by both generations.
-shared_fs = "virtio-9p"
 
 [agent.kata]
 
@@ -378,9 +376,10 @@ def build_demo(dest: Path, *, cache_number: int = 2) -> DemoBuild:
     config = dest / CONFIG_NAME
     if config.exists():
         text = config.read_text()
-        # One written before shared_fs was (Kata 3.x would read virtio-fs) is redone.
+        # One written before shared_fs (Kata 3.x would read virtio-fs) or guest_agent (the
+        # default, "kata", would want an agent the demo guest does not have) is redone.
         if (text.startswith(CONFIG_HEADER) and f'initrd = "{guest.initrd}"' in text
-                and "\nshared_fs = " in text):
+                and "\nshared_fs = " in text and "\nguest_agent = " in text):
             accel = "kvm" if 'accelerator = "kvm"' in text else "tcg"
             return DemoBuild(guest, config, accel)
     accel = asyncio.run(probe_accelerator(guest))
