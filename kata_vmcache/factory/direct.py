@@ -314,7 +314,8 @@ def describe_vm(config: Config) -> list[tuple[str, str]]:
     else:
         how = f"none (no {VHOST_VSOCK} on this host)"
     return [
-        ("kata.vm_directory", f"{where} (qmp.sock console.sock kata.sock pid shared/)"),
+        ("kata.vm_directory", f"{where} (qmp.sock console.sock "
+                              f"{'kata.sock ' if channel == 'serial' else ''}pid shared/)"),
         ("kata.agent_channel", how),
         ("kata.readiness", {"kata-agent": "the agent's health check (grpc.Health/Check"
                                           + (f" over ttrpc, vsock port {AGENT_VSOCK_PORT})"
