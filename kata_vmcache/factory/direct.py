@@ -333,14 +333,16 @@ def booted(vm: VM, started: float) -> None:
 
 
 async def abandon(vm: VM, why: BaseException, stop_timeout: float) -> None:
-    """The end of a failed boot: QEMU and its proxy stopped, then the VM failed (with why)
-    and its directories gone. Stopping comes first and depends on nothing on disk: a
-    failure to write (a full disk) must not leave a QEMU running."""
+    """The end of a failed boot: failed (with why), QEMU and its proxy stopped, its
+    directories gone. Stopping depends on nothing on disk: a failure to write (a full
+    disk) must not leave a QEMU running."""
     try:
-        await vm.stop(stop_timeout)
-    finally:
         if vm.state is VMState.BOOTING:
+            # Recorded first (with why), then stopped; a record that cannot be written
+            # (a full disk) is only logged for a failed VM, so the stop always follows.
             vm.transition(VMState.FAILED, str(why) or type(why).__name__)
+    finally:
+        await vm.stop(stop_timeout)
         vm.remove_dirs()
 
 
