@@ -290,7 +290,9 @@ class VMCache:
                 waiter.set_result(vm)
                 return
         if len(self._ready) >= self.target:
-            self._retire(vm, "the cache is full (vm_cache_number was lowered)")
+            # vm_cache_number was lowered, or a VM whose hand-off was undone came back
+            # while its replacement was booting.
+            self._retire(vm, "the cache is full")
             return
         if front:
             self._ready.appendleft(vm)
@@ -422,6 +424,11 @@ class VMCache:
         self._wake.set()  # the refill, now that the reply is out
         self._notify()
 
+    def refill(self) -> None:
+        """Boot the replacement of a reserved VM now, not once its hand-off is delivered
+        (the server calls this when a reply is slow to be written)."""
+        self._wake.set()
+
     async def hand_off(self) -> VM:
         """Reserve, check and give a VM in one call (for callers with no reply to write)."""
         asked = time.monotonic()
@@ -439,7 +446,9 @@ class VMCache:
 
     async def _take_back(self, vm: VM, why: str) -> None:
         if vm.state is VMState.READY and not vm.process.released:
-            self.put_back(vm)  # reserved, never given: still ours in every way
+            # Reserved, never given: still ours in every way.
+            log.warning("VM %s back in the pool: %s", vm.id, why)
+            self.put_back(vm)
             return
         try:
             vm.require(VMState.HANDED_OFF)
