@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as configmod
+from . import quiet_grpc  # noqa: F401 - before anything imports grpc
 from .client import CacheClient
 from .errors import ConfigError, ServerUnavailable, UsageError, VmcacheError
 from .logs import setup_logging

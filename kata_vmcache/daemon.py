@@ -33,6 +33,7 @@ from .errors import UsageError
 from .factory.cache import VMCache
 from .factory.direct import DirectFactory
 from .factory.template import TemplateFactory
+from .fds import DescriptorWatch, raise_open_file_limit
 from .monitor import MonitorServicer
 from .notify import Notifier, publish_status, status_line
 from .procs import pids
@@ -103,6 +104,7 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
     if config.factory.vm_cache_number < 1:
         raise UsageError("factory.vm_cache_number is 0, which disables the VM cache "
                          "(set it to the number of VMs to keep ready)")
+    raise_open_file_limit()  # a daemon started by hand gets the shell's 1024 (fds.py)
     shutdown = shutdown or asyncio.Event()
     notifier = notifier or Notifier.from_environ()
     reload_requested = asyncio.Event()  # set by SIGHUP, even before the reloader runs
@@ -175,14 +177,16 @@ def make_factory(config: Config) -> DirectFactory | TemplateFactory:
 def _service_duties(config: Config, cache: VMCache, servicer: CacheServicer,
                     notifier: Notifier,
                     reload_requested: asyncio.Event) -> set[asyncio.Task[None]]:
-    """Once the socket serves: READY=1, the STATUS= line, and reloads on SIGHUP."""
+    """Once the socket serves: READY=1, the STATUS= line, reloads on SIGHUP, and the
+    watch for running out of file descriptors."""
     reloader = Reloader(config, cache=cache, servicer=servicer, notifier=notifier,
                         factory_for=make_factory)
     reloader.started()
     line = status_line(cache)
     notifier.ready(line)
     return {asyncio.create_task(publish_status(notifier, cache, sent=line), name="status"),
-            asyncio.create_task(reloader.run(reload_requested), name="reload")}
+            asyncio.create_task(reloader.run(reload_requested), name="reload"),
+            asyncio.create_task(DescriptorWatch(cache.retry_now).run(), name="fds")}
 
 
 async def _cancel(tasks: set[asyncio.Task[None]]) -> None:

@@ -29,11 +29,13 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import fds
 from ..errors import CacheClosed, VmcacheError, VMDead
 from ..vm import VM, VMState
 from . import Factory
@@ -139,6 +141,7 @@ class VMCache:
         self._tasks: set[asyncio.Future[None]] = set()
         self._closed = False
         self._not_before = 0.0
+        self._retry = asyncio.Event()
         # Live reload (replace_factory, set_parallelism): VMs still booting from a replaced
         # factory, and the boot slots of run() so their number can change.
         self._outdated: set[VM] = set()
@@ -211,9 +214,10 @@ class VMCache:
     async def _boot_one(self, sem: asyncio.Semaphore) -> None:
         try:
             async with sem:
-                delay = self._not_before - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                while (delay := self._not_before - time.monotonic()) > 0:
+                    self._retry.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._retry.wait(), delay)  # retry_now()
                 if self._closed:
                     return
                 vm = self.factory.create()
@@ -222,12 +226,16 @@ class VMCache:
                 try:
                     await self.factory.boot(vm)
                     await self._settle(vm)
-                except VmcacheError as exc:
-                    self._boot_failed(str(exc))
-                    return
-                except Exception as exc:  # a bug must not take the pool down
-                    log.exception("unexpected error booting VM %s", vm.id)
-                    self._boot_failed(f"internal error: {exc!r}")
+                except Exception as exc:
+                    if fds.caused_by_exhaustion(exc):
+                        # Neither the VM's fault nor a bug, and the descriptor watch logs
+                        # the episode once (fds.py): no line per failed boot.
+                        self._boot_failed("out of file descriptors", quiet=True)
+                    elif isinstance(exc, VmcacheError):
+                        self._boot_failed(str(exc))
+                    else:  # a bug must not take the pool down
+                        log.exception("unexpected error booting VM %s", vm.id)
+                        self._boot_failed(f"internal error: {exc!r}")
                     return
                 finally:
                     self._booting.discard(vm)
@@ -249,13 +257,13 @@ class VMCache:
             await self._stop(vm)
             raise
 
-    def _boot_failed(self, reason: str) -> None:
+    def _boot_failed(self, reason: str, *, quiet: bool = False) -> None:
         self.stats.boot_failures += 1
         self.stats.consecutive_failures += 1
         delay = min(BACKOFF_CAP, BACKOFF_START * 2 ** (self.stats.consecutive_failures - 1))
         self._not_before = time.monotonic() + delay
         # Once per change of reason: a host with a broken kernel must not fill the journal.
-        if reason != self.stats.last_error:
+        if reason != self.stats.last_error and not quiet:
             log.error("VM boot failed: %s (retrying with backoff, next in %.0f s)", reason, delay)
         else:
             log.debug("VM boot failed again: %s (next in %.0f s)", reason, delay)
@@ -280,6 +288,12 @@ class VMCache:
         log.info("VM %s ready in %.2f s (QEMU pid %s)", vm.id, vm.boot_seconds or 0, vm.pid)
         self.activity.vm_ready(vm)
         self._offer(vm)
+
+    def retry_now(self) -> None:
+        """End the backoff: the next boot starts at once (what made boots fail is over)."""
+        self._not_before = 0.0
+        self._retry.set()
+        self._wake.set()
 
     def _offer(self, vm: VM, *, front: bool = False) -> None:
         if self._retire_if_outdated(vm):
@@ -367,7 +381,7 @@ class VMCache:
             self._ready.popleft()
             if vm.state is not VMState.READY or not vm.process.running:
                 continue
-            problem = vm.process.problem_now()
+            problem = _problem_now(vm)
             if problem is not None:
                 self._discard(vm, f"failed its hand-off check ({problem})")
                 continue
@@ -389,7 +403,7 @@ class VMCache:
                 self.put_back(vm)
                 raise
             if problem is None:
-                problem = vm.process.problem_now()
+                problem = _problem_now(vm)
             if problem is not None:
                 self._discard(vm, f"failed its hand-off check ({problem})")
                 continue
@@ -489,6 +503,8 @@ class VMCache:
             problem = str(exc)
         except Exception as exc:  # a surprise from the QMP library must not end supervision
             problem = f"QMP failed: {exc!r}"
+        if problem is not None and fds.exhausted():
+            return  # the check could not run for want of a descriptor: no verdict
         # A VM taken meanwhile is its hand-off's to check; one that exited is already gone.
         if problem is not None and vm in self._ready:
             self._ready.remove(vm)
@@ -604,6 +620,21 @@ class VMCache:
         self._background(self._stop(vm))
         self._wake.set()
         self._notify()
+
+
+def _problem_now(vm: VM) -> str | None:
+    """`problem_now()` of the VM's QEMU, unless that check could not run for want of a file
+    descriptor (it reads /proc): then a waitid, which needs none, says whether QEMU (our
+    child, not reaped while we hold its pidfd) has exited or been stopped."""
+    problem = vm.process.problem_now()
+    if problem is None or vm.pid is None or not fds.exhausted():
+        return problem
+    try:
+        info = os.waitid(os.P_PID, vm.pid,
+                         os.WEXITED | os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return problem
+    return problem if info is not None else None
 
 
 async def _withhold(slots: asyncio.Semaphore, count: int) -> None:
