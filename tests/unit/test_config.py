@@ -185,3 +185,19 @@ def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="permission denied"):
         cfg.load(path)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_kata_integers_fit_the_go_type_of_some_generation(assets: dict[str, Path]) -> None:
+    base = (f'[hypervisor.qemu]\npath = "{assets["QEMU"]}"\nkernel = "{assets["KERNEL"]}"\n'
+            f'initrd = "{assets["INITRD"]}"\n')
+    # uint64 in Kata 3.x, though uint32 in 1.x: a 3.x file may hold it.
+    cfg.parse(base + f"memory_offset = {2**33}\n")
+    # float32 in 3.x: any integer loads (and is clamped to the host's CPUs).
+    assert cfg.parse(base + f"default_vcpus = {2**40}\n")[0].hypervisor.vcpus == cfg.host_cpus()
+    cfg.parse(base + f"default_memory = {2**32 - 1}\n")  # the largest uint32
+    with pytest.raises(ConfigError, match=r"default_memory: out of range for Kata's loader"):
+        cfg.parse(base + f"default_memory = {2**32}\n")
+    # A key with a check of its own gets one problem, not two.
+    with pytest.raises(ConfigError) as info:
+        cfg.parse(base + "default_memory = -5\n")
+    assert [p.key for p in info.value.problems] == ["hypervisor.qemu.default_memory"]
