@@ -134,7 +134,10 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(serve(config))
         return 0
     if command == "check-config":
+        from .preflight import require
+
         config = load_config(args)
+        require(config)  # what the file alone cannot tell (machine type, state_dir)
         width = max(len(k) for k, _ in configmod.describe(config))
         print(f"# {config.source}: OK")
         for key, value in configmod.describe(config):

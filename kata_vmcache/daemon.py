@@ -28,6 +28,7 @@ import shutil
 import signal
 from pathlib import Path
 
+from . import preflight
 from .config import Config
 from .errors import UsageError
 from .factory.cache import VMCache
@@ -120,10 +121,12 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
     # From the start: recovery and start-up run on the loop too, and must not stall it.
     watchdog = asyncio.create_task(notifier.watchdog(), name="watchdog")
     try:
+        # What the file cannot tell (QEMU's machine types, whose state_dir): before
+        # anything is touched. An existing state_dir is never re-moded (preflight.py).
+        await asyncio.to_thread(preflight.require, config)
         prepare_endpoint(endpoint)
         state_dir = config.daemon.state_dir
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(state_dir, 0o700)
+        preflight.claim_state_dir(config)
         await recover(state_dir, timeout=config.daemon.stop_timeout)
 
         factory = make_factory(config)

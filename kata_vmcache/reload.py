@@ -1,6 +1,7 @@
 """Live reload of configuration.toml: SIGHUP, `kata-vmcache reload`, `systemctl reload`.
 
-The daemon re-reads the file it was started with and validates it exactly as at start-up.
+The daemon re-reads the file it was started with and validates it exactly as at start-up
+(the file, then what it names on this host: preflight.py).
 Then, by what changed:
 
 | setting                                             | on reload                              |
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import Literal
 
 from . import config as configmod
-from . import kata
+from . import kata, preflight
 from .config import Config
 from .errors import ConfigError, VmcacheError
 from .factory import Factory
@@ -212,6 +213,8 @@ class Reloader:
         keep = "still serving with the previous settings"
         try:
             new, warnings = configmod.load(old.source)
+            # As at start: what the file cannot tell (QEMU's machine types, ...).
+            preflight.require(new)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("configuration reload refused: %s", problem)

@@ -31,8 +31,10 @@ record is renamed to say so), return. Hence:
   rename, the record says `handed_off` and the VM is left to the client, as it must be when
   the status may have gone out.
 
-`bind()` owns the endpoint: it creates the parent directory, refuses to start while a live
-server answers there, replaces a stale socket file, and sets the socket's mode and group.
+`start_server()` owns the endpoint: it creates the parent directory, refuses to start while a
+live server answers there, replaces a stale socket file, and sets the socket's mode and
+group. An endpoint that cannot be listened on is one line naming the key and the reason
+(EndpointUnusable), not grpc's "Failed to bind" and a traceback.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from google.protobuf import empty_pb2
 
 from . import kata
 from .config import Config
-from .errors import CacheClosed, EndpointInUse, VmcacheError
+from .errors import CacheClosed, EndpointInUse, EndpointUnusable, VmcacheError
 from .factory.cache import VMCache
 from .monitor import MonitorServicer
 from .monitor import add_to_server as add_monitor_to_server
@@ -253,20 +255,53 @@ def probe_endpoint(path: Path) -> bool:
         return True
 
 
+def unusable(path: Path, why: str) -> EndpointUnusable:
+    return EndpointUnusable(f"factory.vm_cache_endpoint: cannot listen on {path}: {why}")
+
+
 def prepare_endpoint(path: Path) -> None:
     """Make `path` bindable: parent dir, no live server, no stale socket."""
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         st = path.lstat()
     except FileNotFoundError:
         return
+    except OSError as exc:
+        raise unusable(path, _why(exc, path.parent)) from None
     if not stat.S_ISSOCK(st.st_mode):
         raise EndpointInUse(f"{path} exists and is not a socket; refusing to replace it")
-    if probe_endpoint(path):
+    try:
+        live = probe_endpoint(path)
+        if not live:
+            log.info("replacing stale socket %s", path)
+            path.unlink()
+    except OSError as exc:
+        raise unusable(path, _why(exc, path)) from None
+    if live:
         raise EndpointInUse(f"a server is already answering on {path} "
                             "(stop it with 'kata-vmcache destroy')")
-    log.info("replacing stale socket %s", path)
-    path.unlink()
+
+
+def _why(exc: OSError, path: Path) -> str:
+    if isinstance(exc, FileExistsError | NotADirectoryError):
+        # mkdir of a directory whose path has a file in it: say which.
+        for parent in (path, *path.parents):
+            if parent.exists() and not parent.is_dir():
+                return f"{parent} is not a directory"
+    return exc.strerror or str(exc)
+
+
+def bind_error(path: Path) -> str:
+    """Why `path` cannot be bound, found by binding it ourselves (grpc only says that it
+    failed, and its core logging is off: quiet_grpc.py)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(str(path))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    with contextlib.suppress(OSError):
+        path.unlink()  # ours, made just now
+    return "grpc could not bind it"
 
 
 async def start_server(config: Config, servicer: CacheServicer,
@@ -286,7 +321,10 @@ async def start_server(config: Config, servicer: CacheServicer,
     # The socket must never exist with wider permissions than asked, not even briefly.
     old = os.umask(0o177)
     try:
-        server.add_insecure_port(f"unix:{endpoint}")
+        try:
+            server.add_insecure_port(f"unix:{endpoint}")
+        except RuntimeError:
+            raise unusable(endpoint, bind_error(endpoint)) from None
         await server.start()
     finally:
         os.umask(old)
