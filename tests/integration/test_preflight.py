@@ -49,7 +49,8 @@ def test_a_machine_type_qemu_does_not_know_is_refused(make_config: ConfigFactory
     for command in ("check-config", "init"):
         line = refused(config, command)
         assert "hypervisor.qemu.machine_type: not a machine type " in line, line
-        assert "(got 'q53'; see `" in line and line.endswith("did you mean 'q35'?\n"), line
+        assert "(got 'q53'; see `" in line, line
+        assert line.endswith("did you mean 'q35'?\n"), line
     # Refused before anything was touched: no socket, no state, no QEMU (the suite's
     # guard would see one).
     assert not (workdir / "cache.sock").exists()
@@ -57,7 +58,7 @@ def test_a_machine_type_qemu_does_not_know_is_refused(make_config: ConfigFactory
 
 
 @pytest.fixture
-def shared_dir(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+def shared_dir(workdir: Path, request: pytest.FixtureRequest) -> Path:
     path = workdir / "shared"
     path.mkdir()
     kind = request.param
@@ -68,7 +69,7 @@ def shared_dir(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
     else:
         os.chown(path, NOBODY, NOBODY)
         os.chmod(path, 0o755)
-    yield path
+    return path
 
 
 @pytest.mark.parametrize("shared_dir", ["sticky", "world-writable", "another user's"],
