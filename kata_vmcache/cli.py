@@ -142,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"# {config.source}: OK")
         for key, value in configmod.describe(config):
             print(f"{key:<{width}} = {value}")
+        if note := config.budget_note():
+            print(f"# {note}")
         return 0
     if command == "status":
         return asyncio.run(status(endpoint_of(args), as_json=args.json))

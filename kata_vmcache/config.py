@@ -107,7 +107,7 @@ KATA_QEMU_KEYS = frozenset(
 OUR_KEYS = frozenset(
     """
     accelerator ready_timeout state_dir boot_parallelism stop_timeout ready_probe ready_line
-    max_memory socket_mode socket_group log_format
+    max_memory socket_mode socket_group log_format memory_budget_mib
     """.split()
 )
 KATA_FACTORY_KEYS = frozenset(
@@ -236,6 +236,9 @@ class DaemonSettings:
     ready_line: str = "KATA-VMCACHE-READY"
     #: Hot-plug memory ceiling in MiB; 0 means the host's memory, as Kata does.
     max_memory_mib: int = 0
+    #: The most guest memory in MiB the daemon commits: the configured memory of every VM
+    #: it keeps or boots (hot-plug headroom not counted). 0: half of the host's MemTotal.
+    memory_budget_mib: int = 0
     #: Permission bits of the gRPC socket.
     socket_mode: int = 0o600
     #: Group owning the gRPC socket (a non-root runtime group with socket_mode 0660).
@@ -259,13 +262,40 @@ class Config:
     def max_memory_mib(self) -> int:
         return self.daemon.max_memory_mib or host_memory_mib()
 
+    @property
+    def memory_budget_mib(self) -> int:
+        """[vmcache] memory_budget_mib, or its default: half of the host's MemTotal."""
+        return self.daemon.memory_budget_mib or default_memory_budget_mib()
+
+    @property
+    def cache_target(self) -> int:
+        """The VMs kept ready: vm_cache_number, or as many as the memory budget holds."""
+        return min(self.factory.vm_cache_number,
+                   self.memory_budget_mib // self.hypervisor.memory_mib)
+
+    def budget_note(self) -> str:
+        """Why fewer than vm_cache_number VMs are kept, naming the numbers; "" if not."""
+        wanted, kept = self.factory.vm_cache_number, self.cache_target
+        if kept >= wanted:
+            return ""
+        memory = self.hypervisor.memory_mib
+        return (f"keeping {kept} VM{'' if kept == 1 else 's'} ready, not vm_cache_number = "
+                f"{wanted}: memory_budget_mib = {self.memory_budget_mib} holds {kept} of "
+                f"{memory} MiB ({wanted} would need {wanted * memory} MiB)")
+
 
 def host_cpus() -> int:
     return os.cpu_count() or 1
 
 
 def host_memory_mib() -> int:
+    """The host's MemTotal in MiB (sysconf's physical pages are what /proc/meminfo says)."""
     return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024))
+
+
+def default_memory_budget_mib() -> int:
+    """memory_budget_mib's default: half of MemTotal, so a cache never takes the host."""
+    return host_memory_mib() // 2
 
 
 def find_config(explicit: Path | None) -> Path:
@@ -395,7 +425,15 @@ class _Validator:
         self.kata_integers()
         if self.problems or hv is None or fac is None or ours is None:
             return None
-        return Config(self.source, hv, fac, ours, MappingProxyType(dict(self.doc)))
+        config = Config(self.source, hv, fac, ours, MappingProxyType(dict(self.doc)))
+        if fac.vm_cache_number > 0 and hv.memory_mib > config.memory_budget_mib:
+            default = ("" if ours.memory_budget_mib
+                       else ", the default: half of the host's MemTotal")
+            self.problem(f"{OUR_TABLE}.memory_budget_mib",
+                         f"smaller than one VM (got {config.memory_budget_mib} MiB{default}; "
+                         f"hypervisor.qemu.default_memory is {hv.memory_mib} MiB)")
+            return None
+        return config
 
     def hypervisor(self, t: Mapping[str, Any]) -> HypervisorSettings | None:
         p = "hypervisor.qemu"
@@ -502,6 +540,11 @@ class _Validator:
         max_memory = self.get(t, f"{p}.max_memory", int, 0, "an integer (MiB), 0 for host memory")
         if max_memory < 0:
             self.problem(f"{p}.max_memory", f"must be >= 0 MiB (got {max_memory})")
+        budget = self.get(t, f"{p}.memory_budget_mib", int, 0,
+                          "an integer (MiB), 0 for half of the host's memory")
+        if budget < 0:
+            self.problem(f"{p}.memory_budget_mib", f"must be >= 0 MiB (got {budget})")
+            budget = 0
         mode_text = self.get(t, f"{p}.socket_mode", str, "0600", "an octal string like \"0660\"")
         mode = d.socket_mode
         if not re.fullmatch(r"0?[0-7]{3}", mode_text):
@@ -533,6 +576,7 @@ class _Validator:
             ready_probe=probe,
             ready_line=ready_line,
             max_memory_mib=max_memory,
+            memory_budget_mib=budget,
             socket_mode=mode,
             socket_group=group,
             log_format=log_format,
@@ -716,6 +760,8 @@ def describe(config: Config) -> Iterator[tuple[str, str]]:
             return " ".join(value) or "(none)"
         if name == "socket_mode":
             return f"{value:04o}"
+        if name == "memory_budget_mib" and not value:
+            return f"{default_memory_budget_mib()} (half of the host's MemTotal)"
         if isinstance(value, bool):
             return "true" if value else "false"
         return str(value)

@@ -132,13 +132,16 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
         factory = make_factory(config)
         cache = VMCache(factory, config.factory.vm_cache_number,
                         parallelism=config.daemon.boot_parallelism,
-                        stop_timeout=config.daemon.stop_timeout)
+                        stop_timeout=config.daemon.stop_timeout,
+                        memory_budget_mib=config.memory_budget_mib)
         servicer = CacheServicer(cache, config, shutdown.set)
         monitor = MonitorServicer(cache, config, stopping=shutdown)
         server = await start_server(config, servicer, monitor)
         log.info("serving %d %s VMs (%d vCPU, %d MiB) on %s", cache.target,
                  factory.accelerator.upper(), factory.spec.vcpus, factory.spec.memory_mib,
                  endpoint)
+        if note := config.budget_note():
+            log.warning("%s", note)
         duties = _service_duties(config, cache, servicer, notifier, reload_requested)
         pool = asyncio.create_task(cache.run(), name="vm-pool")
         stop = asyncio.create_task(shutdown.wait(), name="shutdown")

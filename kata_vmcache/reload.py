@@ -6,7 +6,8 @@ Then, by what changed:
 
 | setting                                             | on reload                              |
 |-----------------------------------------------------|----------------------------------------|
-| [factory] vm_cache_number                           | the pool grows or shrinks              |
+| [factory] vm_cache_number, [vmcache]               | the pool grows or shrinks (to what the |
+| memory_budget_mib                                   | budget holds, which the log says)      |
 | [hypervisor.qemu] (any key), [vmcache] accelerator, | VM settings: new VMs are built from the|
 | max_memory, and any edit that changes Kata's        | new settings, ready VMs built from the |
 | `Config` reply (e.g. [agent.kata])                  | old ones are stopped and replaced, and |
@@ -74,7 +75,8 @@ VM_PREFIX = "hypervisor.qemu."
 #: How VMs are booted and stopped, not what they are: the factory is rebuilt, VMs are kept.
 BOOT_KEYS = frozenset({"vmcache.ready_timeout", "vmcache.ready_probe", "vmcache.ready_line",
                        "vmcache.stop_timeout"})
-LIVE_KEYS = frozenset({"factory.vm_cache_number", "vmcache.boot_parallelism",
+LIVE_KEYS = frozenset({"factory.vm_cache_number", "vmcache.memory_budget_mib",
+                       "vmcache.boot_parallelism",
                        "vmcache.socket_mode", "vmcache.socket_group", "vmcache.log_format"})
 
 Result = Literal["started", "applied", "refused"]
@@ -274,8 +276,13 @@ class Reloader:
         self.cache.stop_timeout = d.stop_timeout
         if "vmcache.boot_parallelism" in keys:
             self.cache.set_parallelism(d.boot_parallelism)
+        if "vmcache.memory_budget_mib" in keys:
+            self.cache.set_memory_budget(new.memory_budget_mib)
         if "factory.vm_cache_number" in keys:
             self.cache.resize(new.factory.vm_cache_number)
+        if keys & {"factory.vm_cache_number", "vmcache.memory_budget_mib",
+                   "hypervisor.qemu.memory_mib"} and (note := new.budget_note()):
+            log.warning("%s", note)
 
 
 def _keep_accelerator(factory: Factory, previous: Factory) -> None:

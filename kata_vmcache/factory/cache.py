@@ -7,11 +7,18 @@ fail, one attempt runs at a time. Beside it, one supervisor task asks every read
 for its status every `SUPERVISE_INTERVAL`; a VM that does not answer within
 `SUPERVISE_TIMEOUT`, or is not paused, leaves the pool at once and is killed.
 
+Memory admission: the pool commits at most `memory_budget_mib` of guest memory, counting
+the configured memory of every VM from the moment its boot starts until its QEMU has exited
+or it is handed off (ready VMs, booting ones, one whose hand-off is being written, ones being
+stopped). `target` is vm_cache_number (`wanted`) or as many VMs as the budget holds, if
+fewer; and no boot starts while the VMs still committed leave no room for one more (after
+a reload that changed the VM's size, while the old VMs are being stopped).
+
 Hand-off is three steps, so that a server can undo it when its reply cannot be written:
-`reserve()` takes a ready VM and checks it (still the cache's), `give_now()` releases it
-(record says handed_off), `delivered()` counts it once the reply is written; a
-hand-off whose reply was not written goes back with `take_back_later()`. `hand_off()` does
-the three in one call.
+`reserve()` takes a ready VM and checks it (still the cache's), the server writes its reply,
+`give_now()` releases the VM (record says handed_off) just before the call's OK status goes
+out, and `delivered()` counts it; a VM whose reply was not written goes back with
+`take_back_later()`. `hand_off()` does the three in one call.
 
 Invariants:
 - a VM is in at most one of `_ready`, a waiter's future, or a caller's hands;
@@ -20,7 +27,8 @@ Invariants:
 - a VM that stops answering QMP leaves it within SUPERVISE_INTERVAL + SUPERVISE_TIMEOUT;
 - a VM taken out of the pool is handed off, put back, or stopped: never dropped;
 - `close()` stops every VM the cache still owns, never a handed-off one, and waits for the
-  stops it started in the background.
+  stops it started in the background;
+- the memory committed never exceeds `memory_budget_mib`.
 """
 
 from __future__ import annotations
@@ -123,9 +131,14 @@ class CacheActivity:
 
 class VMCache:
     def __init__(self, factory: Factory, target: int, *, parallelism: int,
-                 stop_timeout: float = 3.0) -> None:
+                 stop_timeout: float = 3.0, memory_budget_mib: int | None = None) -> None:
         self.factory = factory
-        self.target = target
+        #: vm_cache_number: the VMs wanted ready (`target` is what the budget allows of it).
+        self.wanted = target
+        #: The most guest memory the pool commits (None: no limit).
+        self.memory_budget_mib = memory_budget_mib
+        #: MiB committed per VM, or per boot that has no VM yet (keyed by a token).
+        self._committed: dict[object, int] = {}
         self.parallelism = parallelism
         self.stop_timeout = stop_timeout
         self.stats = CacheStats()
@@ -148,6 +161,33 @@ class VMCache:
         self._boot_slots: asyncio.Semaphore | None = None
 
     # views
+
+    @property
+    def target(self) -> int:
+        """VMs kept ready: vm_cache_number, or as many as memory_budget_mib holds if fewer."""
+        memory = self.vm_memory_mib
+        if self.memory_budget_mib is None or memory <= 0:
+            return self.wanted
+        return min(self.wanted, self.memory_budget_mib // memory)
+
+    @property
+    def vm_memory_mib(self) -> int:
+        """The configured memory of the VMs the factory boots now (0: unknown)."""
+        return int(getattr(getattr(self.factory, "spec", None), "memory_mib", 0))
+
+    @property
+    def committed_mib(self) -> int:
+        """Guest memory committed now: every VM the cache has booting or owns."""
+        return sum(self._committed.values())
+
+    def _room_for_one(self) -> bool:
+        return (self.memory_budget_mib is None
+                or self.committed_mib + self.vm_memory_mib <= self.memory_budget_mib)
+
+    def _release(self, key: object) -> None:
+        """`key` (a VM, or a boot's token) commits no memory any more: maybe room to boot."""
+        if self._committed.pop(key, None) is not None:
+            self._wake.set()
 
     @property
     def ready_count(self) -> int:
@@ -205,13 +245,16 @@ class VMCache:
                 while (self._boot_tasks + len(self._ready) < self.target and not self._closed
                        # While boots fail, one attempt at a time: N QEMUs failing together
                        # say nothing one does not, and each costs a launch.
-                       and not (self.stats.consecutive_failures and self._boot_tasks)):
+                       and not (self.stats.consecutive_failures and self._boot_tasks)
+                       and self._room_for_one()):
                     self._boot_tasks += 1
-                    tasks.create_task(self._boot_one(sem))
+                    token = object()  # the boot's memory, committed from now on
+                    self._committed[token] = self.vm_memory_mib
+                    tasks.create_task(self._boot_one(sem, token))
                 self._wake.clear()
                 await self._wake.wait()
 
-    async def _boot_one(self, sem: asyncio.Semaphore) -> None:
+    async def _boot_one(self, sem: asyncio.Semaphore, token: object) -> None:
         try:
             async with sem:
                 while (delay := self._not_before - time.monotonic()) > 0:
@@ -239,8 +282,11 @@ class VMCache:
                     return
                 finally:
                     self._booting.discard(vm)
+            # The VM holds the memory now (its own size: a reload may have changed it).
+            self._committed[vm] = vm.spec.memory_mib
             self._boot_succeeded(vm)
         finally:
+            self._release(token)
             self._boot_tasks -= 1
             self._wake.set()
             self._notify()
@@ -314,6 +360,7 @@ class VMCache:
             self._ready.append(vm)
 
     def _died(self, vm: VM) -> None:
+        self._release(vm)
         with contextlib.suppress(ValueError):
             self._ready.remove(vm)
             self.stats.died_in_pool += 1
@@ -431,6 +478,7 @@ class VMCache:
     def delivered(self, vm: VM, *, asked: float | None = None) -> None:
         """The hand-off reply was written: the VM is the caller's for good. `asked` is when
         the request arrived (time.monotonic()), for the hand-off latency record."""
+        self._release(vm)  # the client's memory now, not the cache's
         self.stats.handed_out += 1
         log.info("VM %s handed out (QEMU pid %s)", vm.id, vm.pid)
         if asked is not None:
@@ -524,7 +572,10 @@ class VMCache:
         self._notify()
 
     async def _kill(self, vm: VM) -> None:
-        await vm.process.kill()
+        try:
+            await vm.process.kill()
+        finally:
+            self._release(vm)
         remove_vm_dir(vm)
         self._notify()
 
@@ -542,7 +593,10 @@ class VMCache:
                 waiter.set_exception(CacheClosed("the VM cache is shutting down"))
 
     async def _stop(self, vm: VM) -> None:
-        await vm.process.stop(self.stop_timeout)
+        try:
+            await vm.process.stop(self.stop_timeout)
+        finally:
+            self._release(vm)
         if vm.state is VMState.READY:
             vm.transition(VMState.DEAD, "stopped by the daemon")
         remove_vm_dir(vm)
@@ -563,13 +617,19 @@ class VMCache:
         self._notify()
 
     def resize(self, target: int) -> None:
-        """Grow or shrink the pool; surplus ready VMs are stopped."""
-        self.target = target
-        surplus = len(self._ready) - target
+        """Grow or shrink the pool to `target` (vm_cache_number; fewer if the memory budget
+        says so); surplus ready VMs are stopped."""
+        self.wanted = target
+        surplus = len(self._ready) - self.target
         for _ in range(max(0, surplus)):
             self._background(self._stop(self._ready.pop()))
         self._wake.set()
         self._notify()
+
+    def set_memory_budget(self, mib: int | None) -> None:
+        """A new memory budget: the pool grows or shrinks to what it holds."""
+        self.memory_budget_mib = mib
+        self.resize(self.wanted)
 
     # live reload
 
