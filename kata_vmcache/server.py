@@ -63,6 +63,7 @@ from .factory.cache import VMCache
 from .monitor import MonitorServicer
 from .monitor import add_to_server as add_monitor_to_server
 from .proto import cache_pb2, cache_pb2_grpc
+from .shape import VMShape
 from .vm import VM, VMState
 
 SERVICE_NAME = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
@@ -86,6 +87,15 @@ REFILL_AFTER = 0.5
 HANDSHAKE_TIMEOUT_MS = 5_000
 
 
+def vm_shape(config: Config) -> VMShape:
+    """The VM the daemon boots from `config`, for the Config reply's trailing metadata
+    (shape.py): the base VM and its hot-plug ceilings, as the client sizes requests."""
+    h = config.hypervisor
+    return VMShape(cpus=h.vcpus, max_cpus=h.max_vcpus, memory_mib=h.memory_mib,
+                   max_memory_mib=max(config.max_memory_mib, h.memory_mib),
+                   memory_slots=h.memory_slots)
+
+
 def config_reply(config: Config) -> cache_pb2.GrpcVMConfig:
     vm_config = kata.vm_config(config.document)
     return cache_pb2.GrpcVMConfig(
@@ -98,12 +108,14 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     def __init__(self, cache: VMCache, config: Config, quit: Callable[[], None]) -> None:
         self.cache = cache
         self._config = config_reply(config)
+        self._shape = vm_shape(config).metadata()
         self._quit = quit
         cache.prepare = self.prepare
 
     def set_config(self, config: Config) -> None:
         """Answer `Config` from `config` from now on (a configuration reload)."""
         self._config = config_reply(config)
+        self._shape = vm_shape(config).metadata()
 
     def prepare(self, vm: VM) -> cache_pb2.GrpcVM:
         """The GetBaseVM reply for `vm`, made when it becomes ready (VMCache.prepare), so
@@ -117,6 +129,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
 
     async def Config(self, request: empty_pb2.Empty,
                      context: grpc.aio.ServicerContext) -> cache_pb2.GrpcVMConfig:
+        context.set_trailing_metadata(self._shape)
         return self._config
 
     async def GetBaseVM(self, request: empty_pb2.Empty,
