@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as configmod
+from . import quiet_grpc  # noqa: F401 - before anything imports grpc
 from .client import CacheClient
 from .errors import ConfigError, ServerUnavailable, UsageError, VmcacheError
 from .logs import setup_logging
@@ -137,7 +138,10 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(serve(config))
         return 0
     if command == "check-config":
+        from .preflight import require
+
         config = load_config(args)
+        require(config)  # what the file alone cannot tell (machine type, state_dir)
         for w in check_host(config):
             logging.getLogger(PROG).warning("%s", w)
         rows = [*configmod.describe(config), *describe_vm(config)]
@@ -147,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
             if key == f"{configmod.OUR_TABLE}.kata_version":
                 value = f"{value} ({config.daemon.kata_version_origin})"
             print(f"{key:<{width}} = {value}")
+        if note := config.budget_note():
+            print(f"# {note}")
         return 0
     if command == "status":
         return asyncio.run(status(endpoint_of(args), as_json=args.json))

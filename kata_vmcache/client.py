@@ -53,6 +53,8 @@ from .errors import RemoteError, RequestError, ServerUnavailable, UsageError
 from .guest_channel import GuestInfo
 from .handle import MEMORY_BLOCK_MIB, VMHandle
 from .proto import cache_pb2_grpc
+from .shape import KEY as VM_SHAPE_KEY
+from .shape import VMShape
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +173,17 @@ class CacheClient:
 
     async def config(self, timeout: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """The server's VMConfig and AgentConfig, decoded from Kata's JSON."""
-        reply = await self._call("Config", timeout)
-        return json.loads(reply.Data), json.loads(reply.AgentConfig)
+        vm_config, agent_config, _ = await self.config_and_shape(timeout)
+        return vm_config, agent_config
+
+    async def config_and_shape(self, timeout: float | None = None
+                               ) -> tuple[dict[str, Any], dict[str, Any], VMShape | None]:
+        """`config()`, and the VM the server boots (None from a server that does not say:
+        Kata's own)."""
+        trailers: dict[str, str] = {}
+        reply = await self._call("Config", timeout, trailers)
+        return (json.loads(reply.Data), json.loads(reply.AgentConfig),
+                VMShape.parse(trailers.get(VM_SHAPE_KEY)))
 
     async def status(self, timeout: float | None = None) -> ServerStatus:
         trailers: dict[str, str] = {}
@@ -314,7 +325,7 @@ async def get_vm(config: Config | None = None, *, cpus: int | None = None,
             return await get_vm(config, cpus=cpus, memory_mib=memory_mib, client=own,
                                 wait_guest=wait_guest, guest_timeout=guest_timeout,
                                 timeout=timeout, hotplug_timeout=hotplug_timeout)
-    cache_config, _ = await client.config()
+    cache_config, _, shape = await client.config_and_shape()
     if config is not None:
         differences = config_differences(cache_config, config.kata_vm_config())
         if differences:
@@ -327,14 +338,21 @@ async def get_vm(config: Config | None = None, *, cpus: int | None = None,
             log.info("request %s; booting a VM directly", reason)
             return await boot_direct(config, want, reason=reason, wait_guest=wait_guest,
                                      guest_timeout=guest_timeout)
-    # Refuse a bad request before taking a VM (the cache's VMs are not spent on it); the
-    # VM's own record is the final word once it is taken.
-    h = cache_config.get("HypervisorConfig") or {}
-    size_request(cpus, memory_mib, base_cpus=base_vcpus(h),
-                 base_memory_mib=_int(h, "MemorySize", 0),
-                 max_cpus=_int(h, "DefaultMaxVCPUs", 0),
-                 max_memory_mib=config.max_memory_mib if config else None,
-                 memory_slots=_int(h, "MemSlots", 0) if "MemSlots" in h else None)
+    # Refuse a request the cache's VMs can never satisfy before taking one (none is spent
+    # on it), against the server's own VM: what its Config reply says, with --endpoint as
+    # with --config. The VM's record is the final word once it is taken.
+    if shape is not None:
+        size_request(cpus, memory_mib, base_cpus=shape.cpus, base_memory_mib=shape.memory_mib,
+                     max_cpus=shape.max_cpus, max_memory_mib=shape.max_memory_mib,
+                     memory_slots=shape.memory_slots)
+    else:  # Kata's own server: its VMConfig JSON (3.x has the maxmem, 1.x does not)
+        h = cache_config.get("HypervisorConfig") or {}
+        size_request(cpus, memory_mib, base_cpus=base_vcpus(h),
+                     base_memory_mib=_int(h, "MemorySize", 0),
+                     max_cpus=_int(h, "DefaultMaxVCPUs", 0),
+                     max_memory_mib=_int(h, "DefaultMaxMemorySize", 0) or (
+                         config.max_memory_mib if config else None),
+                     memory_slots=_int(h, "MemSlots", 0) if "MemSlots" in h else None)
     base = await client.get_base_vm(timeout=timeout)
     handle = VMHandle.adopt(base, source="cache")
     return await _bring_up(handle, cpus, memory_mib, wait_guest=wait_guest,

@@ -25,7 +25,11 @@ derivation in kata.py (`kata.resolve()`), the same one the `Config` reply is bui
 the VM we boot is the VM kata-runtime compares and would have booted from the same file: a
 `default_memory` under Kata's 256 MiB floor boots 2048 MiB, as Kata's would; with `path`
 unset the binary is the generation's default, refused when it does not exist, as Kata
-refuses it.
+refuses it. Integers in Kata's tables must fit the Go type Kata decodes them into
+(`KATA_INTEGER_KEYS`): a value Kata itself cannot load is refused here.
+
+What the file alone cannot tell (does the configured QEMU know the machine type, can the
+state directory be ours) is checked by `preflight.py`, at `check-config`, start and reload.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import math
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,12 +116,69 @@ KATA_QEMU_KEYS = frozenset(
 OUR_KEYS = frozenset(
     """
     accelerator ready_timeout state_dir boot_parallelism stop_timeout ready_probe ready_line
-    max_memory socket_mode socket_group log_format vm_storage_path guest_agent kata_version
+    max_memory socket_mode socket_group log_format vm_storage_path guest_agent kata_version memory_budget_mib
     """.split()
 )
 KATA_FACTORY_KEYS = frozenset(
     {"enable_template", "template_path", "vm_cache_number", "vm_cache_endpoint"}
 )
+
+#: Go integer types: the values Kata's TOML decoder (BurntSushi/toml) accepts for each.
+GO_INT_RANGES: Mapping[str, tuple[int, int]] = MappingProxyType({
+    "int32": (-(2**31), 2**31 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+    "uint32": (0, 2**32 - 1),
+    "uint64": (0, 2**64 - 1),
+    "uint": (0, 2**64 - 1),  # Kata runs on 64-bit hosts
+    "float32": (-(2**127), 2**127),  # an integer into a float32: any TOML integer fits
+})
+
+#: Integer keys of the Kata tables we read, and the Go type each generation's loader
+#: decodes them into: (Kata 1.x, Kata 3.x); None where that generation has no such key.
+#: From the `hypervisor`, `factory`, `agent` and `runtime` structs of pkg/katautils/config.go
+#: in kata-containers/runtime (1.x) and src/runtime/pkg/katautils/config.go in
+#: kata-containers 3.30.0. A value is refused when no generation that has the key can
+#: decode it (e.g. memory_offset = 2**33 loads in 3.x, uint64, though not in 1.x, uint32).
+KATA_INTEGER_KEYS: Mapping[str, tuple[str | None, str | None]] = MappingProxyType({
+    "hypervisor.qemu.default_vcpus": ("int32", "float32"),
+    "hypervisor.qemu.default_maxvcpus": ("uint32", "uint32"),
+    "hypervisor.qemu.default_memory": ("uint32", "uint32"),
+    "hypervisor.qemu.memory_slots": ("uint32", "uint32"),
+    "hypervisor.qemu.memory_offset": ("uint32", "uint64"),
+    "hypervisor.qemu.default_bridges": ("uint32", "uint32"),
+    "hypervisor.qemu.msize_9p": ("uint32", "uint32"),
+    "hypervisor.qemu.pcie_root_port": ("uint32", "uint32"),
+    "hypervisor.qemu.virtio_fs_cache_size": ("uint32", "uint32"),
+    "hypervisor.qemu.default_maxmemory": (None, "uint64"),
+    "hypervisor.qemu.virtio_fs_queue_size": (None, "uint32"),
+    "hypervisor.qemu.hypervisor_loglevel": (None, "uint32"),
+    "hypervisor.qemu.remote_hypervisor_timeout": (None, "uint32"),
+    "hypervisor.qemu.block_device_logical_sector_size": (None, "uint32"),
+    "hypervisor.qemu.block_device_physical_sector_size": (None, "uint32"),
+    "hypervisor.qemu.vhost_user_reconnect_timeout_sec": (None, "uint32"),
+    "hypervisor.qemu.indep_iothreads": (None, "uint32"),
+    "hypervisor.qemu.pcie_switch_port": (None, "uint32"),
+    "hypervisor.qemu.tdx_quote_generation_service_socket_port": (None, "uint32"),
+    "hypervisor.qemu.snp_guest_policy": (None, "uint64"),
+    "hypervisor.qemu.rx_rate_limiter_max_rate": (None, "uint64"),
+    "hypervisor.qemu.tx_rate_limiter_max_rate": (None, "uint64"),
+    **{f"hypervisor.qemu.{kind}_rate_limiter_{what}": (None, "int64")
+       for kind in ("disk", "net")
+       for what in ("bw_max_rate", "bw_one_time_burst", "ops_max_rate", "ops_one_time_burst")},
+    "factory.vm_cache_number": ("uint", "uint"),
+    "agent.kata.dial_timeout": (None, "uint32"),
+    "agent.kata.cdh_api_timeout": (None, "uint32"),
+    "agent.kata.launch_process_timeout": (None, "uint32"),
+    "runtime.create_container_timeout": (None, "uint64"),
+})
+
+#: The fewest seconds that can work: no guest is ready within a second of QEMU's start
+#: (the demo guest under KVM takes longer), and QMP `quit` plus QEMU's exit take a good
+#: part of half a second on a busy host (below it every stop would end in SIGKILL).
+MIN_READY_TIMEOUT = 1.0
+MIN_STOP_TIMEOUT = 0.5
+#: Not ours to fill: pseudo-file systems where a directory of ours or a socket cannot be.
+SYSTEM_TREES = (Path("/proc"), Path("/sys"), Path("/dev"))
 
 
 @dataclass(frozen=True)
@@ -187,6 +249,9 @@ class DaemonSettings:
     ready_line: str = "KATA-VMCACHE-READY"
     #: Hot-plug memory ceiling in MiB; 0 means Kata's (Config.max_memory_mib).
     max_memory_mib: int = 0
+    #: The most guest memory in MiB the daemon commits: the configured memory of every VM
+    #: it keeps or boots (hot-plug headroom not counted). 0: half of the host's MemTotal.
+    memory_budget_mib: int = 0
     #: Permission bits of the gRPC socket.
     socket_mode: int = 0o600
     #: Group owning the gRPC socket (a non-root runtime group with socket_mode 0660).
@@ -234,9 +299,37 @@ class Config:
         offset = offset if isinstance(offset, int) and not isinstance(offset, bool) else 0
         return host_memory_mib() + offset + NVDIMM_ROOM_MIB
 
+    @property
+    def memory_budget_mib(self) -> int:
+        """[vmcache] memory_budget_mib, or its default: half of the host's MemTotal."""
+        return self.daemon.memory_budget_mib or default_memory_budget_mib()
+
+    @property
+    def cache_target(self) -> int:
+        """The VMs kept ready: vm_cache_number, or as many as the memory budget holds."""
+        return min(self.factory.vm_cache_number,
+                   self.memory_budget_mib // self.hypervisor.memory_mib)
+
+    def budget_note(self) -> str:
+        """Why fewer than vm_cache_number VMs are kept, naming the numbers; "" if not."""
+        wanted, kept = self.factory.vm_cache_number, self.cache_target
+        if kept >= wanted:
+            return ""
+        memory = self.hypervisor.memory_mib
+        return (f"keeping {kept} VM{'' if kept == 1 else 's'} ready, not vm_cache_number = "
+                f"{wanted}: memory_budget_mib = {self.memory_budget_mib} holds {kept} of "
+                f"{memory} MiB ({wanted} would need {wanted * memory} MiB)")
+
+
 
 def host_memory_mib() -> int:
+    """The host's MemTotal in MiB (sysconf's physical pages are what /proc/meminfo says)."""
     return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024))
+
+
+def default_memory_budget_mib() -> int:
+    """memory_budget_mib's default: half of MemTotal, so a cache never takes the host."""
+    return host_memory_mib() // 2
 
 
 def find_config(explicit: Path | None) -> Path:
@@ -366,9 +459,18 @@ class _Validator:
         hv = self.hypervisor(self.table("hypervisor.qemu"), version)
         fac = self.factory(self.table("factory"))
         ours = self.ours(ours_table, version, origin)
+        self.kata_integers()
         if self.problems or hv is None or fac is None or ours is None:
             return None
-        return Config(self.source, hv, fac, ours, MappingProxyType(dict(self.doc)))
+        config = Config(self.source, hv, fac, ours, MappingProxyType(dict(self.doc)))
+        if fac.vm_cache_number > 0 and hv.memory_mib > config.memory_budget_mib:
+            default = ("" if ours.memory_budget_mib
+                       else ", the default: half of the host's MemTotal")
+            self.problem(f"{OUR_TABLE}.memory_budget_mib",
+                         f"smaller than one VM (got {config.memory_budget_mib} MiB{default}; "
+                         f"hypervisor.qemu.default_memory is {hv.memory_mib} MiB)")
+            return None
+        return config
 
     def hypervisor(self, t: Mapping[str, Any],
                    version: KataVersion) -> HypervisorSettings | None:
@@ -389,6 +491,12 @@ class _Validator:
             self.problem(f"{p}.machine_type", f"not a machine type (got {machine!r}, "
                          "expected a name like \"q35\" or \"pc\")")
         params = self.get(t, f"{p}.kernel_params", str, "", "a string of kernel parameters")
+        for i, c in enumerate(params):
+            if unicodedata.category(c) == "Cc":
+                self.problem(f"{p}.kernel_params", f"contains a control character "
+                             f"(U+{ord(c):04X} at offset {i}); separate parameters with "
+                             "spaces, on one line")
+                break
         # Kata 1.x decodes default_vcpus into an int32, 3.x into a float32 (a fraction of a
         # CPU is a cgroup quota; the VM boots with it rounded up).
         if version == "3.x":
@@ -451,6 +559,8 @@ class _Validator:
         if endpoint is not None and len(os.fsencode(endpoint)) > 107:
             self.problem(f"{p}.vm_cache_endpoint", f"too long for a Unix socket "
                          f"(got {len(os.fsencode(endpoint))} bytes, expected at most 107)")
+        if endpoint is not None:
+            self.not_in_system_tree(f"{p}.vm_cache_endpoint", endpoint)
         template = self.get(t, f"{p}.enable_template", bool, False, "true or false")
         template_path = self.abs_path(t, f"{p}.template_path", KATA_DEFAULT_TEMPLATE_PATH)
         if endpoint is None or template_path is None:
@@ -463,9 +573,13 @@ class _Validator:
         d = DaemonSettings()
         self.check_keys(t, p, OUR_KEYS, strict=True)
         accel = self.choice(t, f"{p}.accelerator", ("auto", "kvm", "tcg"), d.accelerator)
-        ready_timeout = self.positive(t, f"{p}.ready_timeout", d.ready_timeout, 3600)
-        stop_timeout = self.positive(t, f"{p}.stop_timeout", d.stop_timeout, 60)
+        ready_timeout = self.seconds(t, f"{p}.ready_timeout", d.ready_timeout,
+                                     MIN_READY_TIMEOUT, 3600)
+        stop_timeout = self.seconds(t, f"{p}.stop_timeout", d.stop_timeout,
+                                    MIN_STOP_TIMEOUT, 60)
         state_dir = self.abs_path(t, f"{p}.state_dir", str(d.state_dir))
+        if state_dir is not None:
+            self.not_in_system_tree(f"{p}.state_dir", state_dir)
         parallel = self.get(t, f"{p}.boot_parallelism", int, d.boot_parallelism,
                             "an integer from 1 to 64")
         if not 1 <= parallel <= 64:
@@ -479,6 +593,11 @@ class _Validator:
         max_memory = self.get(t, f"{p}.max_memory", int, 0, "an integer (MiB), 0 for host memory")
         if max_memory < 0:
             self.problem(f"{p}.max_memory", f"must be >= 0 MiB (got {max_memory})")
+        budget = self.get(t, f"{p}.memory_budget_mib", int, 0,
+                          "an integer (MiB), 0 for half of the host's memory")
+        if budget < 0:
+            self.problem(f"{p}.memory_budget_mib", f"must be >= 0 MiB (got {budget})")
+            budget = 0
         mode_text = self.get(t, f"{p}.socket_mode", str, "0600", "an octal string like \"0660\"")
         mode = d.socket_mode
         if not re.fullmatch(r"0?[0-7]{3}", mode_text):
@@ -517,6 +636,7 @@ class _Validator:
             ready_probe=probe,
             ready_line=ready_line,
             max_memory_mib=max_memory,
+            memory_budget_mib=budget,
             socket_mode=mode,
             socket_group=group,
             log_format=log_format,
@@ -559,12 +679,57 @@ class _Validator:
             return default
         return value
 
-    def positive(self, t: Mapping[str, Any], key: str, default: float, most: float) -> float:
+    def seconds(self, t: Mapping[str, Any], key: str, default: float, least: float,
+                most: float) -> float:
         value = self.get(t, key, (int, float), default, "a number of seconds")
-        if not (math.isfinite(value) and 0 < value <= most):
-            self.problem(key, f"out of range (got {value}, expected seconds > 0 and <= {most:g})")
+        if not (math.isfinite(value) and least <= value <= most):
+            self.problem(key, f"out of range (got {value}, expected seconds >= {least:g} "
+                              f"and <= {most:g})")
             return default
         return float(value)
+
+    def not_in_system_tree(self, key: str, path: Path) -> None:
+        """Refuse a path under /proc, /sys or /dev (as written, or once symlinks resolve)."""
+        for candidate in (path, Path(os.path.realpath(path))):
+            if candidate == Path("/"):
+                self.problem(key, "must not be / (got '/')")
+                return
+            for tree in SYSTEM_TREES:
+                if candidate == tree or tree in candidate.parents:
+                    self.problem(key, f"is under {tree}, which is the kernel's, not a place "
+                                      f"for files of ours (got {str(path)!r})")
+                    return
+
+    def kata_integers(self) -> None:
+        """Every integer key of Kata's tables must fit the Go type Kata decodes it into
+        (`KATA_INTEGER_KEYS`). Keys already refused by a check of their own are skipped:
+        one problem per key."""
+        refused = {problem.key for problem in self.problems}
+        for key, types in KATA_INTEGER_KEYS.items():
+            table, _, name = key.rpartition(".")
+            node: Any = self.doc
+            for part in table.split("."):
+                node = node.get(part) if isinstance(node, Mapping) else None
+            if not isinstance(node, Mapping) or name not in node or key in refused:
+                continue
+            value = node[name]
+            known = [(gen, go) for gen, go in zip(("1.x", "3.x"), types, strict=True) if go]
+            floats = any(go.startswith("float") for _, go in known)
+            if isinstance(value, bool) or not isinstance(value, int | float) or (
+                    isinstance(value, float) and not floats):
+                self.problem(key, f"wrong type (got {_show(value)}, expected an integer)")
+                continue
+            if isinstance(value, float):
+                continue  # a float for a float32 field: Kata 3.x's to judge
+            if any(lo <= value <= hi for lo, hi in (GO_INT_RANGES[go] for _, go in known)):
+                continue
+            gens: dict[str, list[str]] = {}
+            for gen, go in known:
+                gens.setdefault(go, []).append(gen)
+            expected = "; ".join(f"{GO_INT_RANGES[go][0]} to {GO_INT_RANGES[go][1]}: {go} "
+                                 f"in Kata {' and '.join(g)}" for go, g in gens.items())
+            self.problem(key, f"out of range for Kata's loader (got {value}, "
+                              f"expected {expected})")
 
     def abs_path(self, t: Mapping[str, Any], key: str, default: str) -> Path | None:
         value = self.get(t, key, str, default, "an absolute path")
@@ -643,6 +808,21 @@ class _KeyLines:
         return self._index.get((table, key)) or self._tables.get(f"{table}.{key}")
 
 
+def problem_in(config: Config, key: str, message: str) -> ConfigProblem:
+    """A problem with `key` of the file `config` was read from, located at the key's line
+    (for checks made after loading: preflight.py)."""
+    line = None
+    if config.source is not None:
+        try:
+            lines = _KeyLines(config.source.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            pass
+        else:
+            table, _, name = key.rpartition(".")
+            line = lines.find(table, name)
+    return ConfigProblem(key, message, config.source, line)
+
+
 def describe(config: Config) -> Iterator[tuple[str, str]]:
     """The resolved settings as (dotted key, value) pairs, for `check-config`."""
     def rows(prefix: str, obj: object, fmt: Callable[[str, Any], str]) -> Iterator[tuple[str, str]]:
@@ -658,6 +838,8 @@ def describe(config: Config) -> Iterator[tuple[str, str]]:
             return " ".join(value) or "(none)"
         if name == "socket_mode":
             return f"{value:04o}"
+        if name == "memory_budget_mib" and not value:
+            return f"{default_memory_budget_mib()} (half of the host's MemTotal)"
         if isinstance(value, bool):
             return "true" if value else "false"
         return str(value)

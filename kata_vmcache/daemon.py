@@ -31,11 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import preflight
 from .config import Config
 from .errors import UsageError
 from .factory.cache import VMCache
 from .factory.direct import DirectFactory
 from .factory.template import TemplateFactory
+from .fds import DescriptorWatch, raise_open_file_limit
 from .machine import VM_ID, VMPaths
 from .monitor import MonitorServicer
 from .notify import Notifier, publish_status, status_line
@@ -208,6 +210,7 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
     if config.factory.vm_cache_number < 1:
         raise UsageError("factory.vm_cache_number is 0, which disables the VM cache "
                          "(set it to the number of VMs to keep ready)")
+    raise_open_file_limit()  # a daemon started by hand gets the shell's 1024 (fds.py)
     shutdown = shutdown or asyncio.Event()
     notifier = notifier or Notifier.from_environ()
     reload_requested = asyncio.Event()  # set by SIGHUP, even before the reloader runs
@@ -224,10 +227,12 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
     watchdog = asyncio.create_task(notifier.watchdog(), name="watchdog")
     watches: list[Callable[[], None]] = []
     try:
+        # What the file cannot tell (QEMU's machine types, whose state_dir): before
+        # anything is touched. An existing state_dir is never re-moded (preflight.py).
+        await asyncio.to_thread(preflight.require, config)
         prepare_endpoint(endpoint)
         state_dir = config.daemon.state_dir
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(state_dir, 0o700)
+        preflight.claim_state_dir(config)
         recovered = await recover(state_dir, config.daemon.vm_storage_path,
                                   timeout=config.daemon.stop_timeout)
         watches = recovered.watches
@@ -235,13 +240,16 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
         factory = make_factory(config)
         cache = VMCache(factory, config.factory.vm_cache_number,
                         parallelism=config.daemon.boot_parallelism,
-                        stop_timeout=config.daemon.stop_timeout)
+                        stop_timeout=config.daemon.stop_timeout,
+                        memory_budget_mib=config.memory_budget_mib)
         servicer = CacheServicer(cache, config, shutdown.set)
         monitor = MonitorServicer(cache, config, stopping=shutdown)
         server = await start_server(config, servicer, monitor)
         log.info("serving %d %s VMs (%d vCPU, %d MiB) on %s", cache.target,
                  factory.accelerator.upper(), factory.spec.vcpus, factory.spec.memory_mib,
                  endpoint)
+        if note := config.budget_note():
+            log.warning("%s", note)
         duties = _service_duties(config, cache, servicer, notifier, reload_requested)
         pool = asyncio.create_task(cache.run(), name="vm-pool")
         stop = asyncio.create_task(shutdown.wait(), name="shutdown")
@@ -285,14 +293,16 @@ def make_factory(config: Config) -> DirectFactory | TemplateFactory:
 def _service_duties(config: Config, cache: VMCache, servicer: CacheServicer,
                     notifier: Notifier,
                     reload_requested: asyncio.Event) -> set[asyncio.Task[None]]:
-    """Once the socket serves: READY=1, the STATUS= line, and reloads on SIGHUP."""
+    """Once the socket serves: READY=1, the STATUS= line, reloads on SIGHUP, and the
+    watch for running out of file descriptors."""
     reloader = Reloader(config, cache=cache, servicer=servicer, notifier=notifier,
                         factory_for=make_factory)
     reloader.started()
     line = status_line(cache)
     notifier.ready(line)
     return {asyncio.create_task(publish_status(notifier, cache, sent=line), name="status"),
-            asyncio.create_task(reloader.run(reload_requested), name="reload")}
+            asyncio.create_task(reloader.run(reload_requested), name="reload"),
+            asyncio.create_task(DescriptorWatch(cache.retry_now).run(), name="fds")}
 
 
 async def _cancel(tasks: set[asyncio.Task[None]]) -> None:

@@ -107,6 +107,13 @@ class EndpointInUse(VmcacheError):
     """Another live server answers on the endpoint we were asked to serve."""
 
 
+class EndpointUnusable(VmcacheError):
+    """The configured endpoint cannot be listened on (its directory cannot be made, the
+    socket cannot be bound): a configuration problem, reported in one line at start."""
+
+    exit_code = 2
+
+
 class ServerUnavailable(VmcacheError):
     """No VM cache server answers at the endpoint (client side)."""
 

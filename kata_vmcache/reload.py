@@ -1,11 +1,13 @@
 """Live reload of configuration.toml: SIGHUP, `kata-vmcache reload`, `systemctl reload`.
 
-The daemon re-reads the file it was started with and validates it exactly as at start-up.
+The daemon re-reads the file it was started with and validates it exactly as at start-up
+(the file, then what it names on this host: preflight.py).
 Then, by what changed:
 
 | setting                                             | on reload                              |
 |-----------------------------------------------------|----------------------------------------|
-| [factory] vm_cache_number                           | the pool grows or shrinks              |
+| [factory] vm_cache_number, [vmcache]               | the pool grows or shrinks (to what the |
+| memory_budget_mib                                   | budget holds, which the log says)      |
 | [hypervisor.qemu] (any key), [vmcache] accelerator, | VM settings: new VMs are built from the|
 | max_memory, ready_probe, guest_agent, kata_version, | new settings, ready VMs built from the |
 | and any edit that changes Kata's `Config` reply     | old ones are stopped and replaced, and |
@@ -49,6 +51,7 @@ from pathlib import Path
 from typing import Literal
 
 from . import config as configmod
+from . import kata, preflight
 from .config import Config
 from .errors import ConfigError, VmcacheError
 from .factory import Factory
@@ -76,7 +79,8 @@ VM_PREFIX = "hypervisor.qemu."
 #: How VMs are booted and stopped, not what they are: the factory is rebuilt, VMs are kept.
 BOOT_KEYS = frozenset({"vmcache.ready_timeout", "vmcache.ready_line",
                        "vmcache.stop_timeout"})
-LIVE_KEYS = frozenset({"factory.vm_cache_number", "vmcache.boot_parallelism",
+LIVE_KEYS = frozenset({"factory.vm_cache_number", "vmcache.memory_budget_mib",
+                       "vmcache.boot_parallelism",
                        "vmcache.socket_mode", "vmcache.socket_group", "vmcache.log_format"})
 
 Result = Literal["started", "applied", "refused"]
@@ -215,6 +219,8 @@ class Reloader:
         keep = "still serving with the previous settings"
         try:
             new, warnings = configmod.load(old.source)
+            # As at start: what the file cannot tell (QEMU's machine types, ...).
+            preflight.require(new)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("configuration reload refused: %s", problem)
@@ -274,8 +280,13 @@ class Reloader:
         self.cache.stop_timeout = d.stop_timeout
         if "vmcache.boot_parallelism" in keys:
             self.cache.set_parallelism(d.boot_parallelism)
+        if "vmcache.memory_budget_mib" in keys:
+            self.cache.set_memory_budget(new.memory_budget_mib)
         if "factory.vm_cache_number" in keys:
             self.cache.resize(new.factory.vm_cache_number)
+        if keys & {"factory.vm_cache_number", "vmcache.memory_budget_mib",
+                   "hypervisor.qemu.memory_mib"} and (note := new.budget_note()):
+            log.warning("%s", note)
 
 
 def _keep_accelerator(factory: Factory, previous: Factory) -> None:

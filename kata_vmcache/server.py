@@ -14,8 +14,27 @@ grpc.aio cancels the handler's task at whatever it awaits (waiting for a VM, che
 releasing it), and the write of the reply itself is awaited (see `add_cache_service`), so
 every way out of the handler but a written reply returns the VM to the cache.
 
-`bind()` owns the endpoint: it creates the parent directory, refuses to start while a live
-server answers there, replaces a stale socket file, and sets the socket's mode and group.
+What hands a VM over is the OK status, not the message. A unary gRPC client (Kata's Go
+client, ours) only returns a reply once the call ends with status OK; a message followed by
+an error, a reset or a dropped connection is an error, and the message is discarded. The
+status goes out after the handler returns, so the hand-off is, in this order: write the
+message (awaited, at most HANDOFF_WRITE_TIMEOUT), mark the VM handed off (`give_now()`: its
+record is renamed to say so), return. Hence:
+
+- a client that stops reading (HTTP/2 flow control holds the message in our buffers) cannot
+  pin a VM: after HANDOFF_WRITE_TIMEOUT the write is given up, the VM goes back to the pool
+  (it never left `ready`), and the call ends with no status, so even if that client reads
+  the message later its call cannot succeed. A write still pending after REFILL_AFTER
+  starts the refill, so other callers are not kept waiting meanwhile;
+- a daemon killed while a write is blocked leaves the VM's record saying `ready`: its
+  successor stops the VM (the client cannot have it: no status was sent). Killed after the
+  rename, the record says `handed_off` and the VM is left to the client, as it must be when
+  the status may have gone out.
+
+`start_server()` owns the endpoint: it creates the parent directory, refuses to start while a
+live server answers there, replaces a stale socket file, and sets the socket's mode and
+group. An endpoint that cannot be listened on is one line naming the key and the reason
+(EndpointUnusable), not grpc's "Failed to bind" and a traceback.
 """
 
 from __future__ import annotations
@@ -38,11 +57,12 @@ import grpc
 from google.protobuf import empty_pb2
 
 from .config import Config
-from .errors import CacheClosed, EndpointInUse, VmcacheError
+from .errors import CacheClosed, EndpointInUse, EndpointUnusable, VmcacheError
 from .factory.cache import VMCache
 from .monitor import MonitorServicer
 from .monitor import add_to_server as add_monitor_to_server
 from .proto import cache_pb2, cache_pb2_grpc
+from .shape import VMShape
 from .vm import VM, VMState
 
 SERVICE_NAME = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
@@ -54,9 +74,25 @@ MAX_MESSAGE_BYTES = 64 * 1024
 #: GetBaseVM gives up this long before the caller's deadline: a reply racing the deadline
 #: could reach a caller that has just given up, and nobody would own that VM.
 DEADLINE_MARGIN = 0.1
+#: A hand-off whose reply message cannot be written within this time is undone: the client
+#: stopped reading (or grants no flow-control window), and must not pin a VM. Writing the
+#: reply takes well under a millisecond when the client reads.
+HANDOFF_WRITE_TIMEOUT = 3.0
+#: A reply not written after this long wakes the pool to boot the VM's replacement, so a
+#: stalled client does not leave the cache short while its hand-off is undone.
+REFILL_AFTER = 0.5
 #: A connection must complete HTTP/2's opening within this time (grpc's default is 120 s):
 #: a peer that connects and says nothing must not hold a file descriptor for long.
 HANDSHAKE_TIMEOUT_MS = 5_000
+
+
+def vm_shape(config: Config) -> VMShape:
+    """The VM the daemon boots from `config`, for the Config reply's trailing metadata
+    (shape.py): the base VM and its hot-plug ceilings, as the client sizes requests."""
+    h = config.hypervisor
+    return VMShape(cpus=h.vcpus, max_cpus=h.max_vcpus, memory_mib=h.memory_mib,
+                   max_memory_mib=max(config.max_memory_mib, h.memory_mib),
+                   memory_slots=h.memory_slots)
 
 
 def config_reply(config: Config) -> cache_pb2.GrpcVMConfig:
@@ -72,12 +108,14 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     def __init__(self, cache: VMCache, config: Config, quit: Callable[[], None]) -> None:
         self.cache = cache
         self._config = config_reply(config)
+        self._shape = vm_shape(config).metadata()
         self._quit = quit
         cache.prepare = self.prepare
 
     def set_config(self, config: Config) -> None:
         """Answer `Config` from `config` from now on (a configuration reload)."""
         self._config = config_reply(config)
+        self._shape = vm_shape(config).metadata()
 
     def prepare(self, vm: VM) -> cache_pb2.GrpcVM:
         """The GetBaseVM reply for `vm`, made when it becomes ready (VMCache.prepare), so
@@ -96,6 +134,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
 
     async def Config(self, request: empty_pb2.Empty,
                      context: grpc.aio.ServicerContext) -> cache_pb2.GrpcVMConfig:
+        context.set_trailing_metadata(self._shape)
         return self._config
 
     async def GetBaseVM(self, request: empty_pb2.Empty,
@@ -122,9 +161,16 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         except VmcacheError as exc:
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         reply = vm.reply if vm.reply is not None else self.prepare(vm)
+        refill = asyncio.get_running_loop().call_later(REFILL_AFTER, self.cache.refill)
         try:
-            self.cache.give_now(vm)
-            await context.write(reply)
+            async with asyncio.timeout(HANDOFF_WRITE_TIMEOUT):
+                await context.write(reply)
+        except TimeoutError:
+            # The message may still sit in grpc's buffers, but no status will follow it:
+            # ending the handler by cancellation sends none (module docstring).
+            self.cache.take_back_later(vm, "the client did not read its reply within "
+                                           f"{HANDOFF_WRITE_TIMEOUT:g} s")
+            raise asyncio.CancelledError from None
         except asyncio.CancelledError:
             self.cache.take_back_later(vm, "GetBaseVM was cancelled before its reply was "
                                            "written")
@@ -135,6 +181,19 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             self.cache.take_back_later(vm, "the client went away before the reply was "
                                            f"written ({type(exc).__name__})")
             raise asyncio.CancelledError from exc
+        finally:
+            refill.cancel()
+        if vm.state is not VMState.READY:
+            # It died while its reply was being written: the error status tells the client
+            # not to use the message it has (the cache has already dropped the VM).
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"VM {vm.id} died during its hand-off ({vm.reason}); ask again")
+        try:
+            self.cache.give_now(vm)
+        except Exception as exc:
+            self.cache.take_back_later(vm, f"it could not be marked handed off ({exc})")
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"VM {vm.id} could not be marked handed off: {exc}")
         # Bookkeeping (a log line, the activity record, watchers, the refill) after the
         # handler returns: the caller's call ends with the trailers, which go first.
         asyncio.get_running_loop().call_soon(
@@ -217,20 +276,53 @@ def probe_endpoint(path: Path) -> bool:
         return True
 
 
+def unusable(path: Path, why: str) -> EndpointUnusable:
+    return EndpointUnusable(f"factory.vm_cache_endpoint: cannot listen on {path}: {why}")
+
+
 def prepare_endpoint(path: Path) -> None:
     """Make `path` bindable: parent dir, no live server, no stale socket."""
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         st = path.lstat()
     except FileNotFoundError:
         return
+    except OSError as exc:
+        raise unusable(path, _why(exc, path.parent)) from None
     if not stat.S_ISSOCK(st.st_mode):
         raise EndpointInUse(f"{path} exists and is not a socket; refusing to replace it")
-    if probe_endpoint(path):
+    try:
+        live = probe_endpoint(path)
+        if not live:
+            log.info("replacing stale socket %s", path)
+            path.unlink()
+    except OSError as exc:
+        raise unusable(path, _why(exc, path)) from None
+    if live:
         raise EndpointInUse(f"a server is already answering on {path} "
                             "(stop it with 'kata-vmcache destroy')")
-    log.info("replacing stale socket %s", path)
-    path.unlink()
+
+
+def _why(exc: OSError, path: Path) -> str:
+    if isinstance(exc, FileExistsError | NotADirectoryError):
+        # mkdir of a directory whose path has a file in it: say which.
+        for parent in (path, *path.parents):
+            if parent.exists() and not parent.is_dir():
+                return f"{parent} is not a directory"
+    return exc.strerror or str(exc)
+
+
+def bind_error(path: Path) -> str:
+    """Why `path` cannot be bound, found by binding it ourselves (grpc only says that it
+    failed, and its core logging is off: quiet_grpc.py)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(str(path))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    with contextlib.suppress(OSError):
+        path.unlink()  # ours, made just now
+    return "grpc could not bind it"
 
 
 async def start_server(config: Config, servicer: CacheServicer,
@@ -250,7 +342,10 @@ async def start_server(config: Config, servicer: CacheServicer,
     # The socket must never exist with wider permissions than asked, not even briefly.
     old = os.umask(0o177)
     try:
-        server.add_insecure_port(f"unix:{endpoint}")
+        try:
+            server.add_insecure_port(f"unix:{endpoint}")
+        except RuntimeError:
+            raise unusable(endpoint, bind_error(endpoint)) from None
         await server.start()
     finally:
         os.umask(old)

@@ -101,6 +101,10 @@ class Snapshot:
     events: tuple[Event, ...] = ()
     stopping: bool = False
     heartbeat_seconds: float = 1.0
+    #: vm_cache_number; `target` is less when the memory budget holds fewer VMs.
+    vm_cache_number: int = 0
+    memory_budget_mib: int = 0
+    memory_committed_mib: int = 0
 
     @classmethod
     def from_proto(cls, m: vmcache_pb2.CacheSnapshot) -> Snapshot:
@@ -123,6 +127,9 @@ class Snapshot:
             events=tuple(Event(e.seq, e.time, e.kind, e.text, e.vm_id) for e in m.events),
             stopping=m.stopping,
             heartbeat_seconds=m.heartbeat_seconds or 1.0,
+            vm_cache_number=m.vm_cache_number,
+            memory_budget_mib=m.memory_budget_mib,
+            memory_committed_mib=m.memory_committed_mib,
         )
 
     def as_json(self) -> dict[str, Any]:

@@ -7,11 +7,18 @@ fail, one attempt runs at a time. Beside it, one supervisor task asks every read
 for its status every `SUPERVISE_INTERVAL`; a VM that does not answer within
 `SUPERVISE_TIMEOUT`, or is not paused, leaves the pool at once and is killed.
 
+Memory admission: the pool commits at most `memory_budget_mib` of guest memory, counting
+the configured memory of every VM from the moment its boot starts until its QEMU has exited
+or it is handed off (ready VMs, booting ones, one whose hand-off is being written, ones being
+stopped). `target` is vm_cache_number (`wanted`) or as many VMs as the budget holds, if
+fewer; and no boot starts while the VMs still committed leave no room for one more (after
+a reload that changed the VM's size, while the old VMs are being stopped).
+
 Hand-off is three steps, so that a server can undo it when its reply cannot be written:
-`reserve()` takes a ready VM and checks it (still the cache's), `give_now()` releases it
-(record says handed_off), `delivered()` counts it once the reply is written; a
-hand-off whose reply was not written goes back with `take_back_later()`. `hand_off()` does
-the three in one call.
+`reserve()` takes a ready VM and checks it (still the cache's), the server writes its reply,
+`give_now()` releases the VM (record says handed_off) just before the call's OK status goes
+out, and `delivered()` counts it; a VM whose reply was not written goes back with
+`take_back_later()`. `hand_off()` does the three in one call.
 
 Invariants:
 - a VM is in at most one of `_ready`, a waiter's future, or a caller's hands;
@@ -20,7 +27,8 @@ Invariants:
 - a VM that stops answering QMP leaves it within SUPERVISE_INTERVAL + SUPERVISE_TIMEOUT;
 - a VM taken out of the pool is handed off, put back, or stopped: never dropped;
 - `close()` stops every VM the cache still owns, never a handed-off one, and waits for the
-  stops it started in the background.
+  stops it started in the background;
+- the memory committed never exceeds `memory_budget_mib`.
 """
 
 from __future__ import annotations
@@ -29,11 +37,13 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import fds
 from ..errors import CacheClosed, VmcacheError, VMDead
 from ..vm import VM, VMState
 from . import Factory
@@ -120,9 +130,14 @@ class CacheActivity:
 
 class VMCache:
     def __init__(self, factory: Factory, target: int, *, parallelism: int,
-                 stop_timeout: float = 3.0) -> None:
+                 stop_timeout: float = 3.0, memory_budget_mib: int | None = None) -> None:
         self.factory = factory
-        self.target = target
+        #: vm_cache_number: the VMs wanted ready (`target` is what the budget allows of it).
+        self.wanted = target
+        #: The most guest memory the pool commits (None: no limit).
+        self.memory_budget_mib = memory_budget_mib
+        #: MiB committed per VM, or per boot that has no VM yet (keyed by a token).
+        self._committed: dict[object, int] = {}
         self.parallelism = parallelism
         self.stop_timeout = stop_timeout
         self.stats = CacheStats()
@@ -138,12 +153,40 @@ class VMCache:
         self._tasks: set[asyncio.Future[None]] = set()
         self._closed = False
         self._not_before = 0.0
+        self._retry = asyncio.Event()
         # Live reload (replace_factory, set_parallelism): VMs still booting from a replaced
         # factory, and the boot slots of run() so their number can change.
         self._outdated: set[VM] = set()
         self._boot_slots: asyncio.Semaphore | None = None
 
     # views
+
+    @property
+    def target(self) -> int:
+        """VMs kept ready: vm_cache_number, or as many as memory_budget_mib holds if fewer."""
+        memory = self.vm_memory_mib
+        if self.memory_budget_mib is None or memory <= 0:
+            return self.wanted
+        return min(self.wanted, self.memory_budget_mib // memory)
+
+    @property
+    def vm_memory_mib(self) -> int:
+        """The configured memory of the VMs the factory boots now (0: unknown)."""
+        return int(getattr(getattr(self.factory, "spec", None), "memory_mib", 0))
+
+    @property
+    def committed_mib(self) -> int:
+        """Guest memory committed now: every VM the cache has booting or owns."""
+        return sum(self._committed.values())
+
+    def _room_for_one(self) -> bool:
+        return (self.memory_budget_mib is None
+                or self.committed_mib + self.vm_memory_mib <= self.memory_budget_mib)
+
+    def _release(self, key: object) -> None:
+        """`key` (a VM, or a boot's token) commits no memory any more: maybe room to boot."""
+        if self._committed.pop(key, None) is not None:
+            self._wake.set()
 
     @property
     def ready_count(self) -> int:
@@ -201,18 +244,22 @@ class VMCache:
                 while (self._boot_tasks + len(self._ready) < self.target and not self._closed
                        # While boots fail, one attempt at a time: N QEMUs failing together
                        # say nothing one does not, and each costs a launch.
-                       and not (self.stats.consecutive_failures and self._boot_tasks)):
+                       and not (self.stats.consecutive_failures and self._boot_tasks)
+                       and self._room_for_one()):
                     self._boot_tasks += 1
-                    tasks.create_task(self._boot_one(sem))
+                    token = object()  # the boot's memory, committed from now on
+                    self._committed[token] = self.vm_memory_mib
+                    tasks.create_task(self._boot_one(sem, token))
                 self._wake.clear()
                 await self._wake.wait()
 
-    async def _boot_one(self, sem: asyncio.Semaphore) -> None:
+    async def _boot_one(self, sem: asyncio.Semaphore, token: object) -> None:
         try:
             async with sem:
-                delay = self._not_before - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                while (delay := self._not_before - time.monotonic()) > 0:
+                    self._retry.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._retry.wait(), delay)  # retry_now()
                 if self._closed:
                     return
                 vm = self.factory.create()
@@ -221,24 +268,30 @@ class VMCache:
                 try:
                     await self.factory.boot(vm)
                     await self._settle(vm)
-                except VmcacheError as exc:
-                    self._boot_failed(str(exc))
-                    return
-                except OSError as exc:
-                    # The host refused a file the VM needs (a full disk, a broken
-                    # directory): the boot has already stopped QEMU and removed its files.
-                    where = f" ({exc.filename})" if exc.filename else ""
-                    self._boot_failed(f"cannot write the VM's files: "
-                                      f"{exc.strerror or exc}{where}")
-                    return
-                except Exception as exc:  # a bug must not take the pool down
-                    log.exception("unexpected error booting VM %s", vm.id)
-                    self._boot_failed(f"internal error: {exc!r}")
+                except Exception as exc:
+                    if fds.caused_by_exhaustion(exc):
+                        # Neither the VM's fault nor a bug, and the descriptor watch logs
+                        # the episode once (fds.py): no line per failed boot.
+                        self._boot_failed("out of file descriptors", quiet=True)
+                    elif isinstance(exc, VmcacheError):
+                        self._boot_failed(str(exc))
+                    elif isinstance(exc, OSError):
+                        # The host refused a file the VM needs (a full disk, a broken
+                        # directory): the boot has already stopped QEMU, removed its files.
+                        where = f" ({exc.filename})" if exc.filename else ""
+                        self._boot_failed(f"cannot write the VM's files: "
+                                          f"{exc.strerror or exc}{where}")
+                    else:  # a bug must not take the pool down
+                        log.exception("unexpected error booting VM %s", vm.id)
+                        self._boot_failed(f"internal error: {exc!r}")
                     return
                 finally:
                     self._booting.discard(vm)
+            # The VM holds the memory now (its own size: a reload may have changed it).
+            self._committed[vm] = vm.spec.memory_mib
             self._boot_succeeded(vm)
         finally:
+            self._release(token)
             self._boot_tasks -= 1
             self._wake.set()
             self._notify()
@@ -255,13 +308,13 @@ class VMCache:
             await self._stop(vm)
             raise
 
-    def _boot_failed(self, reason: str) -> None:
+    def _boot_failed(self, reason: str, *, quiet: bool = False) -> None:
         self.stats.boot_failures += 1
         self.stats.consecutive_failures += 1
         delay = min(BACKOFF_CAP, BACKOFF_START * 2 ** (self.stats.consecutive_failures - 1))
         self._not_before = time.monotonic() + delay
         # Once per change of reason: a host with a broken kernel must not fill the journal.
-        if reason != self.stats.last_error:
+        if reason != self.stats.last_error and not quiet:
             log.error("VM boot failed: %s (retrying with backoff, next in %.0f s)", reason, delay)
         else:
             log.debug("VM boot failed again: %s (next in %.0f s)", reason, delay)
@@ -287,6 +340,12 @@ class VMCache:
         self.activity.vm_ready(vm)
         self._offer(vm)
 
+    def retry_now(self) -> None:
+        """End the backoff: the next boot starts at once (what made boots fail is over)."""
+        self._not_before = 0.0
+        self._retry.set()
+        self._wake.set()
+
     def _offer(self, vm: VM, *, front: bool = False) -> None:
         if self._retire_if_outdated(vm):
             return
@@ -296,7 +355,9 @@ class VMCache:
                 waiter.set_result(vm)
                 return
         if len(self._ready) >= self.target:
-            self._retire(vm, "the cache is full (vm_cache_number was lowered)")
+            # vm_cache_number was lowered, or a VM whose hand-off was undone came back
+            # while its replacement was booting.
+            self._retire(vm, "the cache is full")
             return
         if front:
             self._ready.appendleft(vm)
@@ -304,6 +365,7 @@ class VMCache:
             self._ready.append(vm)
 
     def _died(self, vm: VM) -> None:
+        self._release(vm)
         with contextlib.suppress(ValueError):
             self._ready.remove(vm)
             self.stats.died_in_pool += 1
@@ -371,7 +433,7 @@ class VMCache:
             self._ready.popleft()
             if vm.state is not VMState.READY or not vm.process.running:
                 continue
-            problem = vm.problem_now()
+            problem = _problem_now(vm)
             if problem is not None:
                 self._discard(vm, f"failed its hand-off check ({problem})")
                 continue
@@ -393,7 +455,7 @@ class VMCache:
                 self.put_back(vm)
                 raise
             if problem is None:
-                problem = vm.problem_now()
+                problem = _problem_now(vm)
             if problem is not None:
                 self._discard(vm, f"failed its hand-off check ({problem})")
                 continue
@@ -421,12 +483,18 @@ class VMCache:
     def delivered(self, vm: VM, *, asked: float | None = None) -> None:
         """The hand-off reply was written: the VM is the caller's for good. `asked` is when
         the request arrived (time.monotonic()), for the hand-off latency record."""
+        self._release(vm)  # the client's memory now, not the cache's
         self.stats.handed_out += 1
         log.info("VM %s handed out (QEMU pid %s)", vm.id, vm.pid)
         if asked is not None:
             self.activity.vm_handed_out(vm, time.monotonic() - asked)
         self._wake.set()  # the refill, now that the reply is out
         self._notify()
+
+    def refill(self) -> None:
+        """Boot the replacement of a reserved VM now, not once its hand-off is delivered
+        (the server calls this when a reply is slow to be written)."""
+        self._wake.set()
 
     async def hand_off(self) -> VM:
         """Reserve, check and give a VM in one call (for callers with no reply to write)."""
@@ -445,7 +513,9 @@ class VMCache:
 
     async def _take_back(self, vm: VM, why: str) -> None:
         if vm.state is VMState.READY and not vm.process.released:
-            self.put_back(vm)  # reserved, never given: still ours in every way
+            # Reserved, never given: still ours in every way.
+            log.warning("VM %s back in the pool: %s", vm.id, why)
+            self.put_back(vm)
             return
         try:
             vm.require(VMState.HANDED_OFF)
@@ -486,6 +556,8 @@ class VMCache:
             problem = str(exc)
         except Exception as exc:  # a surprise from the QMP library must not end supervision
             problem = f"QMP failed: {exc!r}"
+        if problem is not None and fds.exhausted():
+            return  # the check could not run for want of a descriptor: no verdict
         # A VM taken meanwhile is its hand-off's to check; one that exited is already gone.
         if problem is not None and vm in self._ready:
             self._ready.remove(vm)
@@ -505,7 +577,10 @@ class VMCache:
         self._notify()
 
     async def _kill(self, vm: VM) -> None:
-        await vm.kill()
+        try:
+            await vm.kill()
+        finally:
+            self._release(vm)
         vm.remove_dirs()
         self._notify()
 
@@ -523,7 +598,10 @@ class VMCache:
                 waiter.set_exception(CacheClosed("the VM cache is shutting down"))
 
     async def _stop(self, vm: VM) -> None:
-        await vm.stop(self.stop_timeout)
+        try:
+            await vm.stop(self.stop_timeout)
+        finally:
+            self._release(vm)
         if vm.state is VMState.READY:
             vm.transition(VMState.DEAD, "stopped by the daemon")
         vm.remove_dirs()
@@ -544,13 +622,19 @@ class VMCache:
         self._notify()
 
     def resize(self, target: int) -> None:
-        """Grow or shrink the pool; surplus ready VMs are stopped."""
-        self.target = target
-        surplus = len(self._ready) - target
+        """Grow or shrink the pool to `target` (vm_cache_number; fewer if the memory budget
+        says so); surplus ready VMs are stopped."""
+        self.wanted = target
+        surplus = len(self._ready) - self.target
         for _ in range(max(0, surplus)):
             self._background(self._stop(self._ready.pop()))
         self._wake.set()
         self._notify()
+
+    def set_memory_budget(self, mib: int | None) -> None:
+        """A new memory budget: the pool grows or shrinks to what it holds."""
+        self.memory_budget_mib = mib
+        self.resize(self.wanted)
 
     # live reload
 
@@ -601,6 +685,21 @@ class VMCache:
         self._background(self._stop(vm))
         self._wake.set()
         self._notify()
+
+
+def _problem_now(vm: VM) -> str | None:
+    """`problem_now()` of the VM (its QEMU, its proxy), unless that check could not run for want of a file
+    descriptor (it reads /proc): then a waitid, which needs none, says whether QEMU (our
+    child, not reaped while we hold its pidfd) has exited or been stopped."""
+    problem = vm.problem_now()
+    if problem is None or vm.pid is None or not fds.exhausted():
+        return problem
+    try:
+        info = os.waitid(os.P_PID, vm.pid,
+                         os.WEXITED | os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return problem
+    return problem if info is not None else None
 
 
 async def _withhold(slots: asyncio.Semaphore, count: int) -> None:

@@ -246,8 +246,12 @@ class VMCacheApp(App[None]):
     def _show_pool(self, s: Snapshot) -> None:
         full = s.ready >= s.target
         colour = "green" if full else "yellow"
+        # A target held below vm_cache_number by the memory budget says so, on this line:
+        # the panel has no room for another.
+        limited = (f"  [yellow]({s.vm_cache_number} wanted, memory_budget_mib "
+                   f"{s.memory_budget_mib})[/]" if s.target < s.vm_cache_number else "")
         self.query_one("#pool-label", Static).update(
-            f"[b]Ready[/b] [{colour}][b]{s.ready}[/b][/] / {s.target}")
+            f"[b]Ready[/b] [{colour}][b]{s.ready}[/b][/] / {s.target}{limited}")
         self.query_one("#gauge", ProgressBar).update(total=max(1, s.target),
                                                      progress=min(s.ready, s.target))
         waiting = (f"[b yellow]{s.clients_waiting}[/]" if s.clients_waiting

@@ -114,8 +114,8 @@ HELP = """\
 [b]Panels[/b]
   [b]Server[/b]    the daemon: pid, socket, uptime, the VMs it boots (vCPUs, memory,
             accelerator, templating)
-  [b]Cache[/b]     VMs ready against the target (vm_cache_number), VMs booting, callers
-            waiting for a VM
+  [b]Cache[/b]     VMs ready against the target (vm_cache_number, or fewer when
+            memory_budget_mib holds fewer), VMs booting, callers waiting for a VM
   [b]VMs[/b]       every VM the server owns whose QEMU runs (what `status` lists):
             QEMU pid, state, size, age, boot time
   [b]Activity[/b]  counters since the server started; hand-off latency (GetBaseVM arriving

@@ -59,9 +59,10 @@ def make_config(demo_guest: Any, workdir: Path) -> ConfigFactory:
 def make_daemon(make_config: ConfigFactory, workdir: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def make(cache_number: int = 2, *, debug: bool = False, **ours: object) -> Daemon:
+    def make(cache_number: int = 2, *, debug: bool = False,
+             nofile: tuple[int, int] | None = None, **ours: object) -> Daemon:
         d = Daemon(make_config(cache_number, **ours), workdir / "cache.sock", workdir / "state",
-                   debug=debug)
+                   debug=debug, nofile=nofile)
         started.append(d)
         return d.start()
 

@@ -21,6 +21,11 @@ from kata_vmcache.procs import pid_alive
 from kata_vmcache.vm import read_records
 
 CLI = [sys.executable, "-m", "kata_vmcache"]
+#: Runs a command with RLIMIT_NOFILE set to (argv[1], argv[2]), as a shell with that
+#: `ulimit -n` would start it (no preexec_fn: this process has threads).
+WITH_NOFILE = ("import os, resource, sys; "
+               "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2]))); "
+               "os.execv(sys.argv[3], sys.argv[3:])")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
@@ -139,11 +144,13 @@ class Console:
 
 class Daemon:
     def __init__(self, config: Path, endpoint: Path, state_dir: Path, *,
-                 debug: bool = False) -> None:
+                 debug: bool = False, nofile: tuple[int, int] | None = None) -> None:
         self.config = config
         self.endpoint = endpoint
         self.state_dir = state_dir
         self.debug = debug
+        #: The daemon's RLIMIT_NOFILE (soft, hard) when it starts; None: this process's.
+        self.nofile = nofile
         self.proc: subprocess.Popen[str] | None = None
         self.log_path = config.parent / "daemon.log"
         self.taken: list[dict[str, Any]] = []
@@ -153,7 +160,10 @@ class Daemon:
     def start(self) -> Daemon:
         self._log = open(self.log_path, "a")  # noqa: SIM115 - closed in stop()
         debug = ["--debug"] if self.debug else []
-        self.proc = subprocess.Popen([*CLI, "--config", str(self.config), *debug, "init"],
+        argv = [*CLI, "--config", str(self.config), *debug, "init"]
+        if self.nofile is not None:
+            argv = [sys.executable, "-c", WITH_NOFILE, *map(str, self.nofile), *argv]
+        self.proc = subprocess.Popen(argv,
                                      stdout=self._log, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, **self.env})
         wait_for(lambda: self.serving() or self.proc.poll() is not None, 30,  # type: ignore[union-attr]

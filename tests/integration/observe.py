@@ -81,7 +81,8 @@ def get_vm(endpoint: Path, timeout: float = 60.0) -> TakenVM:
 # --- raw HTTP/2 -----------------------------------------------------------------------------
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, RST_STREAM, SETTINGS, GOAWAY = 0x0, 0x1, 0x3, 0x4, 0x7
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = (
+    0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8)
 END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
 SETTINGS_INITIAL_WINDOW_SIZE = 0x4
 
@@ -95,6 +96,10 @@ def settings(**values: int) -> bytes:
     ids = {"initial_window_size": SETTINGS_INITIAL_WINDOW_SIZE}
     return frame(SETTINGS, 0, 0, b"".join(struct.pack(">HI", ids[k], v)
                                           for k, v in values.items()))
+
+
+def window_update(stream: int, increment: int) -> bytes:
+    return frame(WINDOW_UPDATE, 0, stream, struct.pack(">I", increment))
 
 
 def _hpack_int(value: int) -> bytes:

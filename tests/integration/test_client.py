@@ -30,7 +30,7 @@ from kata_vmcache.errors import VMDead
 from kata_vmcache.guest_channel import GuestChannel
 from kata_vmcache.procs import cmdline, pid_alive
 
-from .harness import Daemon, console_run, qmp, wait_for
+from .harness import Daemon, console_run, qmp, run_cli, wait_for
 
 pytestmark = pytest.mark.qemu
 
@@ -174,6 +174,16 @@ def test_cli_get_resume_wait_guest(make_daemon: Callable[..., Daemon]) -> None:
         assert bad.returncode == 2, bad
         assert bad.stderr.count("\n") == 1, bad.stderr
         assert says in bad.stderr
+    # With only --endpoint (no configuration of ours), the server's Config says how far
+    # its VMs can grow: the same requests are refused before a VM is taken.
+    for args, says in [(["--cpus", "99"], "cpus: must be 1"),
+                       (["--memory", str(1 << 30)], "memory: must be at most ")]:
+        bad = run_cli(["get", "--resume", "--endpoint", str(daemon.endpoint), *args])
+        assert bad.returncode == 2, bad
+        assert bad.stderr.count("\n") == 1, bad.stderr
+        assert says in bad.stderr
+        assert [r["id"] for r in daemon.records("ready")] == [ready["id"]]
+    assert "handed out" not in daemon.log()
     plain = daemon.cli("get", "--cpus", "2")
     assert plain.returncode == 2
     assert "--cpus needs --resume" in plain.stderr

@@ -9,6 +9,8 @@ or stopped.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
 import os
 import re
 import signal
@@ -21,10 +23,12 @@ import grpc
 import pytest
 
 from kata_vmcache.procs import pid_alive
+from kata_vmcache.server import HANDOFF_WRITE_TIMEOUT
 
 from .harness import Daemon, wait_for
 from .observe import (
     ACK,
+    END_STREAM,
     HEADERS,
     PREFACE,
     RST_STREAM,
@@ -38,6 +42,7 @@ from .observe import (
     rss_kib,
     settings,
     status_pids,
+    window_update,
 )
 
 pytestmark = pytest.mark.qemu
@@ -119,6 +124,88 @@ def test_client_gone_before_the_reply_is_written_gets_the_vm_back(
         vm.pid for vm in got}
     assert sorted(handed_out(d.log())) == sorted(vm.id for vm in got)
     assert "Traceback" not in d.log()
+
+
+def log_time(log: str, needle: str) -> float:
+    """Unix time of the first JSON log line whose message contains `needle`."""
+    for line in log.splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if needle in entry["message"]:
+                stamp = datetime.datetime.strptime(entry["time"], "%Y-%m-%dT%H:%M:%S.%fZ")
+                return stamp.replace(tzinfo=datetime.UTC).timestamp()
+    raise AssertionError(f"no log line with {needle!r}:\n{log}")
+
+
+def test_a_client_that_stops_reading_cannot_pin_a_vm(make_daemon: Callable[..., Daemon],
+                                                      report: Report) -> None:
+    """GetBaseVM from a client that grants no flow-control window: the reply's message can
+    never be written. The hand-off is undone within HANDOFF_WRITE_TIMEOUT (the VM back in
+    the pool, alive), the replacement starts booting meanwhile, another caller is served,
+    and the stalled client, when it reads at last, cannot complete its call."""
+    d = make_daemon(cache_number=1, ready_probe="none", log_format="json")
+    first, = d.wait_ready(1)
+    conn = stalled_get(d.endpoint)
+    stalled_at, started = time.time(), time.monotonic()
+
+    other = get_vm(d.endpoint)  # not kept waiting by the stalled hand-off
+    d.taken.append(other.hypervisor)
+    report("stalled hand-off: another caller served after (s)",
+           f"{time.monotonic() - started:.3f}")
+    back = f"VM {first['id']} back in the pool"
+    wait_for(lambda: back in d.log(), 30, "the stalled hand-off to be undone")
+    report("stalled hand-off: undone after (s)", f"{time.monotonic() - started:.3f}")
+    log = d.log()
+    assert (f"{back}: the client did not read its reply within {HANDOFF_WRITE_TIMEOUT:g} s"
+            in log), log
+    # The refill began while the hand-off was stalled, not once it was undone: the first
+    # VM created after the stall was created before the take-back.
+    created = min(r["created"] for r in d.records() if r["created"] > stalled_at)
+    assert created < log_time(log, back), (created, log)
+
+    # The VM the stalled client held is the cache's again, or stopped if the refill had
+    # filled the cache by then; either way the cache is full and nothing else runs.
+    if other.id != first["id"]:
+        wait_for(lambda: not pid_alive(first["pid"]) or first["pid"] in status_pids(d.endpoint),
+                 30, "the VM taken back to be in Status, or stopped")
+    wait_for(lambda: len(status_pids(d.endpoint)) == 1 and len(d.records("ready")) == 1, 30,
+             "one VM ready")
+    assert [r["id"] for r in d.records("handed_off")] == [other.id]
+
+    # Reading at last, the stalled client may get the message, but never a status: no
+    # gRPC client returns a reply from a call that does not end with status OK.
+    conn.send(window_update(0, 1 << 20) + window_update(1, 1 << 20))
+    conn.sock.settimeout(2.0)
+    frames = []
+    with contextlib.suppress(TimeoutError):
+        while (f := conn.read_frame()) is not None:
+            frames.append(f)
+    conn.close()
+    assert not [f for f in frames if f[0] == HEADERS and f[2] == 1 and f[1] & END_STREAM], \
+        frames
+    assert handed_out(d.log()) == [other.id]
+    assert "Traceback" not in d.log()
+
+
+def test_a_crash_during_a_stalled_hand_off_leaves_no_vm_running(
+        make_daemon: Callable[..., Daemon], report: Report) -> None:
+    """SIGKILL while a hand-off's reply is blocked: the record still says `ready` (the
+    client cannot have the VM: no status went out), so the next daemon stops that VM."""
+    d = make_daemon(cache_number=1, ready_probe="none")
+    first, = d.wait_ready(1)
+    conn = stalled_get(d.endpoint)
+    d.send_signal(signal.SIGKILL)
+    d.wait(10)
+    conn.close()
+    assert pid_alive(first["pid"])
+    assert [(r["id"], r["state"]) for r in d.records()] == [(first["id"], "ready")]
+    started = time.monotonic()
+    successor = make_daemon(cache_number=1, ready_probe="none")
+    wait_for(lambda: not pid_alive(first["pid"]), 30, "the orphaned VM to be stopped")
+    report("crash mid-hand-off: successor started and the orphan stopped after (s)",
+           f"{time.monotonic() - started:.3f}")
+    assert f"stopping VM {first['id']}" in successor.log()
+    assert first["id"] not in [r["id"] for r in successor.records()]
 
 
 def test_twenty_callers_race_for_a_cache_of_two(make_daemon: Callable[..., Daemon],

@@ -299,6 +299,15 @@ def test_reload_refuses_bad_edits_and_keeps_serving(make_daemon: Callable[..., D
     assert result.stderr.count("\n") == 1
     assert "pass --pid, or restart it" in result.stderr
 
+    # What the file alone cannot tell is checked as at start: a machine type the
+    # configured QEMU does not know is refused, not left to fail every boot.
+    d.config.write_text(good.replace('machine_type = "q35"', 'machine_type = "q53"'))
+    result = d.cli("reload")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert "reload refused: " in result.stderr
+    assert "hypervisor.qemu.machine_type: not a machine type" in result.stderr
+
     # Still serving, with the same VM and the old settings.
     assert [v["pid"] for v in status_vms(d)] == [vm_pid]
     assert config_reply(d.endpoint)["HypervisorConfig"]["MemorySize"] == 256

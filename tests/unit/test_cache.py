@@ -317,3 +317,54 @@ async def test_resize(pool: tuple[VMCache, FakeFactory]) -> None:
     await until(cache, lambda: cache.ready_count == 1)
     cache.resize(4)
     await until(cache, lambda: cache.ready_count == 4)
+
+
+class SizedFactory(FakeFactory):
+    """A fake factory that says how big its VMs are (the real ones do: `spec`)."""
+
+    spec = SPEC  # 256 MiB
+
+
+@pytest.mark.asyncio
+async def test_the_memory_budget_holds_the_pool_down(tmp_path: Path) -> None:
+    factory = SizedFactory(tmp_path)
+    cache = VMCache(factory, 3, parallelism=3, memory_budget_mib=600)
+    async with pool_running(cache):
+        assert cache.target == 2  # 600 MiB hold two VMs of 256
+        await until(cache, lambda: cache.ready_count == 2)
+        assert len(factory.created) == 2
+        assert cache.committed_mib == 512
+        cache.set_memory_budget(768)
+        await until(cache, lambda: cache.ready_count == 3)
+        cache.set_memory_budget(256)  # surplus VMs are stopped, and stop counting
+        await until(cache, lambda: cache.ready_count == 1 and cache.committed_mib == 256)
+
+        # A VM out of the pool but not handed off still counts: no replacement boots
+        # while it is out, for there is no room for one.
+        vm = await cache.reserve()
+        cache.refill()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(factory.created) == 3
+        assert cache.booting_count == 0
+        assert cache.committed_mib == 256
+        # Handed off, it is the client's memory: the refill boots at once.
+        cache.give_now(vm)
+        cache.delivered(vm)
+        await until(cache, lambda: cache.ready_count == 1)
+        assert cache.committed_mib == 256
+        assert len(factory.created) == 4
+
+
+@pytest.mark.asyncio
+async def test_memory_of_every_boot_counts_from_its_start(tmp_path: Path) -> None:
+    factory = SizedFactory(tmp_path)
+    factory.gate = asyncio.Event()  # boots hang until the gate opens
+    cache = VMCache(factory, 4, parallelism=4, memory_budget_mib=1024)
+    async with pool_running(cache):
+        await until(cache, lambda: cache.booting_count == 4)
+        assert cache.committed_mib == 1024
+        cache.set_memory_budget(512)  # less room: nothing more starts, nothing is lost
+        factory.gate.set()
+        await until(cache, lambda: cache.ready_count == 2 and cache.booting_count == 0)
+        await until(cache, lambda: cache.committed_mib == 512)

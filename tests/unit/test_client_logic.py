@@ -158,3 +158,15 @@ def test_base_vcpus_of_either_generations_payload() -> None:
     assert base_vcpus({"NumVCPUsF": 1.5}) == 2  # 3.x: NumVCPUs() rounds up
     assert base_vcpus({"NumVCPUsF": 2.0}) == 2
     assert base_vcpus({}) == 1
+
+
+def test_vm_shape_round_trips_and_refuses_what_a_server_would_not_send() -> None:
+    from kata_vmcache.shape import KEY, VMShape
+
+    shape = VMShape(cpus=1, max_cpus=2, memory_mib=256, max_memory_mib=1280, memory_slots=4)
+    (key, text), = shape.metadata()
+    assert key == KEY
+    assert VMShape.parse(text) == shape
+    for bad in (None, "", "[]", "{}", text.replace("256", '"256"'), text.replace("256", "-1"),
+                text.replace("256", "true")):
+        assert VMShape.parse(bad) is None, bad

@@ -275,3 +275,47 @@ def test_the_probe_follows_the_guest_agent(assets: dict[str, Path]) -> None:
     assert cfg.parse(base)[0].daemon.ready_probe == "kata-agent"
     config, _ = cfg.parse(base + 'guest_agent = "none"\n')
     assert (config.daemon.guest_agent, config.daemon.ready_probe) == ("none", "serial")
+
+
+def test_kata_integers_fit_the_go_type_of_some_generation(assets: dict[str, Path]) -> None:
+    base = (f'[hypervisor.qemu]\npath = "{assets["QEMU"]}"\nkernel = "{assets["KERNEL"]}"\n'
+            f'initrd = "{assets["INITRD"]}"\n')
+    # uint64 in Kata 3.x, though uint32 in 1.x: a 3.x file may hold it.
+    cfg.parse(base + f"memory_offset = {2**33}\n")
+    # float32 in 3.x: any integer loads (and is clamped to the host's CPUs).
+    assert cfg.parse(base + f"default_vcpus = {2**40}\n")[0].hypervisor.vcpus == kata._host_cpus_3x()
+    cfg.parse(base + f"default_memory = {2**32 - 1}\n")  # the largest uint32
+    with pytest.raises(ConfigError, match=r"default_memory: out of range for Kata's loader"):
+        cfg.parse(base + f"default_memory = {2**32}\n")
+    # A key with a check of its own gets one problem, not two.
+    with pytest.raises(ConfigError) as info:
+        cfg.parse(base + "default_memory = -5\n")
+    assert [p.key for p in info.value.problems] == ["hypervisor.qemu.default_memory"]
+
+
+def test_memory_budget(assets: dict[str, Path]) -> None:
+    base = (f'[hypervisor.qemu]\npath = "{assets["QEMU"]}"\nkernel = "{assets["KERNEL"]}"\n'
+            f'initrd = "{assets["INITRD"]}"\ndefault_memory = 256\n')
+    # Default: half of the host's MemTotal.
+    config = cfg.parse(base + "[factory]\nvm_cache_number = 2\n")[0]
+    assert config.memory_budget_mib == cfg.host_memory_mib() // 2
+    assert dict(cfg.describe(config))["vmcache.memory_budget_mib"] == (
+        f"{cfg.host_memory_mib() // 2} (half of the host's MemTotal)")
+    # vm_cache_number VMs that would not fit: fewer are kept, and the note says why.
+    config = cfg.parse(base + "[factory]\nvm_cache_number = 5\n"
+                              "[vmcache]\nmemory_budget_mib = 600\n")[0]
+    assert config.cache_target == 2
+    assert config.budget_note() == ("keeping 2 VMs ready, not vm_cache_number = 5: "
+                                    "memory_budget_mib = 600 holds 2 of 256 MiB (5 would "
+                                    "need 1280 MiB)")
+    assert cfg.parse(base + "[factory]\nvm_cache_number = 2\n"
+                            "[vmcache]\nmemory_budget_mib = 600\n")[0].budget_note() == ""
+    # A budget smaller than one VM is an error, when there is a cache to fill.
+    with pytest.raises(ConfigError) as info:
+        cfg.parse(base + "[factory]\nvm_cache_number = 1\n[vmcache]\nmemory_budget_mib = 100\n")
+    assert [str(p) for p in info.value.problems] == [
+        "vmcache.memory_budget_mib: smaller than one VM (got 100 MiB; "
+        "hypervisor.qemu.default_memory is 256 MiB)"]
+    cfg.parse(base + "[vmcache]\nmemory_budget_mib = 100\n")  # no cache: nothing to hold
+    with pytest.raises(ConfigError, match=r"memory_budget_mib: must be >= 0 MiB \(got -1\)"):
+        cfg.parse(base + "[vmcache]\nmemory_budget_mib = -1\n")

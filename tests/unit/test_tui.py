@@ -11,6 +11,8 @@ change, and look at them before committing.
 from __future__ import annotations
 
 import asyncio
+import html
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -194,6 +196,24 @@ async def test_table_follows_pushed_snapshots_and_disconnects() -> None:
         await connected(pilot)
         assert table_pids(app) == [51234, 51388, 51502]
         assert banner(app) == ""
+
+
+@pytest.mark.asyncio
+async def test_a_target_held_down_by_the_memory_budget_says_so(tmp_path: Path) -> None:
+    backend = ScriptedBackend()
+    app = VMCacheApp(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        backend.queue.put_nowait(sample(target=2, vm_cache_number=2))
+        await connected(pilot)
+        label = app.query_one("#pool-label", Static)
+        assert str(label.render()) == "Ready 2 / 2"
+        backend.queue.put_nowait(sample(target=2, vm_cache_number=5, memory_budget_mib=600))
+        await until(pilot, lambda: "memory_budget_mib" in str(label.render()), "the note")
+        assert str(label.render()) == "Ready 2 / 2  (5 wanted, memory_budget_mib 600)"
+        # On screen, not cut off: the text of the rendered screen has it.
+        app.save_screenshot(str(tmp_path / "limited.svg"))
+        shown = html.unescape(re.sub(r"<[^>]+>", "", (tmp_path / "limited.svg").read_text()))
+        assert "(5 wanted, memory_budget_mib 600)" in shown.replace("\xa0", " ")
 
 
 @pytest.mark.asyncio
