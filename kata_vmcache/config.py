@@ -116,7 +116,8 @@ KATA_QEMU_KEYS = frozenset(
 OUR_KEYS = frozenset(
     """
     accelerator ready_timeout state_dir boot_parallelism stop_timeout ready_probe ready_line
-    max_memory socket_mode socket_group log_format vm_storage_path guest_agent kata_version memory_budget_mib
+    max_memory socket_mode socket_group log_format vm_storage_path guest_agent kata_version
+    memory_budget_mib
     """.split()
 )
 KATA_FACTORY_KEYS = frozenset(

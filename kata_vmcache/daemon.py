@@ -46,7 +46,7 @@ from .proxy import is_kata_proxy
 from .qemu import is_vm_qemu
 from .reload import Reloader, remove_outcome
 from .server import CacheServicer, prepare_endpoint, remove_endpoint, start_server
-from .vm import scan_records
+from .vm import Unclaimed, scan_records
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +85,6 @@ async def _kill_and_wait(pid: int, timeout: float) -> None:
             loop.remove_reader(pidfd)
     finally:
         os.close(pidfd)
-
-
-@dataclass(frozen=True)
-class Unclaimed:
-    """A VM directory whose record cannot be believed while a QEMU of that VM runs: it may
-    be a client's VM, so it is reported (log, `status --json`), never stopped."""
-
-    path: str
-    problem: str
-    pid: int
 
 
 @dataclass
@@ -243,7 +233,8 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
                         stop_timeout=config.daemon.stop_timeout,
                         memory_budget_mib=config.memory_budget_mib)
         servicer = CacheServicer(cache, config, shutdown.set)
-        monitor = MonitorServicer(cache, config, stopping=shutdown)
+        monitor = MonitorServicer(cache, config, stopping=shutdown,
+                                  unclaimed=recovered.unclaimed)
         server = await start_server(config, servicer, monitor)
         log.info("serving %d %s VMs (%d vCPU, %d MiB) on %s", cache.target,
                  factory.accelerator.upper(), factory.spec.vcpus, factory.spec.memory_mib,

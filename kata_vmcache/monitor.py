@@ -22,7 +22,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol, cast
 
 import grpc
@@ -32,6 +32,7 @@ from .config import Config
 from .factory.cache import VMCache
 from .proto import vmcache_pb2, vmcache_pb2_grpc
 from .qemu import VMSpec
+from .vm import Unclaimed
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,12 @@ class DescribedFactory(Protocol):
 class MonitorServicer(vmcache_pb2_grpc.MonitorServicer):
     def __init__(self, cache: VMCache, config: Config, *,
                  stopping: asyncio.Event, heartbeat: float = HEARTBEAT,
-                 min_interval: float = MIN_INTERVAL) -> None:
+                 min_interval: float = MIN_INTERVAL,
+                 unclaimed: Sequence[Unclaimed] = ()) -> None:
         self.cache = cache
+        #: What start-up's recovery left running for an operator (daemon.Unclaimed).
+        self.unclaimed = [vmcache_pb2.UnclaimedVM(path=u.path, problem=u.problem, pid=u.pid)
+                          for u in unclaimed]
         # What a snapshot shows of `config` (endpoint, templating, file) cannot change while
         # the daemon runs (reload refuses it); the VMs' settings come from the cache's
         # current factory, which a reload replaces.
@@ -107,6 +112,7 @@ class MonitorServicer(vmcache_pb2_grpc.MonitorServicer):
             vm_cache_number=cache.wanted,
             memory_budget_mib=cache.memory_budget_mib or 0,
             memory_committed_mib=cache.committed_mib,
+            unclaimed=self.unclaimed,
             ready=cache.ready_count,
             booting=cache.booting_count,
             clients_waiting=cache.waiting_clients,

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Literal
 
 from . import config as configmod
-from . import kata, preflight
+from . import preflight
 from .config import Config
 from .errors import ConfigError, VmcacheError
 from .factory import Factory

@@ -82,6 +82,13 @@ class Event:
 
 
 @dataclass(frozen=True)
+class UnclaimedVM:
+    path: str
+    problem: str
+    pid: int
+
+
+@dataclass(frozen=True)
 class Snapshot:
     pid: int
     endpoint: str
@@ -105,6 +112,8 @@ class Snapshot:
     vm_cache_number: int = 0
     memory_budget_mib: int = 0
     memory_committed_mib: int = 0
+    #: Running VMs whose record could not be believed at start-up, left for an operator.
+    unclaimed: tuple[UnclaimedVM, ...] = ()
 
     @classmethod
     def from_proto(cls, m: vmcache_pb2.CacheSnapshot) -> Snapshot:
@@ -130,6 +139,7 @@ class Snapshot:
             vm_cache_number=m.vm_cache_number,
             memory_budget_mib=m.memory_budget_mib,
             memory_committed_mib=m.memory_committed_mib,
+            unclaimed=tuple(UnclaimedVM(u.path, u.problem, u.pid) for u in m.unclaimed),
         )
 
     def as_json(self) -> dict[str, Any]:

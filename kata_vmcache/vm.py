@@ -366,6 +366,16 @@ class RecordEntry:
     problem: str = ""
 
 
+@dataclass(frozen=True)
+class Unclaimed:
+    """A VM directory whose record cannot be believed while a QEMU of that VM runs: it may
+    be a client's VM, so recovery reports it (log, `status --json`) and never stops it."""
+
+    path: str
+    problem: str
+    pid: int
+
+
 def record_problem(record: object, dir_name: str) -> str:
     """Why a parsed vm.json cannot be believed ("" when it can)."""
     if not isinstance(record, dict):

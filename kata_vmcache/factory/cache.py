@@ -688,9 +688,10 @@ class VMCache:
 
 
 def _problem_now(vm: VM) -> str | None:
-    """`problem_now()` of the VM (its QEMU, its proxy), unless that check could not run for want of a file
-    descriptor (it reads /proc): then a waitid, which needs none, says whether QEMU (our
-    child, not reaped while we hold its pidfd) has exited or been stopped."""
+    """`problem_now()` of the VM (its QEMU, its proxy), unless that check could not run
+    for want of a file descriptor (it reads /proc): then a waitid, which needs none, says
+    whether QEMU (our child, not reaped while we hold its pidfd) has exited or been
+    stopped."""
     problem = vm.problem_now()
     if problem is None or vm.pid is None or not fds.exhausted():
         return problem

@@ -15,7 +15,7 @@ class WatchRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CacheSnapshot(_message.Message):
-    __slots__ = ("pid", "endpoint", "version", "started_at", "uptime_seconds", "taken_at", "stopping", "heartbeat_seconds", "config", "target", "ready", "booting", "clients_waiting", "vms", "counters", "handoff_seconds", "boot_seconds", "events", "vm_cache_number", "memory_budget_mib", "memory_committed_mib")
+    __slots__ = ("pid", "endpoint", "version", "started_at", "uptime_seconds", "taken_at", "stopping", "heartbeat_seconds", "config", "target", "ready", "booting", "clients_waiting", "vms", "counters", "handoff_seconds", "boot_seconds", "events", "vm_cache_number", "memory_budget_mib", "memory_committed_mib", "unclaimed")
     PID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class CacheSnapshot(_message.Message):
     VM_CACHE_NUMBER_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_MIB_FIELD_NUMBER: _ClassVar[int]
     MEMORY_COMMITTED_MIB_FIELD_NUMBER: _ClassVar[int]
+    UNCLAIMED_FIELD_NUMBER: _ClassVar[int]
     pid: int
     endpoint: str
     version: str
@@ -58,7 +59,18 @@ class CacheSnapshot(_message.Message):
     vm_cache_number: int
     memory_budget_mib: int
     memory_committed_mib: int
-    def __init__(self, pid: _Optional[int] = ..., endpoint: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., taken_at: _Optional[float] = ..., stopping: _Optional[bool] = ..., heartbeat_seconds: _Optional[float] = ..., config: _Optional[_Union[ServerConfig, _Mapping]] = ..., target: _Optional[int] = ..., ready: _Optional[int] = ..., booting: _Optional[int] = ..., clients_waiting: _Optional[int] = ..., vms: _Optional[_Iterable[_Union[VMInfo, _Mapping]]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., handoff_seconds: _Optional[_Iterable[float]] = ..., boot_seconds: _Optional[_Iterable[float]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., vm_cache_number: _Optional[int] = ..., memory_budget_mib: _Optional[int] = ..., memory_committed_mib: _Optional[int] = ...) -> None: ...
+    unclaimed: _containers.RepeatedCompositeFieldContainer[UnclaimedVM]
+    def __init__(self, pid: _Optional[int] = ..., endpoint: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., taken_at: _Optional[float] = ..., stopping: _Optional[bool] = ..., heartbeat_seconds: _Optional[float] = ..., config: _Optional[_Union[ServerConfig, _Mapping]] = ..., target: _Optional[int] = ..., ready: _Optional[int] = ..., booting: _Optional[int] = ..., clients_waiting: _Optional[int] = ..., vms: _Optional[_Iterable[_Union[VMInfo, _Mapping]]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., handoff_seconds: _Optional[_Iterable[float]] = ..., boot_seconds: _Optional[_Iterable[float]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., vm_cache_number: _Optional[int] = ..., memory_budget_mib: _Optional[int] = ..., memory_committed_mib: _Optional[int] = ..., unclaimed: _Optional[_Iterable[_Union[UnclaimedVM, _Mapping]]] = ...) -> None: ...
+
+class UnclaimedVM(_message.Message):
+    __slots__ = ("path", "problem", "pid")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    problem: str
+    pid: int
+    def __init__(self, path: _Optional[str] = ..., problem: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class ServerConfig(_message.Message):
     __slots__ = ("vcpus", "memory_mib", "accelerator", "template_enabled", "template_size_bytes", "config_path")

@@ -76,6 +76,12 @@ def test_damaged_records_after_a_crash_stop_no_vm_that_may_be_a_clients(
         assert qmp(Path(taken["QmpChannelpath"]), "query-status")[0]["status"] == "paused"
         assert log.count(f"{vms / taken['ID'] / 'vm.json'}: not a JSON object") == 1
         assert "no QEMU of VM 0123456789ab runs: its files are removed" in log
+        # ... and in status --json, for an operator to decide.
+        status = json.loads(second.cli("status", "--json").stdout)
+        unclaimed = {u["pid"]: u for u in status["snapshot"]["unclaimed"]}
+        assert set(unclaimed) == {truncated["pid"], wrong_types["pid"], taken["Pid"]}
+        assert unclaimed[taken["Pid"]]["problem"] == "not a JSON object (got NoneType)"
+        assert unclaimed[taken["Pid"]]["path"] == str(vms / taken["ID"] / "vm.json")
         assert not stale.exists()
         assert "Traceback" not in log
     finally:

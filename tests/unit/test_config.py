@@ -283,7 +283,8 @@ def test_kata_integers_fit_the_go_type_of_some_generation(assets: dict[str, Path
     # uint64 in Kata 3.x, though uint32 in 1.x: a 3.x file may hold it.
     cfg.parse(base + f"memory_offset = {2**33}\n")
     # float32 in 3.x: any integer loads (and is clamped to the host's CPUs).
-    assert cfg.parse(base + f"default_vcpus = {2**40}\n")[0].hypervisor.vcpus == kata._host_cpus_3x()
+    vcpus = cfg.parse(base + f"default_vcpus = {2**40}\n")[0].hypervisor.vcpus
+    assert vcpus == kata._host_cpus_3x()
     cfg.parse(base + f"default_memory = {2**32 - 1}\n")  # the largest uint32
     with pytest.raises(ConfigError, match=r"default_memory: out of range for Kata's loader"):
         cfg.parse(base + f"default_memory = {2**32}\n")
