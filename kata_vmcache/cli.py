@@ -126,6 +126,7 @@ def endpoint_of(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from .factory.direct import check_host, describe_vm
+    from .preflight import require
 
     command: str = args.command
     if command == "init":
@@ -133,13 +134,12 @@ def run(args: argparse.Namespace) -> int:
 
         config = load_config(args)
         setup_logging(debug=args.debug, json_lines=config.daemon.log_format == "json")
+        require(config)  # what the file alone cannot tell, before what this host lacks
         for w in check_host(config):
             logging.getLogger(PROG).warning("%s", w)
         asyncio.run(serve(config))
         return 0
     if command == "check-config":
-        from .preflight import require
-
         config = load_config(args)
         require(config)  # what the file alone cannot tell (machine type, state_dir)
         for w in check_host(config):

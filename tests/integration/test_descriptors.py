@@ -73,7 +73,7 @@ def many_files() -> Iterator[None]:
 
 def test_started_with_a_soft_limit_of_1024_it_serves_1500_idle_connections(
         make_daemon: Callable[..., Daemon], many_files: None, report: Report) -> None:
-    d = make_daemon(cache_number=1, ready_probe="none", nofile=(1024, 4096))
+    d = make_daemon(cache_number=1, nofile=(1024, 4096))
     d.wait_ready(1)
     assert open_limit(d.pid) == (4096, 4096)
     assert "raised the open-file limit from 1024 to 4096" in d.log()
@@ -99,7 +99,7 @@ def test_started_with_a_soft_limit_of_1024_it_serves_1500_idle_connections(
 def test_out_of_descriptors_is_said_once_and_the_daemon_recovers(
         make_daemon: Callable[..., Daemon], many_files: None, report: Report) -> None:
     limit = 128
-    d = make_daemon(cache_number=1, ready_probe="none", nofile=(limit, limit))
+    d = make_daemon(cache_number=1, nofile=(limit, limit))
     first, = d.wait_ready(1)
     channel, cache = stub(d.endpoint)  # a client connected before the descriptors run out
     monitor = vmcache_pb2_grpc.MonitorStub(channel)

@@ -143,7 +143,7 @@ def test_a_client_that_stops_reading_cannot_pin_a_vm(make_daemon: Callable[..., 
     never be written. The hand-off is undone within HANDOFF_WRITE_TIMEOUT (the VM back in
     the pool, alive), the replacement starts booting meanwhile, another caller is served,
     and the stalled client, when it reads at last, cannot complete its call."""
-    d = make_daemon(cache_number=1, ready_probe="none", log_format="json")
+    d = make_daemon(cache_number=1, log_format="json")
     first, = d.wait_ready(1)
     conn = stalled_get(d.endpoint)
     stalled_at, started = time.time(), time.monotonic()
@@ -191,7 +191,7 @@ def test_a_crash_during_a_stalled_hand_off_leaves_no_vm_running(
         make_daemon: Callable[..., Daemon], report: Report) -> None:
     """SIGKILL while a hand-off's reply is blocked: the record still says `ready` (the
     client cannot have the VM: no status went out), so the next daemon stops that VM."""
-    d = make_daemon(cache_number=1, ready_probe="none")
+    d = make_daemon(cache_number=1)
     first, = d.wait_ready(1)
     conn = stalled_get(d.endpoint)
     d.send_signal(signal.SIGKILL)
@@ -200,7 +200,7 @@ def test_a_crash_during_a_stalled_hand_off_leaves_no_vm_running(
     assert pid_alive(first["pid"])
     assert [(r["id"], r["state"]) for r in d.records()] == [(first["id"], "ready")]
     started = time.monotonic()
-    successor = make_daemon(cache_number=1, ready_probe="none")
+    successor = make_daemon(cache_number=1)
     wait_for(lambda: not pid_alive(first["pid"]), 30, "the orphaned VM to be stopped")
     report("crash mid-hand-off: successor started and the orphan stopped after (s)",
            f"{time.monotonic() - started:.3f}")

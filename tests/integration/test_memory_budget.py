@@ -28,13 +28,13 @@ def snapshot(d: Daemon) -> dict[str, Any]:
 
 def test_vm_cache_number_is_held_to_what_the_budget_holds(
         make_config: Callable[..., Path], make_daemon: Callable[..., Daemon]) -> None:
-    config = make_config(cache_number=3, ready_probe="none", memory_budget_mib=600)
+    config = make_config(cache_number=3, memory_budget_mib=600)
     checked = run_cli(["--config", str(config), "check-config"])
     assert checked.returncode == 0, checked.stderr
     assert f"# {NOTE}\n" in checked.stdout
     assert "vmcache.memory_budget_mib" in checked.stdout
 
-    d = make_daemon(cache_number=3, ready_probe="none", memory_budget_mib=600)
+    d = make_daemon(cache_number=3, memory_budget_mib=600)
     d.wait_ready(2)
     assert NOTE in d.log()
     snap = snapshot(d)
