@@ -255,6 +255,23 @@ def find_config(explicit: Path | None) -> Path:
     )
 
 
+def find_class_config(runtime_class: str) -> Path:
+    """The file of one Kata runtime class: `configuration-<class>.toml` in Kata's lookup
+    directories, in Kata's order (what kata-deploy installs per runtime class, e.g.
+    configuration-qemu.toml)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", runtime_class):
+        raise ConfigError([ConfigProblem("", f"--runtime-class: not a runtime class name "
+                                             f"(got {runtime_class!r}, expected e.g. \"qemu\")")])
+    name = f"configuration-{runtime_class}.toml"
+    candidates = [p.parent / name for p in DEFAULT_CONFIG_PATHS]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    tried = " or ".join(str(p) for p in candidates)
+    raise ConfigError([ConfigProblem("", f"no configuration file for runtime class "
+                                         f"{runtime_class!r} (looked for {tried})")])
+
+
 def load(path: Path | None = None) -> tuple[Config, list[ConfigProblem]]:
     """Read, parse and validate a configuration file; raise ConfigError with every problem."""
     path = find_config(path)

@@ -275,3 +275,20 @@ def test_the_probe_follows_the_guest_agent(assets: dict[str, Path]) -> None:
     assert cfg.parse(base)[0].daemon.ready_probe == "kata-agent"
     config, _ = cfg.parse(base + 'guest_agent = "none"\n')
     assert (config.daemon.guest_agent, config.daemon.ready_probe) == ("none", "serial")
+
+
+def test_runtime_class_file_in_katas_lookup_order(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    etc, usr = tmp_path / "etc", tmp_path / "usr"
+    etc.mkdir()
+    usr.mkdir()
+    monkeypatch.setattr(cfg, "DEFAULT_CONFIG_PATHS",
+                        (etc / "configuration.toml", usr / "configuration.toml"))
+    with pytest.raises(ConfigError, match="no configuration file for runtime class 'qemu'"):
+        cfg.find_class_config("qemu")
+    (usr / "configuration-qemu.toml").write_text("")
+    assert cfg.find_class_config("qemu") == usr / "configuration-qemu.toml"
+    (etc / "configuration-qemu.toml").write_text("")
+    assert cfg.find_class_config("qemu") == etc / "configuration-qemu.toml"
+    with pytest.raises(ConfigError, match="not a runtime class name"):
+        cfg.find_class_config("../qemu")
