@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ INSTALL = REPO / "scripts" / "install.sh"
 
 
 @pytest.fixture(scope="module")
-def wheels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Our wheel, built from this tree (the image holds it with its dependencies)."""
     out = tmp_path_factory.mktemp("wheels")
     build = tmp_path_factory.mktemp("src")
@@ -32,7 +31,7 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                     "--no-build-isolation", "-w", str(out), str(build / "src")],
                    check=True, timeout=120)
-    yield out
+    return out
 
 
 def install(root: Path, wheels: Path) -> subprocess.CompletedProcess[str]:
