@@ -41,7 +41,7 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .config import Config, split_address
 from .errors import UsageError
-from .factory.cache import Histogram, VMCache
+from .factory.cache import FAILURE_CLASSES, Histogram, VMCache
 from .factory.template import TemplateFactory
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,8 @@ class CacheCollector(Collector):
         yield counter("boots", "VMs booted ready for the pool", stats.booted)
         failures = CounterMetricFamily(f"{p}_boot_failures", "VM boots that failed, by class "
                                        "of reason", labels=["reason"])
-        for reason, count in sorted(stats.failure_classes.items()):
-            failures.add_metric([reason], count)
+        for reason in FAILURE_CLASSES:
+            failures.add_metric([reason], stats.failure_classes[reason])
         yield failures
         yield counter("vms_died_in_pool", "Ready VMs whose QEMU exited in the pool",
                       stats.died_in_pool)

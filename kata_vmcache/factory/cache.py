@@ -75,6 +75,11 @@ class CacheStats:
     take_back_stopped: int = 0
 
 
+#: Every class `failure_class()` returns (metrics start each at 0, so a rate() has a series).
+FAILURE_CLASSES = ("not_ready", "qemu_exited", "launch", "host", "template", "internal",
+                   "other")
+
+
 def failure_class(reason: str) -> str:
     """A boot failure's reason as one of a few classes, for a metric label (the reason
     itself has VM ids and paths in it: one series per failure). Messages are errors.py's

@@ -19,7 +19,7 @@ from test_cache import FakeFactory, fake_pool, until
 from test_monitor import make_config
 
 from kata_vmcache.errors import UsageError
-from kata_vmcache.factory.cache import Histogram, VMCache, failure_class
+from kata_vmcache.factory.cache import FAILURE_CLASSES, Histogram, VMCache, failure_class
 from kata_vmcache.metrics import MetricsServer, registry_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,6 +70,7 @@ async def test_scrape_reads_the_pool(pool: tuple[VMCache, FakeFactory], tmp_path
         assert got["kata_vmcache_target_vms"] == 2
         assert got["kata_vmcache_ready_vms"] == cache.ready_count
         assert got['kata_vmcache_boot_failures_total{reason="other"}'] == 1  # "guest exploded"
+        assert got['kata_vmcache_boot_failures_total{reason="not_ready"}'] == 0
         assert got["kata_vmcache_handoff_duration_seconds_count"] == 1
         assert got['kata_vmcache_handoff_duration_seconds_bucket{le="+Inf"}'] == 1
         assert got["kata_vmcache_boot_duration_seconds_count"] == cache.stats.booted
@@ -118,6 +119,9 @@ def test_failure_classes() -> None:
     assert failure_class("cannot write the VM's files: No space left") == "host"
     assert failure_class("internal error: KeyError('x')") == "internal"
     assert failure_class("something new") == "other"
+    assert {failure_class(r) for r in ("not ready after", "QEMU exited", "cannot run",
+                                       "cannot write", "template", "internal error", "?")
+            } == set(FAILURE_CLASSES)
 
 
 def test_histogram_is_cumulative_in_exposition() -> None:
