@@ -9,10 +9,9 @@ CONFIG := $(DEMO)/configuration.toml
 
 # `make install` (as root): the package in its own virtualenv, the systemd unit, and a
 # default configuration when the host has none. Then: systemctl enable --now kata-vmcache
+# (or kata-vmcache@qemu, one instance per Kata runtime class)
 PREFIX  ?= /opt/kata-vmcache
 UNITDIR ?= /etc/systemd/system
-KATA_CONFIG ?= /etc/kata-containers/configuration.toml
-KATA_DEFAULT_CONFIG ?= /usr/share/defaults/kata-containers/configuration.toml
 
 .PHONY: setup system venv demo run test test-unit lint proto bench clean install uninstall \
         kata-compare
@@ -64,32 +63,20 @@ clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache .mypy_cache *.egg-info
 
 # A virtualenv of its own: Debian's Python refuses system-wide pip installs (PEP 668), and
-# the service must not change when other Python software on the host does. The unit names
-# $(PREFIX) in ExecStart/ExecReload. The configuration is Kata's own file, shared with
-# kata-runtime: never overwritten, and ours is installed only when the host has neither of
-# Kata's (else it would shadow Kata's packaged default for kata-runtime too).
+# the service must not change when other Python software on the host does. The units name
+# $(PREFIX) in ExecStart/ExecReload: kata-vmcache.service (Kata's configuration.toml) and
+# kata-vmcache@.service (kata-vmcache@qemu: configuration-qemu.toml). The configuration is
+# Kata's own file, shared with kata-runtime: never overwritten, and ours is installed only
+# when the host has neither of Kata's (else it would shadow Kata's packaged default for
+# kata-runtime too). scripts/install.sh does it all; the DaemonSet's pod runs it too.
 install:
-	$(PYTHON) -m venv $(PREFIX)
-	$(PREFIX)/bin/python -m pip install -q --disable-pip-version-check --upgrade .
-	install -D -m 0644 README.md $(PREFIX)/share/doc/kata-vmcache/README.md
-	install -D -m 0644 etc/configuration.toml $(PREFIX)/share/kata-vmcache/configuration.toml
-	sed 's#/opt/kata-vmcache#$(PREFIX)#g' systemd/kata-vmcache.service > kata-vmcache.service.tmp
-	install -D -m 0644 kata-vmcache.service.tmp $(UNITDIR)/kata-vmcache.service
-	rm -f kata-vmcache.service.tmp
-	@if [ -e $(KATA_CONFIG) ] || [ -e $(KATA_DEFAULT_CONFIG) ]; then \
-	  echo "install: kept Kata's configuration; set [factory] vm_cache_number > 0 in it" \
-	       "(example: $(PREFIX)/share/kata-vmcache/configuration.toml)"; \
-	else \
-	  install -D -m 0644 etc/configuration.toml $(KATA_CONFIG); \
-	  echo "install: wrote $(KATA_CONFIG)"; \
-	fi
-	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	ROOT=/ PREFIX=$(PREFIX) UNITDIR=$(UNITDIR) PYTHON=$(PYTHON) scripts/install.sh
 	$(PREFIX)/bin/kata-vmcache check-config >/dev/null || \
 	  echo "install: fix the configuration above before: systemctl enable --now kata-vmcache"
 
 # Leaves the configuration (it is Kata's file as much as ours) and the runtime state.
 uninstall:
 	-@if [ -d /run/systemd/system ]; then systemctl disable --now kata-vmcache; fi
-	rm -f $(UNITDIR)/kata-vmcache.service
+	rm -f $(UNITDIR)/kata-vmcache.service $(UNITDIR)/kata-vmcache@.service
 	rm -rf $(PREFIX)
 	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

@@ -1,7 +1,7 @@
 """`kata-vmcache`: the command line.
 
-    kata-vmcache [--config PATH] [--debug] init | status | get | destroy | reload | tui
-    kata-vmcache [--config PATH] check-config
+    kata-vmcache [--config PATH | --runtime-class NAME] [--debug] init | status | get | ...
+    kata-vmcache [--config PATH | --runtime-class NAME] check-config
     kata-vmcache demo-guest DIR
 
 Errors are ours (`VmcacheError`): one line on stderr (one per problem for configuration
@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, metavar="PATH",
                         help="Kata configuration.toml (default: Kata's lookup order, "
                              + ", ".join(str(p) for p in configmod.DEFAULT_CONFIG_PATHS) + ")")
+    parser.add_argument("--runtime-class", metavar="NAME",
+                        help="Kata's configuration-NAME.toml, looked up as Kata looks up "
+                             "configuration.toml (one instance per runtime class: "
+                             "kata-vmcache@NAME.service)")
     parser.add_argument("--debug", action="store_true",
                         help="debug logging, and tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -129,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
     from .preflight import require
 
     command: str = args.command
+    if args.runtime_class is not None:
+        if args.config is not None:
+            raise UsageError("--config and --runtime-class name the file twice; give one")
+        args.config = configmod.find_class_config(args.runtime_class)
     if command == "init":
         from .daemon import serve
 

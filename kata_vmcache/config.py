@@ -117,7 +117,7 @@ OUR_KEYS = frozenset(
     """
     accelerator ready_timeout state_dir boot_parallelism stop_timeout ready_probe ready_line
     max_memory socket_mode socket_group log_format vm_storage_path guest_agent kata_version
-    memory_budget_mib
+    memory_budget_mib metrics_address
     """.split()
 )
 KATA_FACTORY_KEYS = frozenset(
@@ -272,6 +272,8 @@ class DaemonSettings:
     kata_version: KataVersion = "3.x"
     #: Where kata_version came from, for check-config.
     kata_version_origin: str = "detected: no [proxy.*] or [shim.*] table"
+    #: "host:port" serving Prometheus's /metrics (metrics.py); "" serves none.
+    metrics_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -344,6 +346,23 @@ def find_config(explicit: Path | None) -> Path:
     raise ConfigError(
         [ConfigProblem("", f"no configuration file found (looked for {tried}; use --config PATH)")]
     )
+
+
+def find_class_config(runtime_class: str) -> Path:
+    """The file of one Kata runtime class: `configuration-<class>.toml` in Kata's lookup
+    directories, in Kata's order (what kata-deploy installs per runtime class, e.g.
+    configuration-qemu.toml)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", runtime_class):
+        raise ConfigError([ConfigProblem("", f"--runtime-class: not a runtime class name "
+                                             f"(got {runtime_class!r}, expected e.g. \"qemu\")")])
+    name = f"configuration-{runtime_class}.toml"
+    candidates = [p.parent / name for p in DEFAULT_CONFIG_PATHS]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    tried = " or ".join(str(p) for p in candidates)
+    raise ConfigError([ConfigProblem("", f"no configuration file for runtime class "
+                                         f"{runtime_class!r} (looked for {tried})")])
 
 
 def load(path: Path | None = None) -> tuple[Config, list[ConfigProblem]]:
@@ -626,6 +645,14 @@ class _Validator:
                 self.problem(key, f"too long for the VMs' sockets below it (got "
                              f"{len(os.fsencode(root))} bytes, expected at most "
                              f"{107 - _VM_SOCKET_TAIL})")
+        metrics = self.get(t, f"{p}.metrics_address", str, d.metrics_address,
+                           'a "host:port" string like "127.0.0.1:9464", or ""')
+        if metrics:
+            try:
+                split_address(metrics)
+            except ValueError as exc:
+                self.problem(f"{p}.metrics_address", f"{exc} (got {metrics!r}, expected "
+                             '"host:port" like "127.0.0.1:9464" or "[::1]:9464", or "")')
         if state_dir is None or vm_storage is None:
             return None
         return DaemonSettings(
@@ -645,6 +672,7 @@ class _Validator:
             guest_agent=agent,
             kata_version=version,
             kata_version_origin=origin,
+            metrics_address=metrics,
         )
 
     def ready_probe(self, t: Mapping[str, Any], key: str, agent: str) -> Any:
@@ -765,6 +793,23 @@ class _Validator:
             self.problem(key, f"not readable (got {value!r})")
         # Kata resolves symlinks (ResolvePath) and so compares real paths: so do we.
         return Path(os.path.realpath(path)) if path.exists() else path
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """("host", port) of a "host:port" or "[v6]:port" address; ValueError says what is
+    wrong. The host must be given: listening on every interface is a choice ("0.0.0.0")."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError("needs a host and a port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("an IPv6 address needs brackets")
+    if not host or any(c.isspace() for c in host) or "/" in host:
+        raise ValueError("not a host name or address")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError("the port must be a number from 1 to 65535")
+    return host, int(port_text)
 
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:

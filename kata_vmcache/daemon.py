@@ -4,10 +4,12 @@
     await serve(config, shutdown=event)       # tests: set the event to stop
 
 Order of start-up (each step can fail with a one-line error, before anything is touched):
-1. refuse if a live server answers on the endpoint (a second daemon must not steal VMs);
+1. refuse if a live server answers on the endpoint, or another daemon holds the state
+   directory (its lock file; a second daemon must not steal VMs);
 2. recover: stop the VMs a previous, crashed daemon still owned (their records say so),
    leave handed-off VMs alone, drop the records of VMs that are gone;
-3. bind the socket, start the pool, tell systemd READY (notify.py; a no-op outside systemd).
+3. listen for Prometheus (`metrics_address`, metrics.py), bind the socket, start the pool,
+   tell systemd READY (notify.py; a no-op outside systemd).
 
 While serving: WATCHDOG=1 pings and a STATUS= line kept current for systemd; SIGHUP reloads
 the configuration file (reload.py).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -33,12 +36,13 @@ from typing import Any
 
 from . import preflight
 from .config import Config
-from .errors import UsageError
+from .errors import EndpointInUse, UsageError
 from .factory.cache import VMCache
 from .factory.direct import DirectFactory
 from .factory.template import TemplateFactory
 from .fds import DescriptorWatch, raise_open_file_limit
 from .machine import VM_ID, VMPaths
+from .metrics import MetricsServer, registry_for
 from .monitor import MonitorServicer
 from .notify import Notifier, publish_status, status_line
 from .procs import pids
@@ -51,6 +55,45 @@ from .vm import Unclaimed, scan_records
 log = logging.getLogger(__name__)
 
 SERVER_GRACE = 1.0
+#: In the state directory: held (flock) by the daemon serving from it.
+LOCK_FILE = "lock"
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold `state_dir` for this daemon: an exclusive flock on its lock file, released when
+    the process exits however it exits. Another live daemon (another runtime class's
+    instance whose file names the same state_dir) holding it is refused: two daemons
+    recovering and recording VMs in one directory would take each other's VMs for orphans.
+    Returns the descriptor (closed by `unlock_state_dir`)."""
+    path = state_dir / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise EndpointInUse(f"{state_dir}: another kata-vmcache (pid {holder}) uses this "
+                                "state_dir; give each instance its own [vmcache] state_dir"
+                                ) from None
+        # The previous holder may have removed the file between our open and our lock: a
+        # lock on a removed file holds nothing, so start again on the current one.
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+            return fd
+        os.close(fd)
+
+
+def unlock_state_dir(state_dir: Path, fd: int) -> None:
+    """Remove the lock file while still holding it (so nobody locks a file about to go)."""
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir / LOCK_FILE).unlink()
+    os.close(fd)
 
 
 def find_qemu(vm_id: str) -> int | None:
@@ -216,13 +259,16 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
     # From the start: recovery and start-up run on the loop too, and must not stall it.
     watchdog = asyncio.create_task(notifier.watchdog(), name="watchdog")
     watches: list[Callable[[], None]] = []
+    state_dir = config.daemon.state_dir
+    lock: int | None = None
+    metrics: MetricsServer | None = None
     try:
         # What the file cannot tell (QEMU's machine types, whose state_dir): before
         # anything is touched. An existing state_dir is never re-moded (preflight.py).
         await asyncio.to_thread(preflight.require, config)
         prepare_endpoint(endpoint)
-        state_dir = config.daemon.state_dir
         preflight.claim_state_dir(config)
+        lock = lock_state_dir(state_dir)
         recovered = await recover(state_dir, config.daemon.vm_storage_path,
                                   timeout=config.daemon.stop_timeout)
         watches = recovered.watches
@@ -235,6 +281,9 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
         servicer = CacheServicer(cache, config, shutdown.set)
         monitor = MonitorServicer(cache, config, stopping=shutdown,
                                   unclaimed=recovered.unclaimed)
+        if config.daemon.metrics_address:
+            metrics = MetricsServer(registry_for(cache, config))
+            await metrics.start(config.daemon.metrics_address)
         server = await start_server(config, servicer, monitor)
         log.info("serving %d %s VMs (%d vCPU, %d MiB) on %s", cache.target,
                  factory.accelerator.upper(), factory.spec.vcpus, factory.spec.memory_mib,
@@ -266,8 +315,12 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
             remove_endpoint(endpoint)
             log.info("stopped (%d VMs handed out)", cache.stats.handed_out)
     finally:
+        if metrics is not None:
+            await metrics.stop()
         for unwatch in watches:
             unwatch()
+        if lock is not None:
+            unlock_state_dir(state_dir, lock)
         await _cancel({watchdog})
         for sig in handled:
             loop.remove_signal_handler(sig)

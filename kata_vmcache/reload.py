@@ -20,7 +20,7 @@ Then, by what changed:
 | [vmcache] log_format                                | applied at once                        |
 | [factory] vm_cache_endpoint, enable_template,       | cannot change while running: the whole |
 | template_path; [vmcache] state_dir, vm_storage_path| reload is refused, naming the key;     |
-|                                                     | restart the service to apply it        |
+| metrics_address                                     | restart the service to apply it        |
 
 VMs already handed off are never touched: they belong to whoever took them.
 
@@ -69,7 +69,7 @@ KATA_CONFIG = "Kata's Config reply"
 #: Bound at start-up: the socket, the VM records, the kind of factory.
 RESTART_KEYS = frozenset({"factory.vm_cache_endpoint", "factory.enable_template",
                           "factory.template_path", "vmcache.state_dir",
-                          "vmcache.vm_storage_path"})
+                          "vmcache.vm_storage_path", "vmcache.metrics_address"})
 #: What a VM is made of: VMs built with other values are retired. The probe decides
 #: devices too (our serial ports), the agent and the generation the proxy and channel.
 VM_KEYS = frozenset({"vmcache.accelerator", "vmcache.max_memory_mib", KATA_CONFIG,

@@ -9,6 +9,7 @@ packages=(
   linux-image-cloud-amd64  # the demo guest's kernel (small, virtio and serial built in)
   systemd                  # systemd-analyze verify for the unit file tests
   tmux                     # drives the TUI in tests as a person would
+  prometheus               # scrapes the daemon's /metrics in the integration suite
 )
 if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
   packages+=(python3-venv)

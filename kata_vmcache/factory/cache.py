@@ -34,6 +34,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import logging
@@ -76,6 +77,49 @@ class CacheStats:
     #: Seconds of the latest boots, newest last (for status tooling).
     boot_times: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=64))
+    #: Boot failures by `failure_class()` of their reason (Prometheus's label).
+    failure_classes: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Hand-offs whose reply was not written: VMs back in the pool, and VMs that could not
+    #: be had back and were stopped.
+    taken_back: int = 0
+    take_back_stopped: int = 0
+
+
+#: Every class `failure_class()` returns (metrics start each at 0, so a rate() has a series).
+FAILURE_CLASSES = ("not_ready", "qemu_exited", "launch", "host", "template", "internal",
+                   "other")
+
+
+def failure_class(reason: str) -> str:
+    """A boot failure's reason as one of a few classes, for a metric label (the reason
+    itself has VM ids and paths in it: one series per failure). Messages are errors.py's
+    LaunchError/GuestNotReady and `_boot_one`'s."""
+    for needle, kind in (("not ready after", "not_ready"), ("readiness probe", "not_ready"),
+                         ("QEMU exited", "qemu_exited"), ("cannot run", "launch"),
+                         ("no QMP", "launch"), ("cannot write", "host"),
+                         ("file descriptors", "host"), ("template", "template"),
+                         ("internal error", "internal")):
+        if needle in reason:
+            return kind
+    return "other"
+
+
+class Histogram:
+    """Cumulative counts of durations in fixed buckets, since start: what a Prometheus
+    histogram needs, kept by the pool itself so that a scrape only reads it (a few
+    increments per observation; the bounded deques above lose what a scrape missed)."""
+
+    #: Upper bounds in seconds: hand-offs take milliseconds, TCG boots up to a minute.
+    BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+              10.0, 30.0, 60.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)  # the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
+        self.sum += seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,6 +146,9 @@ class CacheActivity:
     def __init__(self, *, events: int = 100, latencies: int = 64) -> None:
         self.events: collections.deque[CacheEvent] = collections.deque(maxlen=events)
         self.handoff_seconds: collections.deque[float] = collections.deque(maxlen=latencies)
+        #: Every hand-off's and every boot's duration since start (metrics.py).
+        self.handoff_histogram = Histogram()
+        self.boot_histogram = Histogram()
         self._seq = 0
 
     def record(self, kind: str, text: str, vm_id: str = "") -> None:
@@ -109,11 +156,14 @@ class CacheActivity:
         self.events.append(CacheEvent(self._seq, time.time(), kind, text, vm_id))
 
     def vm_ready(self, vm: VM) -> None:
+        if vm.boot_seconds is not None:
+            self.boot_histogram.observe(vm.boot_seconds)
         self.record("ready", f"VM {vm.id} ready in {vm.boot_seconds or 0:.2f} s "
                              f"(QEMU pid {vm.pid})", vm.id)
 
     def vm_handed_out(self, vm: VM, seconds: float) -> None:
         self.handoff_seconds.append(seconds)
+        self.handoff_histogram.observe(seconds)
         self.record("handed_out", f"VM {vm.id} handed out in {seconds * 1000:.0f} ms "
                                   f"(QEMU pid {vm.pid})", vm.id)
 
@@ -310,6 +360,7 @@ class VMCache:
 
     def _boot_failed(self, reason: str, *, quiet: bool = False) -> None:
         self.stats.boot_failures += 1
+        self.stats.failure_classes[failure_class(reason)] += 1
         self.stats.consecutive_failures += 1
         delay = min(BACKOFF_CAP, BACKOFF_START * 2 ** (self.stats.consecutive_failures - 1))
         self._not_before = time.monotonic() + delay
@@ -515,6 +566,7 @@ class VMCache:
         if vm.state is VMState.READY and not vm.process.released:
             # Reserved, never given: still ours in every way.
             log.warning("VM %s back in the pool: %s", vm.id, why)
+            self.stats.taken_back += 1
             self.put_back(vm)
             return
         try:
@@ -527,12 +579,14 @@ class VMCache:
             # Nobody received it, so nobody else may have it: stopping is the only way not
             # to leak it.
             log.warning("VM %s: %s; it cannot be taken back (%s), stopping it", vm.id, why, exc)
+            self.stats.take_back_stopped += 1
             await self._kill(vm)
             return
         vm.take_back(why)
         await vm.process.idle()  # back in the pool: no session held, like every pooled VM
         await asyncio.to_thread(vm.prepare_handed_off_record)
         log.warning("VM %s back in the pool: %s", vm.id, why)
+        self.stats.taken_back += 1
         self.put_back(vm)
 
     # supervision

@@ -320,3 +320,20 @@ def test_memory_budget(assets: dict[str, Path]) -> None:
     cfg.parse(base + "[vmcache]\nmemory_budget_mib = 100\n")  # no cache: nothing to hold
     with pytest.raises(ConfigError, match=r"memory_budget_mib: must be >= 0 MiB \(got -1\)"):
         cfg.parse(base + "[vmcache]\nmemory_budget_mib = -1\n")
+
+
+def test_runtime_class_file_in_katas_lookup_order(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    etc, usr = tmp_path / "etc", tmp_path / "usr"
+    etc.mkdir()
+    usr.mkdir()
+    monkeypatch.setattr(cfg, "DEFAULT_CONFIG_PATHS",
+                        (etc / "configuration.toml", usr / "configuration.toml"))
+    with pytest.raises(ConfigError, match="no configuration file for runtime class 'qemu'"):
+        cfg.find_class_config("qemu")
+    (usr / "configuration-qemu.toml").write_text("")
+    assert cfg.find_class_config("qemu") == usr / "configuration-qemu.toml"
+    (etc / "configuration-qemu.toml").write_text("")
+    assert cfg.find_class_config("qemu") == etc / "configuration-qemu.toml"
+    with pytest.raises(ConfigError, match="not a runtime class name"):
+        cfg.find_class_config("../qemu")

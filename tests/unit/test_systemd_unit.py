@@ -81,3 +81,42 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 def test_verify_catches_a_typo(tmp_path: Path) -> None:
     result = verify(tmp_path, UNIT.read_text().replace("WatchdogSec=", "WatchDogSec="))
     assert "Unknown key 'WatchDogSec'" in result.stdout + result.stderr
+
+
+# --- kata-vmcache@.service: one instance per Kata runtime class ---------------------------
+
+TEMPLATE = UNIT.parent / "kata-vmcache@.service"
+
+
+def test_template_is_the_plain_unit_but_for_the_file_it_reads() -> None:
+    plain = parse(UNIT.read_text())
+    template = parse(TEMPLATE.read_text())
+    exe = INSTALLED
+    assert template["Service"].pop("ExecStart") == [f"{exe} --runtime-class %i init"]
+    assert template["Service"].pop("ExecReload") == [
+        f"{exe} --runtime-class %i reload --pid $MAINPID"]
+    assert "%i" in template["Unit"].pop("Description")[0]
+    for section in ("Service", "Unit"):
+        plain[section] = {k: v for k, v in plain[section].items()
+                          if k not in ("ExecStart", "ExecReload", "Description")}
+    # Everything else (hardening, KillMode, watchdog ...) must not drift between the two.
+    assert template == plain
+
+
+def test_template_instance_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "kata-vmcache"
+    (tmp_path / TEMPLATE.name).write_text(TEMPLATE.read_text().replace(INSTALLED, str(exe)))
+    # An instance name, so that %i is expanded as `systemctl start kata-vmcache@qemu` would.
+    (tmp_path / "kata-vmcache@qemu.service").symlink_to(TEMPLATE.name)
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is missing (scripts/setup-system.sh installs systemd)")
+    result = subprocess.run([analyze, "verify", str(tmp_path / "kata-vmcache@qemu.service")],
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    # ... and it can fail: a typo is reported.
+    (tmp_path / TEMPLATE.name).write_text(TEMPLATE.read_text().replace(
+        INSTALLED, str(exe)).replace("KillMode=", "KilMode="))
+    result = subprocess.run([analyze, "verify", str(tmp_path / "kata-vmcache@qemu.service")],
+                            capture_output=True, text=True, timeout=60)
+    assert "KilMode" in result.stderr
