@@ -261,7 +261,7 @@ def test_twenty_callers_race_for_a_cache_of_two(make_daemon: Callable[..., Daemo
     assert "Traceback" not in d.log()
 
 
-SOAK_HANDOFFS = 300
+SOAK_HANDOFFS = 120
 
 
 @pytest.mark.timeout(300)
