@@ -138,8 +138,9 @@ GO_INT_RANGES: Mapping[str, tuple[int, int]] = MappingProxyType({
 #: decodes them into: (Kata 1.x, Kata 3.x); None where that generation has no such key.
 #: From the `hypervisor`, `factory`, `agent` and `runtime` structs of pkg/katautils/config.go
 #: in kata-containers/runtime (1.x) and src/runtime/pkg/katautils/config.go in
-#: kata-containers 3.30.0. A value is refused when no generation that has the key can
-#: decode it (e.g. memory_offset = 2**33 loads in 3.x, uint64, though not in 1.x, uint32).
+#: kata-containers 3.30.0. A value is refused when the generation the file is for
+#: ([vmcache] kata_version, or detected) cannot decode it (memory_offset = 2**33 loads in
+#: 3.x, uint64, not in 1.x, uint32); a key that generation does not have, it ignores.
 KATA_INTEGER_KEYS: Mapping[str, tuple[str | None, str | None]] = MappingProxyType({
     "hypervisor.qemu.default_vcpus": ("int32", "float32"),
     "hypervisor.qemu.default_maxvcpus": ("uint32", "uint32"),
@@ -479,7 +480,7 @@ class _Validator:
         hv = self.hypervisor(self.table("hypervisor.qemu"), version)
         fac = self.factory(self.table("factory"))
         ours = self.ours(ours_table, version, origin)
-        self.kata_integers()
+        self.kata_integers(version)
         if self.problems or hv is None or fac is None or ours is None:
             return None
         config = Config(self.source, hv, fac, ours, MappingProxyType(dict(self.doc)))
@@ -639,6 +640,8 @@ class _Validator:
                 self.problem(f"{p}.socket_group", f"no such group on this host (got {group!r})")
         log_format = self.choice(t, f"{p}.log_format", ("text", "json"), d.log_format)
         vm_storage = self.abs_path(t, f"{p}.vm_storage_path", KATA_VM_STORAGE_PATH)
+        if vm_storage is not None:
+            self.not_in_system_tree(f"{p}.vm_storage_path", vm_storage)
         for key, root in ((f"{p}.vm_storage_path", vm_storage), (f"{p}.state_dir", state_dir)):
             # sun_path holds 107 bytes: the VM's sockets must fit below this directory.
             if root is not None and len(os.fsencode(root)) + _VM_SOCKET_TAIL > 107:
@@ -729,10 +732,10 @@ class _Validator:
                                       f"for files of ours (got {str(path)!r})")
                     return
 
-    def kata_integers(self) -> None:
-        """Every integer key of Kata's tables must fit the Go type Kata decodes it into
-        (`KATA_INTEGER_KEYS`). Keys already refused by a check of their own are skipped:
-        one problem per key."""
+    def kata_integers(self, version: str) -> None:
+        """Every integer key of Kata's tables must fit the Go type the file's Kata
+        generation (`version`) decodes it into (`KATA_INTEGER_KEYS`). Keys already refused
+        by a check of their own are skipped: one problem per key."""
         refused = {problem.key for problem in self.problems}
         for key, types in KATA_INTEGER_KEYS.items():
             table, _, name = key.rpartition(".")
@@ -742,7 +745,10 @@ class _Validator:
             if not isinstance(node, Mapping) or name not in node or key in refused:
                 continue
             value = node[name]
-            known = [(gen, go) for gen, go in zip(("1.x", "3.x"), types, strict=True) if go]
+            known = [(gen, go) for gen, go in zip(("1.x", "3.x"), types, strict=True)
+                     if go and gen == version]
+            if not known:
+                continue  # not a key of that generation: its loader ignores it
             floats = any(go.startswith("float") for _, go in known)
             if isinstance(value, bool) or not isinstance(value, int | float) or (
                     isinstance(value, float) and not floats):

@@ -59,6 +59,7 @@ from google.protobuf import empty_pb2
 from .config import Config
 from .errors import CacheClosed, EndpointInUse, EndpointUnusable, VmcacheError
 from .factory.cache import VMCache
+from .machine import VMSpec
 from .monitor import MonitorServicer
 from .monitor import add_to_server as add_monitor_to_server
 from .proto import cache_pb2, cache_pb2_grpc
@@ -86,13 +87,15 @@ REFILL_AFTER = 0.5
 HANDSHAKE_TIMEOUT_MS = 5_000
 
 
-def vm_shape(config: Config) -> VMShape:
-    """The VM the daemon boots from `config`, for the Config reply's trailing metadata
-    (shape.py): the base VM and its hot-plug ceilings, as the client sizes requests."""
-    h = config.hypervisor
-    return VMShape(cpus=h.vcpus, max_cpus=h.max_vcpus, memory_mib=h.memory_mib,
-                   max_memory_mib=max(config.max_memory_mib, h.memory_mib),
-                   memory_slots=h.memory_slots)
+def vm_shape(spec: VMSpec) -> VMShape:
+    """The VMs a factory boots, for the Config reply's trailing metadata (shape.py): the
+    base VM and its hot-plug ceilings, the very values its hand-off record gives the client
+    (vm.py `hypervisor_record`: MaxMemory, MemorySlots), so that a request refused after a
+    VM is taken is refused before (for a 3.x file the spec's max_memory_mib is Kata's
+    DefaultMaxMemorySize, not Config.max_memory_mib)."""
+    return VMShape(cpus=spec.vcpus, max_cpus=spec.max_vcpus, memory_mib=spec.memory_mib,
+                   max_memory_mib=max(spec.max_memory_mib, spec.memory_mib),
+                   memory_slots=spec.memory_slots)
 
 
 def config_reply(config: Config) -> cache_pb2.GrpcVMConfig:
@@ -108,14 +111,12 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     def __init__(self, cache: VMCache, config: Config, quit: Callable[[], None]) -> None:
         self.cache = cache
         self._config = config_reply(config)
-        self._shape = vm_shape(config).metadata()
         self._quit = quit
         cache.prepare = self.prepare
 
     def set_config(self, config: Config) -> None:
         """Answer `Config` from `config` from now on (a configuration reload)."""
         self._config = config_reply(config)
-        self._shape = vm_shape(config).metadata()
 
     def prepare(self, vm: VM) -> cache_pb2.GrpcVM:
         """The GetBaseVM reply for `vm`, made when it becomes ready (VMCache.prepare), so
@@ -134,7 +135,10 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
 
     async def Config(self, request: empty_pb2.Empty,
                      context: grpc.aio.ServicerContext) -> cache_pb2.GrpcVMConfig:
-        context.set_trailing_metadata(self._shape)
+        # The VMs of the cache's factory now (a reload replaces it along with the config).
+        spec = getattr(self.cache.factory, "spec", None)
+        if isinstance(spec, VMSpec):
+            context.set_trailing_metadata(vm_shape(spec).metadata())
         return self._config
 
     async def GetBaseVM(self, request: empty_pb2.Empty,

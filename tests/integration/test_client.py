@@ -29,6 +29,7 @@ from kata_vmcache.demo_guest import DemoGuest, render_config
 from kata_vmcache.errors import VMDead
 from kata_vmcache.guest_channel import GuestChannel
 from kata_vmcache.procs import cmdline, pid_alive
+from kata_vmcache.shape import VMShape
 
 from .harness import Daemon, console_run, qmp, run_cli, wait_for
 
@@ -207,6 +208,15 @@ def test_cli_get_resume_wait_guest(make_daemon: Callable[..., Daemon]) -> None:
     rtt, cpus = asyncio.run(ask_guest())
     assert rtt > 0
     assert cpus == 2
+
+    # What the server's Config says before a VM is taken is what the VM's own record says
+    # after: a request is never refused only once a VM has been spent on it.
+    async def shape() -> VMShape | None:
+        async with CacheClient(daemon.endpoint) as client:
+            return (await client.config_and_shape())[2]
+    said = asyncio.run(shape())
+    assert said is not None
+    assert (said.max_memory_mib, said.memory_slots) == (h["MaxMemory"], h["MemorySlots"])
 
 
 def test_cli_get_resume_fails_in_one_line_when_the_guest_does_not_answer(

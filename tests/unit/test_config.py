@@ -277,14 +277,24 @@ def test_the_probe_follows_the_guest_agent(assets: dict[str, Path]) -> None:
     assert (config.daemon.guest_agent, config.daemon.ready_probe) == ("none", "serial")
 
 
-def test_kata_integers_fit_the_go_type_of_some_generation(assets: dict[str, Path]) -> None:
+def test_kata_integers_fit_the_go_type_of_the_files_generation(
+        assets: dict[str, Path]) -> None:
     base = (f'[hypervisor.qemu]\npath = "{assets["QEMU"]}"\nkernel = "{assets["KERNEL"]}"\n'
             f'initrd = "{assets["INITRD"]}"\n')
-    # uint64 in Kata 3.x, though uint32 in 1.x: a 3.x file may hold it.
+    kata_1x = "[proxy.kata]\n"  # a 1.x file (kata_version detected)
+    # uint64 in Kata 3.x, uint32 in 1.x: a 3.x file may hold it, a 1.x one may not.
     cfg.parse(base + f"memory_offset = {2**33}\n")
-    # float32 in 3.x: any integer loads (and is clamped to the host's CPUs).
+    with pytest.raises(ConfigError, match=r"memory_offset: out of range for Kata's loader "
+                                          r"\(got 8589934592, expected 0 to 4294967295: "
+                                          r"uint32 in Kata 1.x\)"):
+        cfg.parse(base + f"memory_offset = {2**33}\n" + kata_1x)
+    # float32 in 3.x: any integer loads (and is clamped to the host's CPUs); int32 in 1.x.
     vcpus = cfg.parse(base + f"default_vcpus = {2**40}\n")[0].hypervisor.vcpus
     assert vcpus == kata._host_cpus_3x()
+    with pytest.raises(ConfigError, match=r"default_vcpus: out of range .*int32 in Kata 1.x"):
+        cfg.parse(base + f"default_vcpus = {2**40}\n" + kata_1x)
+    # A key Kata 1.x does not have is its loader's to ignore.
+    cfg.parse(base + "default_maxmemory = -1\n" + kata_1x)
     cfg.parse(base + f"default_memory = {2**32 - 1}\n")  # the largest uint32
     with pytest.raises(ConfigError, match=r"default_memory: out of range for Kata's loader"):
         cfg.parse(base + f"default_memory = {2**32}\n")
