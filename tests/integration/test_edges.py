@@ -121,6 +121,7 @@ def fill(disk: Path, *, more: bool = False) -> list[Path]:
     return made
 
 
+@pytest.mark.timeout(240)  # the backoff may wait up to 60 s between attempts
 def test_a_full_disk_fails_refills_clearly_leaks_no_qemu_and_recovers(
         make_daemon: Callable[..., Daemon], small_disk: Path, report: Report) -> None:
     d = make_daemon(cache_number=2)
@@ -144,7 +145,9 @@ def test_a_full_disk_fails_refills_clearly_leaks_no_qemu_and_recovers(
         filler += fill(small_disk, more=True)  # what the hand-off's rename gave back
         for path in filler[-3:]:
             path.unlink()
-        launched = wait_for(lambda: our_qemus() - known, 30, "a boot to launch QEMU")
+        # The next attempt comes after the backoff, which reaches BACKOFF_CAP (60 s) while
+        # the disk is full.
+        launched = wait_for(lambda: our_qemus() - known, 90, "a boot to launch QEMU")
         wait_for(lambda: not (our_qemus() & launched), 15, "the failed boot's QEMU to stop")
         assert len(d.records("ready")) == 1
         assert "Traceback" not in d.log()
