@@ -156,11 +156,6 @@ class VMPaths:
         """ttyS1 of a guest that uses our serial ports: its ready line and our channel."""
         return self.own / "guest.sock"
 
-    @property
-    def longest_socket(self) -> Path:
-        return max((self.qmp, self.console, self.agent, self.proxy_socket, self.serial,
-                    self.guest), key=lambda p: len(str(p)))
-
 
 def sandbox_storage(vm_storage: Path) -> Path:
     """Kata keeps VMs in `<root>/vm` and sandboxes in `<root>/sbs` (persist/fs: root

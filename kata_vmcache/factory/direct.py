@@ -44,7 +44,7 @@ from ..vm import VM, VMState
 log = logging.getLogger(__name__)
 
 #: QEMU opens it for a vhost-vsock-pci device (utils.VHostVSockDevicePath).
-VHOST_VSOCK = "/dev/vhost-vsock"
+VHOST_VSOCK = kata.VHOST_VSOCK_DEVICE
 
 
 def kvm_usable() -> bool:
@@ -239,7 +239,7 @@ def agent_channel(config: Config) -> Literal["serial", "vsock", ""]:
 
 
 def host_has_vsock() -> bool:
-    return os.path.exists(VHOST_VSOCK)
+    return kata.host_has_vhost_vsock()
 
 
 def proxy_path(config: Config) -> Path | None:
