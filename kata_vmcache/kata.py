@@ -455,15 +455,11 @@ def _default_memory(requested: int) -> int:
     return requested if requested >= MIN_HYPERVISOR_MEMORY_MIB else DEFAULT_MEMORY_MIB
 
 
-def _kernel_params_1x(h: Mapping[str, Any], image_path: str, block_driver: str,
-                      agent: Mapping[str, Any]) -> list[dict[str, str]]:
-    """The KernelParams of the factory's VMConfig: what 1.x's SetKernelParams leaves behind.
-
-    Order matters (DeepCompare walks the slice): defaults, the virtio-scsi scan mode, the
-    agent's parameters, then the user's kernel_params, duplicates and all.
-    """
+def _boot_params(image_path: str, block_driver: str) -> list[dict[str, str]]:
+    """The first KernelParams of both generations' SetKernelParams: systemd's (needSystemd:
+    an image boots systemd, an initrd does not), then the virtio-scsi scan mode."""
     params: list[dict[str, str]] = []
-    if image_path != "":  # needSystemd(): an image boots systemd, an initrd does not
+    if image_path != "":
         params += [
             _param("systemd.unit", SYSTEMD_UNIT_NAME),
             _param("systemd.mask", "systemd-networkd.service"),
@@ -471,6 +467,17 @@ def _kernel_params_1x(h: Mapping[str, Any], image_path: str, block_driver: str,
         ]
     if block_driver == "virtio-scsi":
         params.append(_param("scsi_mod.scan", "none"))
+    return params
+
+
+def _kernel_params_1x(h: Mapping[str, Any], image_path: str, block_driver: str,
+                      agent: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The KernelParams of the factory's VMConfig: what 1.x's SetKernelParams leaves behind.
+
+    Order matters (DeepCompare walks the slice): defaults, the virtio-scsi scan mode, the
+    agent's parameters, then the user's kernel_params, duplicates and all.
+    """
+    params = _boot_params(image_path, block_driver)
     # KataAgentKernelParams on a copy with KataAgentSetDefaultTraceConfigOptions applied
     # (mode "" -> dynamic, type "" -> isolated).
     if _bool(agent, "enable_debug"):
@@ -642,15 +649,7 @@ def _kernel_params_3x(h: Mapping[str, Any], image_path: str, block_driver: str,
     """3.x's SetKernelParams: getKernelParams (systemd only with an image), the virtio-scsi
     scan mode, KataAgentKernelParams, then the user's kernel_params (KernelParamFields, so
     quoted values keep their spaces), duplicates kept."""
-    params: list[dict[str, str]] = []
-    if image_path != "":
-        params += [
-            _param("systemd.unit", SYSTEMD_UNIT_NAME),
-            _param("systemd.mask", "systemd-networkd.service"),
-            _param("systemd.mask", "systemd-networkd.socket"),
-        ]
-    if block_driver == "virtio-scsi":
-        params.append(_param("scsi_mod.scan", "none"))
+    params = _boot_params(image_path, block_driver)
     if _bool(agent, "enable_debug"):
         params.append(_param("agent.log", "debug"))
     if _bool(agent, "enable_tracing"):
