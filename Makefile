@@ -35,8 +35,13 @@ demo: venv
 run: setup
 	$(BIN)/kata-vmcache --config $(CONFIG) init
 
+# Two workers (pytest-xdist): a real-QEMU test mostly waits (boots, backoffs, idle
+# periods), and each worker is its own child subreaper, so the leak guard still sees only
+# its own QEMUs. TEST_JOBS=0 runs the suite in this process, one test at a time.
+TEST_JOBS ?= 2
+
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_JOBS)
 
 test-unit: venv
 	$(BIN)/python -m pytest tests/unit

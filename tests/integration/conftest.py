@@ -77,20 +77,26 @@ def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
 
 
 # Measurements: tests report what they measured (latencies, CPU, RSS, fds); the numbers
-# are printed at the end of the run, never asserted beyond generous sanity bounds.
+# are printed at the end of the run, never asserted beyond generous sanity bounds. They
+# travel as the test report's user_properties, so a run on several workers (pytest-xdist)
+# prints them too.
 
-_MEASURED: list[tuple[str, str]] = []
+_MEASURED = "measured"
 
 
 @pytest.fixture
 def report(request: pytest.FixtureRequest) -> Callable[[str, object], None]:
     def record(what: str, value: object) -> None:
-        _MEASURED.append((f"{request.node.name}: {what}", str(value)))
+        request.node.user_properties.append(
+            (_MEASURED, f"{request.node.name}: {what} = {value}"))
     return record
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if _MEASURED:
+    lines = [line for reports in terminalreporter.stats.values() for rep in reports
+             if getattr(rep, "when", None) == "call"
+             for name, line in getattr(rep, "user_properties", ()) if name == _MEASURED]
+    if lines:
         terminalreporter.section("measured")
-        for what, value in _MEASURED:
-            terminalreporter.write_line(f"{what} = {value}")
+        for line in lines:
+            terminalreporter.write_line(line)
