@@ -70,6 +70,7 @@ from .errors import LaunchError, VMDead, VMStateError
 from .machine import VMPaths, VMSpec, opt_value, qemu_name
 from .procs import cmdline, pid_alive
 from .qmp import (
+    KILL_WAIT,
     Pidfd,
     StatusChannel,
     ask_quit,
@@ -421,7 +422,8 @@ class QemuProcess:
         one of its own); VMDead when it does not answer, or is not IDLE. This runs every
         SUPERVISE_INTERVAL for every cached VM."""
         if self._state is not RunState.IDLE or not self.running:
-            raise VMDead(f"QEMU {self.pid} is not running")
+            raise VMDead(f"QEMU {self.pid} is not running" if not self.running else
+                         f"QEMU {self.pid} is {self._state.value}: only an idle one is probed")
         channel = self._status_channel
         probe = self.probing = asyncio.ensure_future(
             channel.status(timeout) if channel is not None
@@ -478,6 +480,9 @@ class QemuProcess:
             await stop_process(
                 self._pidfd, timeout, log=self.log,
                 quit=None if qmp is None else lambda seconds: ask_quit(qmp, seconds))
-        elif self._state is RunState.STOPPING:
-            await self.wait(timeout)  # another stop() is under way: its outcome is ours
+        elif (self._state is RunState.STOPPING and self._pidfd is not None
+              and not await self._pidfd.wait(timeout + 2 * KILL_WAIT)):
+            # Another stop() or kill() is under way: its outcome is ours, as long as it may
+            # take; past that, the last step of the sequence.
+            await kill_process(self._pidfd, log=self.log)
         await self._forget()

@@ -98,6 +98,14 @@ async def test_stop_in_a_session_asks_quit(fake: Fake, peer: FakeQMP) -> None:
     await fake.qemu.stop()  # idempotent
 
 
+async def test_two_stops_at_once_share_one_sequence(fake: Fake, peer: FakeQMP) -> None:
+    await fake.qemu.start()
+    await asyncio.gather(fake.qemu.stop(), fake.qemu.stop())
+    assert peer.commands.count("quit") == 1
+    assert fake.exits == [-signal.SIGKILL]
+    assert fake.qemu.state is RunState.EXITED
+
+
 async def test_execute_in_idle_opens_a_session_again(fake: Fake, peer: FakeQMP) -> None:
     await fake.qemu.start()
     await fake.qemu.idle()
@@ -116,7 +124,7 @@ async def test_release_idle_gives_it_away_and_reclaim_asks_on_one_connection(
     assert qemu.released
     with pytest.raises(VMDead, match="not running"):
         await qemu.execute("cont")
-    with pytest.raises(VMDead, match="not running"):
+    with pytest.raises(VMDead, match="is released: only an idle one is probed"):
         await qemu.probe_status(1.0)
     await qemu.stop()  # the receiver's now: never stopped by us
     assert qemu.running
