@@ -25,6 +25,7 @@ from typing import Any
 
 from kata_vmcache.client import CacheClient
 from kata_vmcache.guest_channel import GuestChannel
+from kata_vmcache.qmp import disconnect
 
 
 def ms(ns: int) -> float:
@@ -85,7 +86,7 @@ async def resume_and_ping(record: dict[str, Any]) -> Callable[[], Awaitable[None
 
     async def close() -> None:
         await channel.close()
-        await qmp.disconnect()
+        await disconnect(qmp)
     return close
 
 

@@ -48,6 +48,7 @@ from .notify import Notifier, publish_status, status_line
 from .procs import pids
 from .proxy import is_kata_proxy
 from .qemu import is_vm_qemu
+from .qmp import Pidfd, stop_process
 from .reload import Reloader, remove_outcome
 from .server import CacheServicer, prepare_endpoint, remove_endpoint, start_server
 from .vm import Unclaimed, scan_records
@@ -102,32 +103,6 @@ def find_qemu(vm_id: str) -> int | None:
         if is_vm_qemu(pid, vm_id):
             return pid
     return None
-
-
-async def _kill_and_wait(pid: int, timeout: float) -> None:
-    """Stop a process we proved is ours: SIGTERM, and SIGCONT so that one stopped by a
-    signal handles it now rather than hang until SIGKILL after `timeout`."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        loop = asyncio.get_running_loop()
-        exited = asyncio.Event()
-        loop.add_reader(pidfd, exited.set)
-        try:
-            for signals, wait in (((signal.SIGTERM, signal.SIGCONT), timeout),
-                                  ((signal.SIGKILL,), 5.0)):
-                for sig in signals:
-                    with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(pidfd, sig)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(exited.wait(), wait)
-                    return
-        finally:
-            loop.remove_reader(pidfd)
-    finally:
-        os.close(pidfd)
 
 
 @dataclass
@@ -192,14 +167,24 @@ async def recover(state_dir: Path, vm_storage: Path, *, timeout: float = 3.0) ->
 
 async def _stop_orphan(vm_id: str, state: str, pid: int | None, proxy: int | None,
                        dirs: list[Path], timeout: float) -> None:
-    if pid is not None:
+    if pid is not None and (qemu := Pidfd.of_pid(pid, check=lambda p: is_vm_qemu(p, vm_id))):
         log.warning("stopping VM %s (QEMU pid %d) left %s by a previous daemon", vm_id, pid,
                     state)
-        await _kill_and_wait(pid, timeout)
-    if proxy is not None and is_kata_proxy(proxy, vm_id):
+        await _stop_orphan_process(qemu, timeout)
+    if proxy is not None and (kp := Pidfd.of_pid(proxy, check=lambda p: is_kata_proxy(p, vm_id))):
         log.warning("stopping kata-proxy %d of VM %s left by a previous daemon", proxy, vm_id)
-        await _kill_and_wait(proxy, timeout)
+        await _stop_orphan_process(kp, timeout)
     _remove(*dirs)
+
+
+async def _stop_orphan_process(proc: Pidfd, timeout: float) -> None:
+    """The stop sequence without QMP (an orphan's QMP slot may be held by anyone): SIGTERM,
+    with SIGCONT so that one stopped by a signal handles it now rather than hang until
+    SIGKILL after `timeout`."""
+    try:
+        await stop_process(proc, timeout, wake=True)
+    finally:
+        proc.close()
 
 
 def _remove(*dirs: Path) -> None:
@@ -209,32 +194,20 @@ def _remove(*dirs: Path) -> None:
 
 def _remove_when_gone(pid: int, vm_id: str, dirs: list[Path]) -> Callable[[], None] | None:
     """A handed-out VM a previous daemon launched (so not our child): watch its QEMU
-    through a pidfd and remove its leftover directories once it exits, never before."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return None
-    if not is_vm_qemu(pid, vm_id):  # the pid was reused between the check and the open
-        os.close(pidfd)
-        return None
-    loop = asyncio.get_running_loop()
-    watching = True
-
-    def unwatch() -> None:
-        nonlocal watching
-        if watching:
-            watching = False
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
+    through a pidfd and remove its leftover directories once it exits, never before.
+    Returns how to stop watching."""
 
     def gone() -> None:
-        unwatch()
+        watch.close()
         log.info("handed-out VM %s's QEMU %d has exited; removing its files", vm_id, pid)
         for path in dirs:
             shutil.rmtree(path, ignore_errors=True)
 
-    loop.add_reader(pidfd, gone)
-    return unwatch
+    found = Pidfd.of_pid(pid, check=lambda p: is_vm_qemu(p, vm_id), on_exit=gone)
+    if found is None:
+        return None
+    watch = found
+    return watch.close
 
 
 async def serve(config: Config, *, shutdown: asyncio.Event | None = None,

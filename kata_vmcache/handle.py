@@ -14,10 +14,11 @@ the handle is the VM's only owner and the one thing that stops it:
     ...
     await vm.detach()   # instead of stopping: close our sessions, the VM runs on
 
-Stopping (`stop()`): QMP `quit`, a bounded wait, then SIGKILL; then the VM's state directory
-goes. The QEMU is usually another process's child (the daemon that booted it reaps it), so
-its exit is watched through a pidfd opened at adoption, never waitpid(); signals go through
-the same pidfd, so a recycled pid is never hit.
+Stopping (`stop()`): qmp.py's stop sequence (QMP `quit`, or SIGTERM without QMP, a bounded
+wait, then SIGKILL); then the VM's state directory goes. The QEMU is usually another
+process's child (the daemon that booted it reaps it), so its exit is watched through a
+pidfd opened at adoption (`qmp.Pidfd`), never waitpid(); signals go through the same
+pidfd, so a recycled pid is never hit.
 
 Liveness: the demo guest answers `ping` only after sleeping on its own clock, so a guest
 whose timers do not run (paused, or restored without a working clock) is reported dead,
@@ -45,7 +46,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import time
 from collections.abc import Awaitable, Iterable
 from pathlib import Path
@@ -58,14 +58,12 @@ from .errors import GuestUnresponsive, HotplugError, RequestError, VMDead, VMSta
 from .guest_channel import SEED_BYTES, GuestChannel, GuestError, GuestInfo, GuestTimeout
 from .proxy import stop_handed_out_proxy
 from .qemu import is_vm_qemu
+from .qmp import Pidfd, ask_quit, disconnect, open_session, stop_process
 
 if TYPE_CHECKING:
     from .client import BaseVM
 
 log = logging.getLogger(__name__)
-# qemu.qmp logs every message at DEBUG and each failed connection at ERROR; we report
-# failures ourselves, naming the VM.
-logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 MIB = 1024 * 1024
 #: The unit x86_64 Linux onlines hot-added memory in (its memory block, for guests with
@@ -89,7 +87,7 @@ class _OutOfTime(Exception):
 class VMHandle:
     """One VM the caller owns: its facts, its QMP session and agent port, and its end."""
 
-    def __init__(self, base: BaseVM, pidfd: int | None, *, source: Source,
+    def __init__(self, base: BaseVM, proc: Pidfd | None, *, source: Source,
                  reason: str) -> None:
         self.base = base
         self.source: Source = source
@@ -99,15 +97,13 @@ class VMHandle:
         #: The VM's vCPUs and memory now (the base VM's until a hot-plug).
         self.vcpus = base.cpu
         self.memory_mib = base.memory
-        self._pidfd = pidfd
-        self._exited = asyncio.Event()
+        #: QEMU, watched and signalled through a pidfd (None: no pid, or detached).
+        self._proc = proc
         self._qmp: QMPClient | None = None
         self._guest: GuestChannel | None = None
         self._detached = False
         self._stopped = False
         self._stop_lock = asyncio.Lock()
-        if pidfd is not None:
-            self._watch(pidfd)
 
     @classmethod
     def adopt(cls, base: BaseVM, *, source: Source = "cache", reason: str = "") -> VMHandle:
@@ -120,11 +116,11 @@ class VMHandle:
         if pid is None:
             # A server that does not say (Kata's own): QMP is then the only way to stop it.
             return cls(base, None, source=source, reason=reason)
-        pidfd = _open_ours(pid, base.id)
-        if pidfd is None:
+        proc = _open_ours(pid, base.id)
+        if proc is None:
             _remove_dirs(base.hypervisor)
             raise VMDead(f"VM {base.id}: its QEMU (pid {pid}) is gone")
-        return cls(base, pidfd, source=source, reason=reason)
+        return cls(base, proc, source=source, reason=reason)
 
     def __repr__(self) -> str:
         return (f"<VMHandle {self.id} {self.source} pid={self.pid} vcpus={self.vcpus} "
@@ -189,7 +185,11 @@ class VMHandle:
     @property
     def running(self) -> bool:
         """False once QEMU has exited (or we stopped watching it: detached, no pid)."""
-        return self._pidfd is not None and not self._exited.is_set()
+        return self._proc is not None and self._proc.running
+
+    @property
+    def _exited(self) -> bool:
+        return self._proc is not None and self._proc.exited.is_set()
 
     @property
     def detached(self) -> bool:
@@ -215,12 +215,9 @@ class VMHandle:
         if self._qmp is not None:
             return self._qmp
         self._require_running()
-        client = QMPClient(f"vm-{self.id}")
         try:
-            async with asyncio.timeout(timeout):
-                await client.connect(str(self.qmp_path))
+            client = await open_session(self.qmp_path, f"vm-{self.id}", timeout)
         except TimeoutError:
-            await _disconnect(client)
             # QEMU accepts one QMP client at a time; a second one is accepted by the kernel
             # and then hears nothing, which looks exactly like a hung QEMU.
             raise VMDead(f"VM {self.id}: no QMP greeting on {self.qmp_path} within "
@@ -270,7 +267,9 @@ class VMHandle:
         (the callers say what it means) when the time is up."""
         self._require_running()
         task = asyncio.ensure_future(aw)
-        exited = asyncio.ensure_future(self._exited.wait())
+        # Without a pid (Kata's own server) there is no exit to watch: only the timeout.
+        watch = self._proc.exited if self._proc is not None else asyncio.Event()
+        exited = asyncio.ensure_future(watch.wait())
         try:
             done, _ = await asyncio.wait({task, exited}, timeout=timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -292,7 +291,7 @@ class VMHandle:
         if self._detached or self._stopped:
             raise VMStateError(f"VM {self.id} is {'detached' if self._detached else 'stopped'}"
                                "; this handle no longer controls it")
-        if self._exited.is_set():
+        if self._exited:
             raise VMDead(f"VM {self.id}: QEMU {self.pid} has exited")
 
     # --- guest ---------------------------------------------------------------------------
@@ -465,8 +464,9 @@ class VMHandle:
     # --- the end -------------------------------------------------------------------------
 
     async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """QMP `quit`, a bounded wait, SIGKILL; then remove the VM's state directory.
-        Idempotent; also for a detached handle (the pidfd is then opened again)."""
+        """qmp.py's stop sequence (QMP `quit` or SIGTERM, a bounded wait, SIGKILL); then
+        remove the VM's state directory. Idempotent; also for a detached handle (the pidfd
+        is then opened again)."""
         async with self._stop_lock:
             if self._stopped:
                 return
@@ -474,9 +474,9 @@ class VMHandle:
                 self._reattach()
             try:
                 await self._close_guest()
-                if self.running:
-                    await self._shut_down(timeout)
-                elif self.pid is None and not self._exited.is_set():
+                if self._proc is not None and self.running:
+                    await stop_process(self._proc, timeout, quit=self._ask_quit, log=self.log)
+                elif self.pid is None:
                     await self._ask_quit(timeout)  # nothing else we can do without a pid
             finally:
                 await self._close_qmp()
@@ -485,41 +485,8 @@ class VMHandle:
                 _remove_dirs(self.record)
                 self._stopped = True
 
-    async def _shut_down(self, timeout: float) -> None:
-        if not await self._ask_quit(min(timeout, 1.0)):
-            # No QMP (its socket is gone, or QEMU does not answer): SIGTERM is QEMU's other
-            # orderly way out.
-            self._signal(signal.SIGTERM)
-        if await self._wait_exit(timeout):
-            return
-        self.log.warning("QEMU %s ignored quit for %.1f s; killing it", self.pid, timeout)
-        self._signal(signal.SIGKILL)
-        if not await self._wait_exit(5.0):
-            self.log.error("QEMU %s survived SIGKILL for 5 s (stuck in the kernel?)",
-                           self.pid)
-
     async def _ask_quit(self, timeout: float) -> bool:
-        try:
-            async with asyncio.timeout(timeout):
-                qmp = self._qmp
-                if qmp is None:
-                    qmp = QMPClient(f"vm-{self.id}")
-                    self._qmp = qmp
-                    await qmp.connect(str(self.qmp_path))
-                await qmp.execute("quit")
-        except (TimeoutError, QMPError, OSError, EOFError):
-            return False
-        return True
-
-    def _signal(self, sig: signal.Signals) -> None:
-        if self._pidfd is not None:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self._pidfd, sig)
-
-    async def _wait_exit(self, timeout: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._exited.wait(), timeout)
-        return self._exited.is_set()
+        return await ask_quit(self._qmp or self.qmp_path, timeout, name=f"vm-{self.id}")
 
     async def detach(self) -> None:
         """Stop controlling the VM without stopping it: close our QMP session (QEMU serves
@@ -533,33 +500,18 @@ class VMHandle:
 
     def _reattach(self) -> None:
         pid = self.pid
-        if pid is not None and not self._exited.is_set():
-            pidfd = _open_ours(pid, self.id)
-            if pidfd is not None:
-                self._watch(pidfd)
+        if pid is not None and not self._exited:
+            self._proc = _open_ours(pid, self.id)
         self._detached = False
 
-    def _watch(self, pidfd: int) -> None:
-        self._pidfd = pidfd
-        asyncio.get_running_loop().add_reader(pidfd, self._on_exit)
-
-    def _on_exit(self) -> None:
-        # A pidfd stays readable once the process has exited: stop watching at once.
-        self._exited.set()
-        if self._pidfd is not None:
-            asyncio.get_running_loop().remove_reader(self._pidfd)
-
     def _close_pidfd(self) -> None:
-        if self._pidfd is not None:
-            pidfd, self._pidfd = self._pidfd, None
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(pidfd)
-            os.close(pidfd)
+        if self._proc is not None:
+            self._proc.close()
 
     async def _close_qmp(self) -> None:
         if self._qmp is not None:
             client, self._qmp = self._qmp, None
-            await _disconnect(client)
+            await disconnect(client)
 
     async def _close_guest(self) -> None:
         if self._guest is not None:
@@ -567,26 +519,13 @@ class VMHandle:
             await guest.close()
 
 
-async def _disconnect(client: QMPClient) -> None:
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(client.disconnect(), 2.0)
-
-
 def _path(value: object) -> Path | None:
     return Path(value) if isinstance(value, str) and value else None
 
 
-def _open_ours(pid: int, vm_id: str) -> int | None:
-    """A pidfd for VM vm_id's QEMU at `pid`, or None when that is not (any more) it.
-    Opened first, checked second: the pidfd pins the process that was checked."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return None
-    if not is_vm_qemu(pid, vm_id):
-        os.close(pidfd)
-        return None
-    return pidfd
+def _open_ours(pid: int, vm_id: str) -> Pidfd | None:
+    """VM vm_id's QEMU at `pid` through a pidfd, or None when that is not (any more) it."""
+    return Pidfd.of_pid(pid, check=lambda p: is_vm_qemu(p, vm_id))
 
 
 def _remove_dirs(record: dict[str, Any]) -> None:

@@ -23,7 +23,6 @@ then SIGKILL (Kata does not wait); a proxy is our child, so we always reap it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 from .errors import LaunchError
 from .machine import VMPaths
 from .procs import cmdline, pid_alive
+from .qmp import Pidfd, stop_process
 
 
 def is_kata_proxy(pid: int, vm_id: str) -> bool:
@@ -46,9 +46,9 @@ def is_kata_proxy(pid: int, vm_id: str) -> bool:
 
 def stop_handed_out_proxy(pid: int, vm_id: str) -> None:
     """Kata's VM.Disconnect for a VM we took: SIGTERM its proxy, if it is still that."""
-    if pid > 0 and is_kata_proxy(pid, vm_id):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+    if pid > 0 and (proc := Pidfd.of_pid(pid, check=lambda p: is_kata_proxy(p, vm_id))):
+        proc.signal(signal.SIGTERM)
+        proc.close()
 
 
 class KataProxy:
@@ -64,7 +64,7 @@ class KataProxy:
         if debug:
             self.argv += ["-log", "debug", "-agent-logs-socket", str(paths.console)]
         self._proc: subprocess.Popen[bytes] | None = None
-        self._pidfd: int | None = None
+        self._pidfd: Pidfd | None = None
         self._exited = asyncio.Event()
         self._released = False
         self._stopping = False
@@ -95,13 +95,10 @@ class KataProxy:
             except OSError as exc:
                 raise LaunchError(f"cannot run kata-proxy {self.binary}: {exc.strerror}",
                                   argv=self.argv) from exc
-        self._pidfd = os.pidfd_open(self._proc.pid)
-        asyncio.get_running_loop().add_reader(self._pidfd, self._reap)
+        self._pidfd = Pidfd.of_child(self._proc, on_exit=self._reaped)
 
-    def _reap(self) -> None:
+    def _reaped(self) -> None:
         assert self._proc is not None
-        if self._proc.poll() is None:
-            return
         self._close_pidfd()
         self._exited.set()
         if not (self._released or self._stopping):
@@ -110,17 +107,15 @@ class KataProxy:
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = None
+            self._pidfd.close()
 
     def problem_now(self) -> str | None:
         """Why the VM cannot be handed out because of its proxy, or None (synchronous)."""
-        if self._proc is None or self._exited.is_set() or self._pidfd is None:
+        pidfd = self._pidfd.fd if self._pidfd is not None else None
+        if self._proc is None or self._exited.is_set() or pidfd is None:
             return "its kata-proxy is not running"
         try:
-            info = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except OSError as exc:
             return f"its kata-proxy is gone ({exc.strerror})"
         return "its kata-proxy has exited" if info is not None else None
@@ -134,20 +129,11 @@ class KataProxy:
         self._released = False
 
     async def stop(self, timeout: float) -> None:
-        """SIGTERM (Kata's kataProxy.stop), a bounded wait, SIGKILL; reaped on return."""
+        """SIGTERM (Kata's kataProxy.stop), a bounded wait, SIGKILL (qmp.py's stop sequence,
+        with no QMP to ask); reaped on return."""
         if self._proc is None or self._released:
             return
         self._stopping = True
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            if self._exited.is_set():
-                break
-            if self._pidfd is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(self._pidfd, sig)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._exited.wait(), wait)
-        if not self._exited.is_set():  # only in D state: block briefly rather than leak
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(5.0)
-                self._reap()
+        if self._pidfd is not None:
+            await stop_process(self._pidfd, timeout, what="kata-proxy")
         self._close_pidfd()

@@ -2,68 +2,93 @@
 
 `machine.VMSpec` is everything that makes two VMs interchangeable (what Kata compares), and
 turns into Kata's QEMU argument list; `machine.VMPaths` is where one VM's sockets and files
-live; `QemuProcess` owns the process:
+live; `QemuProcess` owns the process (the QMP conversation and the stop sequence it uses
+are qmp.py's, shared with every other caller):
 
     async with QemuProcess(spec.argv(vm_id, uuid, paths), paths, log=log) as qemu:
-        await qemu.qmp.execute("cont")
+        await qemu.execute("cont")
         ...                         # leaving the block stops QEMU unless it was released
 
-Lifecycle (after qemu's python/qemu/machine: launch, soft shutdown, hard shutdown, cleanup):
+Run state (`RunState`, `QemuProcess.state`), after qemu's python/qemu/machine (launch, soft
+shutdown, hard shutdown, cleanup):
 
-- `start()` runs QEMU from an argument list (never a shell) in a session of its own, so a
-  terminal's Ctrl-C reaches the daemon but not the VMs, and a handed-off VM outlives us.
-  QEMU starts with `-S` (CPUs stopped) and the QMP connection is made before the guest runs.
-  If QEMU exits first, `LaunchError` carries the exit code and the tail of its log.
-- `stop()` is QMP `quit`, a bounded wait, then SIGKILL; always reaps; idempotent.
-- `release()` closes our QMP session and stops watching for ownership purposes: after a
-  hand-off QEMU's single QMP slot belongs to the receiver. We still reap the process when
-  it exits (it is our child), but never signal it again.
-- `reclaim()` undoes a release whose hand-off reply never reached its receiver: it
-  reconnects QMP, and the process is ours again.
-- `kill()` is for a QEMU that stopped answering: SIGKILL at once, no `quit` to wait for.
-- `idle()` closes the QMP session of a process we keep (a VM waiting in the cache): QEMU's
-  one QMP slot is then free for whoever takes the VM, so a hand-off has no session to tear
-  down; it watches the process over a `StatusChannel` instead, which `probe_status()`
-  asks for the run state, cheaply enough to do every second for every cached VM.
-  `execute()` opens a session again on demand (taking back an undelivered VM).
-- `problem_now()` answers "has it exited, or is it stopped?" synchronously (a waitid on
-  the pidfd and a /proc read), for the hand-off path, which must not wait on anything.
+    NEW ─start()─> STARTING ─QMP greets─> SESSION ─idle()─> IDLE ─release_idle()─> RELEASED
+                                            │  <─execute()──┘                      │ │
+                                            └─────────────release()────────────────┘ │
+                                                 IDLE <──────────reclaim()───────────┘
+    STARTING, SESSION, IDLE ─stop() or kill()─> STOPPING       (kill() also from RELEASED)
+    STARTING .. STOPPING ─QEMU exits, is reaped─> EXITED
 
-The process is watched with a pidfd on the event loop: exit is noticed at once, with no
-polling and no SIGCHLD handler to share with asyncio.
+- NEW -> STARTING: `start()` runs QEMU from an argument list (never a shell) in a session
+  of its own, so a terminal's Ctrl-C reaches the daemon but not the VMs, and a handed-off
+  VM outlives us. QEMU starts with `-S` (CPUs stopped) and the QMP connection is made
+  before the guest runs. If QEMU exits first, `LaunchError` carries the exit code and the
+  tail of its log.
+- SESSION: ours, with a qemu.qmp session (`qmp`) open: booting, templating.
+- IDLE: ours, no session (`idle()`): QEMU's one QMP slot is free for whoever takes the VM,
+  so a hand-off has no session to tear down. It is watched over a `qmp.StatusChannel`
+  instead, which `probe_status()` asks for the run state, cheaply enough to do every
+  second for every cached VM (a probe in flight is `probing`: an operation on an IDLE
+  process, not a state of its own, which a hand-off waits for). `execute()` opens a
+  session again on demand (SESSION).
+- RELEASED: given away (`release()`, or `release_idle()` at no cost in the hand-off): QMP
+  belongs to the receiver; we still reap the process when it exits (it is our child), but
+  never signal it again, and its exit is not reported to `on_exit`. `reclaim()` undoes a
+  release whose hand-off reply never reached its receiver: it asks `query-status` on a
+  StatusChannel it keeps, so the process is IDLE again and the caller has its status
+  from the same connection.
+- STOPPING: `stop()` (QMP `quit`, or SIGTERM with no session; a bounded wait; SIGKILL:
+  `qmp.stop_process`) or
+  `kill()` (SIGKILL at once, for a QEMU that stopped answering, or a released one that
+  cannot be reclaimed: the caller has decided). Both always reap and are idempotent.
+- EXITED: QEMU exited and was reaped; every handle on it is closed.
+
+Asking for a transition the table does not allow raises `VMStateError` naming the current
+and the required states. `problem_now()` answers "has it exited, or is it stopped?"
+synchronously (a waitid on the pidfd and a /proc read), for the hand-off path, which must
+not wait on anything.
+
+The process is watched with a pidfd on the event loop (`qmp.Pidfd`): exit is noticed at
+once, with no polling and no SIGCHLD handler to share with asyncio.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import enum
 import logging
 import os
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import TracebackType
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from .errors import LaunchError, VMDead
+from .errors import LaunchError, VMDead, VMStateError
 from .machine import VMPaths, VMSpec, opt_value, qemu_name
 from .procs import cmdline, pid_alive
+from .qmp import (
+    KILL_WAIT,
+    Pidfd,
+    StatusChannel,
+    ask_quit,
+    disconnect,
+    kill_process,
+    open_session,
+    query_status,
+    stop_process,
+)
 
-__all__ = ["QemuProcess", "StatusChannel", "VMPaths", "VMSpec", "is_vm_qemu", "opt_value",
+__all__ = ["QemuProcess", "RunState", "VMPaths", "VMSpec", "is_vm_qemu", "opt_value",
            "qemu_name"]
-
-# qemu.qmp logs every message at DEBUG and each failed connection at ERROR; we report
-# failures ourselves, with the VM's id and QEMU's own words.
-logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 LOG_TAIL_BYTES = 4096
 #: Opening the status channel of a VM that just booted: its QMP was answering a moment ago.
 IDLE_CONNECT_TIMEOUT = 2.0
+#: Taking back a released VM: its QMP slot must greet within this (else it is not ours).
+RECLAIM_CONNECT_TIMEOUT = 2.0
 
 
 def is_vm_qemu(pid: int, vm_id: str) -> bool:
@@ -71,95 +96,30 @@ def is_vm_qemu(pid: int, vm_id: str) -> bool:
     return pid_alive(pid) and qemu_name(vm_id) in cmdline(pid)
 
 
-class StatusChannel:
-    """A QMP connection of our own to a VM waiting in the cache, only for `query-status`.
+class RunState(enum.Enum):
+    """Where a `QemuProcess` is in its life (module docstring)."""
 
-    Why not a qemu.qmp session: a check on it costs about three times the CPU (its reader
-    and writer tasks), every VM is checked every SUPERVISE_INTERVAL, and closing it takes
-    several loop iterations. This one is a non-blocking socket: a check is one send and
-    one receive, and `close()` is synchronous, so a hand-off frees QEMU's one QMP slot for
-    the receiver without awaiting anything."""
-
-    def __init__(self, sock: socket.socket, pid: int | None) -> None:
-        self._sock = sock
-        self._pid = pid
-        self._buffer = b""
-
-    @classmethod
-    async def open(cls, path: Path, timeout: float, *, pid: int | None) -> StatusChannel:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.setblocking(False)
-        channel = cls(sock, pid)
-        try:
-            async with asyncio.timeout(timeout):
-                await loop.sock_connect(sock, str(path))
-                await channel._reply(greeting=True)
-                await loop.sock_sendall(sock, b'{"execute":"qmp_capabilities"}\n')
-                await channel._reply()
-        except BaseException:
-            sock.close()
-            raise
-        return channel
-
-    async def status(self, timeout: float) -> str:
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.get_running_loop().sock_sendall(
-                    self._sock, b'{"execute":"query-status"}\n')
-                reply = await self._reply()
-        except TimeoutError as exc:
-            raise VMDead(f"QEMU {self._pid} did not answer QMP 'query-status' within "
-                         f"{timeout:g} s") from exc
-        except OSError as exc:
-            raise VMDead(f"QEMU {self._pid}: QMP query-status failed ({exc})") from exc
-        status = reply.get("return")
-        if not isinstance(status, dict):
-            raise VMDead(f"QEMU {self._pid}: query-status answered {reply}")
-        return str(status.get("status"))
-
-    async def _reply(self, *, greeting: bool = False) -> dict[str, object]:
-        loop = asyncio.get_running_loop()
-        while True:
-            line, newline, rest = self._buffer.partition(b"\n")
-            if newline:
-                self._buffer = rest
-                message = json.loads(line)
-                if not isinstance(message, dict):
-                    raise OSError(f"not a QMP message: {line[:80]!r}")
-                if greeting or "return" in message or "error" in message:
-                    return message  # anything else is an event: not ours to answer
-                continue
-            chunk = await loop.sock_recv(self._sock, 4096)
-            if not chunk:
-                raise OSError("QEMU closed the connection")
-            self._buffer += chunk
-
-    def close(self) -> None:
-        # Unregister first: a receive still pending must not leave our fd number in the
-        # selector, where a socket opened later under the same number would meet it.
-        with contextlib.suppress(RuntimeError):
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(self._sock.fileno())
-            loop.remove_writer(self._sock.fileno())
-        self._sock.close()
+    NEW = "new"
+    STARTING = "starting"
+    SESSION = "session"
+    IDLE = "idle"
+    RELEASED = "released"
+    STOPPING = "stopping"
+    EXITED = "exited"
 
 
-async def _qmp_status(path: Path, timeout: float, *, pid: int | None) -> str:
-    """One short QMP conversation on a `StatusChannel` of its own, all within `timeout`
-    (a pooled VM whose channel could not be opened)."""
-    try:
-        async with asyncio.timeout(timeout):
-            channel = await StatusChannel.open(path, timeout, pid=pid)
-            try:
-                return await channel.status(timeout)
-            finally:
-                channel.close()
-    except TimeoutError as exc:
-        raise VMDead(f"QEMU {pid} did not answer QMP 'query-status' within {timeout:g} s"
-                     ) from exc
-    except (OSError, ValueError) as exc:
-        raise VMDead(f"QEMU {pid}: QMP query-status failed ({exc})") from exc
+_S = RunState
+_ALLOWED: dict[RunState, frozenset[RunState]] = {
+    _S.NEW: frozenset({_S.STARTING}),
+    _S.STARTING: frozenset({_S.SESSION, _S.STOPPING, _S.EXITED}),
+    _S.SESSION: frozenset({_S.IDLE, _S.RELEASED, _S.STOPPING, _S.EXITED}),
+    _S.IDLE: frozenset({_S.SESSION, _S.RELEASED, _S.STOPPING, _S.EXITED}),
+    _S.RELEASED: frozenset({_S.IDLE, _S.STOPPING, _S.EXITED}),
+    _S.STOPPING: frozenset({_S.EXITED}),
+    _S.EXITED: frozenset(),
+}
+#: States in which the process is ours to use (QMP) and to stop.
+_OURS = frozenset({_S.STARTING, _S.SESSION, _S.IDLE})
 
 
 class QemuProcess:
@@ -171,18 +131,34 @@ class QemuProcess:
         self.paths = paths
         self.log = log
         self._on_exit = on_exit
+        self._state = RunState.NEW
         self._proc: subprocess.Popen[bytes] | None = None
-        self._pidfd: int | None = None
+        self._pidfd: Pidfd | None = None
         self._exited = asyncio.Event()
-        self._released = False
+        #: The dead session's disconnect, started when QEMU exits, awaited by `_forget()`.
         self._closing: asyncio.Future[None] | None = None
         self._session_lock = asyncio.Lock()
         self._status_channel: StatusChannel | None = None
         self._stat_path = ""
         self._end_callbacks: list[Callable[[], None]] = []
-        #: A probe_status() in flight, so a hand-off can wait for the QMP slot to be free.
+        #: A probe_status() in flight, so a hand-off can wait for its verdict.
         self.probing: asyncio.Future[str] | None = None
+        #: The qemu.qmp session, in SESSION (None in every other state).
         self.qmp: QMPClient | None = None
+
+    def __repr__(self) -> str:
+        return f"<QemuProcess pid={self.pid} {self._state.value}>"
+
+    @property
+    def state(self) -> RunState:
+        return self._state
+
+    def _enter(self, new: RunState) -> None:
+        if new not in _ALLOWED[self._state]:
+            wanted = " or ".join(sorted(s.value for s, nxt in _ALLOWED.items() if new in nxt))
+            raise VMStateError(f"QEMU {self.pid} is {self._state.value}; going to "
+                               f"{new.value} needs it to be {wanted}")
+        self._state = new
 
     @property
     def pid(self) -> int | None:
@@ -198,7 +174,8 @@ class QemuProcess:
 
     @property
     def released(self) -> bool:
-        return self._released
+        """Given away and still running (RELEASED)."""
+        return self._state is RunState.RELEASED
 
     async def __aenter__(self) -> QemuProcess:
         await self.start()
@@ -206,12 +183,12 @@ class QemuProcess:
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
-        if not self._released:
+        if self._state is not RunState.RELEASED:
             await self.stop()
 
     async def start(self, timeout: float = 10.0) -> None:
         """Launch QEMU (CPUs stopped) and connect QMP; raise LaunchError on failure."""
-        loop = asyncio.get_running_loop()
+        self._enter(RunState.STARTING)
         self.paths.own.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Kata's DirMode (0750) for its VM directory; the shared directory must exist
         # before QEMU starts (its 9p device exports it).
@@ -227,13 +204,14 @@ class QemuProcess:
                     close_fds=True,
                 )
             except OSError as exc:
+                self._state = RunState.EXITED  # nothing ran
                 raise LaunchError(f"cannot run {self.argv[0]}: {exc.strerror}",
                                   argv=self.argv) from exc
-        self._pidfd = os.pidfd_open(self._proc.pid)
+        self._pidfd = Pidfd.of_child(self._proc, on_exit=self._reaped)
         self._stat_path = f"/proc/{self._proc.pid}/stat"
-        loop.add_reader(self._pidfd, self._reap)
         try:
             self.qmp = await self._connect_qmp(timeout)
+            self._enter(RunState.SESSION)
         except BaseException:
             await self.stop()
             raise
@@ -256,23 +234,26 @@ class QemuProcess:
                 except Exception as exc:
                     last_error = exc
             if time.monotonic() > deadline:
+                await disconnect(client, 1.0)
                 raise LaunchError(f"no QMP on {self.paths.qmp} after {timeout:g} s",
                                   argv=self.argv, log_tail=self.log_tail()) from last_error
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._exited.wait(), 0.01)
 
-    def _reap(self) -> None:
+    def _reaped(self) -> None:
+        """QEMU exited and was reaped (the pidfd's `on_exit`)."""
         assert self._proc is not None
-        if self._proc.poll() is None:
-            return  # spurious wake-up
+        was = self._state
+        self._state = RunState.EXITED
         self._close_pidfd()
         self._close_status_channel()
         self._exited.set()
         if self.qmp is not None and self._closing is None:
             # Close the dead session now: qemu.qmp's reader failed with EOF, and unless
             # someone disconnects, asyncio logs that failure as never retrieved.
-            self._closing = asyncio.ensure_future(self._disconnect_qmp())
-        if self._on_exit is not None and not self._released:
+            client, self.qmp = self.qmp, None
+            self._closing = asyncio.ensure_future(disconnect(client))
+        if self._on_exit is not None and was is not RunState.RELEASED:
             self._on_exit(self._proc.returncode)
         for callback in self._end_callbacks:
             callback()
@@ -284,10 +265,7 @@ class QemuProcess:
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = None
+            self._pidfd.close()
 
     def log_tail(self) -> str:
         try:
@@ -300,8 +278,9 @@ class QemuProcess:
 
     async def execute(self, command: str, arguments: dict[str, object] | None = None,
                       *, timeout: float = 5.0) -> object:
-        """One QMP command, bounded in time; VMDead when QEMU is gone or silent."""
-        if self._released or not self.running:
+        """One QMP command, bounded in time; VMDead when QEMU is gone or silent, or not ours
+        to talk to (released, being stopped). In IDLE it opens a session first."""
+        if self._state not in (RunState.SESSION, RunState.IDLE) or not self.running:
             raise VMDead(f"QEMU {self.pid} is not running")
         if self.qmp is None:
             await self._open_session(timeout)
@@ -320,50 +299,71 @@ class QemuProcess:
                          f"({type(exc).__name__})") from exc
 
     async def release(self) -> None:
-        """Give the process away: close QMP, never signal it again (we still reap it)."""
-        self._released = True
+        """Give the process away (SESSION or IDLE -> RELEASED): close our QMP session and
+        status channel, never signal it again (we still reap it)."""
+        if self._state is RunState.RELEASED:
+            return
+        self._enter(RunState.RELEASED)
+        self._close_status_channel()
         await self._disconnect_qmp()
 
-    async def reclaim(self, timeout: float = 2.0) -> None:
-        """Take back a released process: reconnect QMP. Raises VMDead when QEMU is gone or
-        its QMP slot does not answer (someone else holds it: then it is not ours)."""
-        if not self._released:
-            return
-        if not self.running:
+    async def reclaim(self, timeout: float = 1.0) -> str:
+        """Take back a released process (RELEASED -> IDLE) and say what state QEMU is in
+        ("paused", ...), all on one connection: a StatusChannel whose QMP slot must greet
+        within RECLAIM_CONNECT_TIMEOUT (else someone else holds it: then it is not ours)
+        and answer `query-status` within `timeout`. The channel stays open, as for every
+        IDLE process. VMDead when QEMU is gone or does not answer; the process then stays
+        released (the caller decides: `kill()`)."""
+        if self._state is not RunState.RELEASED or not self.running:
+            raise VMDead(f"QEMU {self.pid} is not running" if not self.running else
+                         f"QEMU {self.pid} is {self._state.value}, not released")
+        status, channel = await query_status(self.paths.qmp, timeout, pid=self.pid,
+                                             connect_timeout=RECLAIM_CONNECT_TIMEOUT,
+                                             keep=True)
+        assert channel is not None
+        if self._state is not RunState.RELEASED:  # it exited while we asked
+            channel.close()
             raise VMDead(f"QEMU {self.pid} is not running")
-        await self._open_session(timeout)
-        self._released = False
-        if self._exited.is_set() and self._on_exit is not None:
-            self._on_exit(self.returncode or 0)  # it died while released: report it now
+        self._enter(RunState.IDLE)
+        self._status_channel = channel
+        return status
 
     async def _open_session(self, timeout: float) -> None:
         async with self._session_lock:
             if self.qmp is not None:
                 return
             self._close_status_channel()  # QEMU serves one QMP client at a time
-            client = QMPClient(self.paths.dir.name)
             try:
-                # A busy slot accepts the connection but never greets: bound the wait.
-                await asyncio.wait_for(client.connect(str(self.paths.qmp)), timeout)
+                client = await open_session(self.paths.qmp, self.paths.dir.name, timeout)
             except (TimeoutError, OSError, QMPError) as exc:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(client.disconnect(), 1.0)
                 raise VMDead(f"QEMU {self.pid}: cannot connect to QMP "
                              f"({exc or type(exc).__name__})") from exc
+            if self._state is not RunState.IDLE:  # it exited, or was stopped, meanwhile
+                await disconnect(client)
+                raise VMDead(f"QEMU {self.pid} is not running")
             self.qmp = client
+            self._enter(RunState.SESSION)
 
     async def idle(self) -> None:
-        """Close our QMP session, keep the process, watch it over a `StatusChannel` (see
-        the module's docstring). If the channel cannot be opened, checks fall back to a
-        connection each."""
+        """SESSION -> IDLE: close our QMP session, keep the process, watch it over a
+        StatusChannel (module docstring). If the channel cannot be opened, checks fall back
+        to a connection each. Nothing to do in any other state."""
         async with self._session_lock:
-            await self._disconnect_qmp()
-            if self._status_channel is None and self.running and not self._released:
-                try:
-                    self._status_channel = await StatusChannel.open(
-                        self.paths.qmp, IDLE_CONNECT_TIMEOUT, pid=self.pid)
-                except (OSError, ValueError, TimeoutError) as exc:
-                    self.log.debug("no status channel to QEMU %s (%s)", self.pid, exc)
+            if self._state is RunState.SESSION:
+                self._enter(RunState.IDLE)
+                await self._disconnect_qmp()
+            if self._state is not RunState.IDLE or self._status_channel is not None:
+                return
+            try:
+                channel = await StatusChannel.open(self.paths.qmp, IDLE_CONNECT_TIMEOUT,
+                                                   pid=self.pid)
+            except (OSError, ValueError, TimeoutError) as exc:
+                self.log.debug("no status channel to QEMU %s (%s)", self.pid, exc)
+                return
+            if self._state is RunState.IDLE and self._status_channel is None:
+                self._status_channel = channel
+            else:  # it exited, or was released or stopped, while the channel opened
+                channel.close()
 
     def _close_status_channel(self) -> None:
         if self._status_channel is not None:
@@ -371,10 +371,12 @@ class QemuProcess:
             self._status_channel = None
 
     def release_idle(self) -> None:
-        """`release()` for a process with no session open: nothing to await, so a hand-off
-        does it between receiving the request and writing the reply at no cost."""
-        assert self.qmp is None, "release_idle() with a QMP session open"
-        self._released = True
+        """`release()` for an IDLE process (no session open): nothing to await, so a
+        hand-off does it between receiving the request and writing the reply at no cost."""
+        if self._state is not RunState.IDLE:
+            raise VMStateError(f"QEMU {self.pid} is {self._state.value}; a release without "
+                               "awaiting needs it to be idle")
+        self._enter(RunState.RELEASED)
         # Closed right after the reply is on its way, not before: closing wakes QEMU, which
         # costs the hand-off ~0.05 ms, and a receiver that connects first only waits in the
         # socket's backlog for the moment it takes QEMU to see our close. No probe can
@@ -391,10 +393,11 @@ class QemuProcess:
         in /proc, which shows a stop before every thread of a busy QEMU has stopped. A
         QEMU alive but stuck otherwise (a deadlock) is the supervisor's to find: asking
         QMP here would put a round trip on every hand-off."""
-        if self._proc is None or self._exited.is_set() or self._pidfd is None:
+        pidfd = self._pidfd.fd if self._pidfd is not None else None
+        if self._proc is None or self._exited.is_set() or pidfd is None:
             return "QEMU is not running"
         try:
-            info = os.waitid(os.P_PIDFD, self._pidfd,
+            info = os.waitid(os.P_PIDFD, pidfd,
                              os.WEXITED | os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
             if info is None:
                 fd = os.open(self._stat_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -414,20 +417,25 @@ class QemuProcess:
         return None
 
     async def probe_status(self, timeout: float) -> str:
-        """QEMU's run state ("paused", "running", ...) of a pooled VM (one that is `idle()`),
-        asked within `timeout` over its `StatusChannel` (or, if that could not be opened,
-        one of its own); VMDead when it does not answer. This runs every
+        """QEMU's run state ("paused", "running", ...) of an IDLE process (a pooled VM),
+        asked within `timeout` over its StatusChannel (or, if that could not be opened,
+        one of its own); VMDead when it does not answer, or is not IDLE. This runs every
         SUPERVISE_INTERVAL for every cached VM."""
-        if self._released or not self.running:
-            raise VMDead(f"QEMU {self.pid} is not running")
+        if self._state is not RunState.IDLE or not self.running:
+            raise VMDead(f"QEMU {self.pid} is not running" if not self.running else
+                         f"QEMU {self.pid} is {self._state.value}: only an idle one is probed")
         channel = self._status_channel
         probe = self.probing = asyncio.ensure_future(
             channel.status(timeout) if channel is not None
-            else _qmp_status(self.paths.qmp, timeout, pid=self.pid))
+            else self._status_once(timeout))
         try:
             return await probe
         finally:
             self.probing = None
+
+    async def _status_once(self, timeout: float) -> str:
+        status, _ = await query_status(self.paths.qmp, timeout, pid=self.pid)
+        return status
 
     async def kill(self) -> None:
         """SIGKILL now and reap: for a QEMU that stopped answering, where `quit` would only
@@ -435,30 +443,25 @@ class QemuProcess:
         Unlike `stop()` it acts on a released process: the caller has decided."""
         if self._proc is None:
             return
-        if not self._exited.is_set():
-            await self._sigkill()
+        if self._state is not RunState.EXITED:
+            if self._state is not RunState.STOPPING:
+                self._enter(RunState.STOPPING)
+            assert self._pidfd is not None
+            await kill_process(self._pidfd, log=self.log)
         await self._forget()
-
-    async def _sigkill(self) -> None:
-        assert self._proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self._proc.pid, signal.SIGKILL)
-        await self.wait(5.0)
-        if not self._exited.is_set():  # only in D state; block briefly rather than leak
-            self._proc.wait(5.0)
-            self._reap()
 
     async def _forget(self) -> None:
         """Drop every handle on a process that has exited: channel, session, pidfd."""
         self._close_status_channel()
         await self._disconnect_qmp()
+        if self._closing is not None:
+            await self._closing
         self._close_pidfd()
 
     async def _disconnect_qmp(self) -> None:
         if self.qmp is not None:
             client, self.qmp = self.qmp, None
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.disconnect(), 2.0)
+            await disconnect(client)
 
     async def wait(self, timeout: float | None = None) -> int | None:
         with contextlib.suppress(TimeoutError):
@@ -466,23 +469,20 @@ class QemuProcess:
         return self.returncode
 
     async def stop(self, timeout: float = 3.0) -> None:
-        """QMP quit, bounded wait, SIGKILL; reaped on return. No-op once stopped."""
-        if self._proc is None or self._released:
+        """QMP quit (SIGTERM without a session), bounded wait, SIGKILL (`qmp.stop_process`);
+        reaped on return. A no-op for a released process, and once stopped."""
+        if self._proc is None or self._state is RunState.RELEASED:
             return
-        if not self._exited.is_set():
-            asked = False
-            if self.qmp is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.qmp.execute("quit"), min(timeout, 1.0))
-                    asked = True
-            if not asked:
-                # No QMP (still starting, or it stopped answering): SIGTERM is QEMU's
-                # other orderly way out.
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self._proc.pid, signal.SIGTERM)
-            await self.wait(timeout)
-        if not self._exited.is_set():
-            self.log.warning("QEMU %d ignored quit for %.1f s; killing it", self._proc.pid,
-                             timeout)
-            await self._sigkill()
+        if self._state in _OURS:
+            self._enter(RunState.STOPPING)
+            qmp = self.qmp
+            assert self._pidfd is not None
+            await stop_process(
+                self._pidfd, timeout, log=self.log,
+                quit=None if qmp is None else lambda seconds: ask_quit(qmp, seconds))
+        elif (self._state is RunState.STOPPING and self._pidfd is not None
+              and not await self._pidfd.wait(timeout + 2 * KILL_WAIT)):
+            # Another stop() or kill() is under way: its outcome is ours, as long as it may
+            # take; past that, the last step of the sequence.
+            await kill_process(self._pidfd, log=self.log)
         await self._forget()

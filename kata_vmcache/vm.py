@@ -175,11 +175,14 @@ class VM:
         if self.proxy is not None:
             self.proxy.release()
 
-    async def reclaim(self) -> None:
-        """Take back a released VM whose hand-off reply was never written."""
-        await self.process.reclaim()
+    async def reclaim(self, timeout: float = 1.0) -> str:
+        """Take back a released VM whose hand-off reply was never written, and say what
+        state its QEMU is in ("paused", ...), asked on the connection that reclaimed it
+        (`QemuProcess.reclaim`). VMDead when QEMU is gone or does not answer."""
+        status = await self.process.reclaim(timeout)
         if self.proxy is not None:
             self.proxy.reclaim()
+        return status
 
     async def stop(self, timeout: float) -> None:
         """QEMU (QMP quit, bounded wait, SIGKILL), then its proxy; both reaped on return.

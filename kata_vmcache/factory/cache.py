@@ -571,9 +571,8 @@ class VMCache:
             return
         try:
             vm.require(VMState.HANDED_OFF)
-            await vm.reclaim()
-            status = await vm.process.execute("query-status", timeout=TAKE_BACK_CHECK_TIMEOUT)
-            if not isinstance(status, dict) or status.get("status") != "paused":
+            status = await vm.reclaim(TAKE_BACK_CHECK_TIMEOUT)  # idle again, if it answers
+            if status != "paused":
                 raise VMDead(f"it is not paused any more (status {status})")
         except VmcacheError as exc:
             # Nobody received it, so nobody else may have it: stopping is the only way not
@@ -583,7 +582,6 @@ class VMCache:
             await self._kill(vm)
             return
         vm.take_back(why)
-        await vm.process.idle()  # back in the pool: no session held, like every pooled VM
         await asyncio.to_thread(vm.prepare_handed_off_record)
         log.warning("VM %s back in the pool: %s", vm.id, why)
         self.stats.taken_back += 1

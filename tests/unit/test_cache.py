@@ -77,9 +77,10 @@ class FakeProcess:
         self.killed = True
         self.running = False
 
-    async def reclaim(self, timeout: float = 2.0) -> None:
+    async def reclaim(self, timeout: float = 1.0) -> str:
         assert self.running
         self.released = False
+        return "paused" if self.paused else "running"
 
     def die(self) -> None:
         self.running = False
