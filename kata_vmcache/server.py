@@ -112,7 +112,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self.cache = cache
         self._config = config_reply(config)
         self._quit = quit
-        cache.prepare = self.prepare
+        cache.pool.prepare = self.prepare
 
     def set_config(self, config: Config) -> None:
         """Answer `Config` from `config` from now on (a configuration reload)."""
@@ -136,9 +136,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     async def Config(self, request: empty_pb2.Empty,
                      context: grpc.aio.ServicerContext) -> cache_pb2.GrpcVMConfig:
         # The VMs of the cache's factory now (a reload replaces it along with the config).
-        spec = getattr(self.cache.factory, "spec", None)
-        if isinstance(spec, VMSpec):
-            context.set_trailing_metadata(vm_shape(spec).metadata())
+        context.set_trailing_metadata(vm_shape(self.cache.factory.spec).metadata())
         return self._config
 
     async def GetBaseVM(self, request: empty_pb2.Empty,
@@ -216,9 +214,8 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         every other state, are in the Monitor snapshot (`status --json`)."""
         # Templating on and the template's size ride in trailing metadata: Kata's
         # GrpcStatus must not grow fields (DESIGN.md, wire contract).
-        describe = getattr(self.cache.factory, "describe_template", None)
-        if describe is not None:
-            context.set_trailing_metadata(describe())
+        if metadata := self.cache.factory.status_metadata():
+            context.set_trailing_metadata(metadata)
         return cache_pb2.GrpcStatus(
             pid=os.getpid(),
             vmstatus=[

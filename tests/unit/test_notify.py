@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kata_vmcache.factory.cache import CacheStats
+from kata_vmcache.factory.activity import CacheStats
 from kata_vmcache.notify import Notifier, status_line
 
 
