@@ -112,26 +112,10 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self.cache = cache
         self._config = config_reply(config)
         self._quit = quit
-        cache.pool.prepare = self.prepare
 
     def set_config(self, config: Config) -> None:
         """Answer `Config` from `config` from now on (a configuration reload)."""
         self._config = config_reply(config)
-
-    def prepare(self, vm: VM) -> cache_pb2.GrpcVM:
-        """The GetBaseVM reply for `vm`, made when it becomes ready (VMCache.prepare), so
-        the hand-off only sends it."""
-        h = vm.handoff
-        assert h is not None
-        # proxyPid/proxyURL: Kata 1.x's kata-proxy, which the receiver then talks to the
-        # agent through (and stops with the VM); 0 and "" when the VM has none.
-        proxy = vm.proxy
-        reply = cache_pb2.GrpcVM(id=h.id, hypervisor=h.hypervisor, cpu=h.cpu,
-                                 memory=h.memory, cpuDelta=0,
-                                 proxyPid=proxy.pid or 0 if proxy is not None else 0,
-                                 proxyURL=proxy.url if proxy is not None else "")
-        vm.reply = reply
-        return reply
 
     async def Config(self, request: empty_pb2.Empty,
                      context: grpc.aio.ServicerContext) -> cache_pb2.GrpcVMConfig:
@@ -162,7 +146,8 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except VmcacheError as exc:
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-        reply = vm.reply if vm.reply is not None else self.prepare(vm)
+        # Made with the VM's hand-off record when it became ready (vm.py, handoff.py).
+        reply = vm.handoff.message
         refill = asyncio.get_running_loop().call_later(REFILL_AFTER, self.cache.refill)
         try:
             async with asyncio.timeout(HANDOFF_WRITE_TIMEOUT):

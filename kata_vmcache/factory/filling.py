@@ -165,8 +165,6 @@ class Filler:
             pool.background(pool.stop(vm))
             return
         vm.on_exit(self.supervisor.died)
-        if pool.prepare is not None:
-            pool.prepare(vm)
         log.info("VM %s ready in %.2f s (QEMU pid %s)", vm.id, vm.boot_seconds or 0, vm.pid)
         pool.activity.vm_ready(vm)
         self.handout.offer(vm)

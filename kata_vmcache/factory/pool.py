@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 from ..vm import VM, VMState
@@ -58,8 +58,6 @@ class Pool:
         #: VMs still booting from a factory a reload replaced: stopped when they finish.
         self.outdated: set[VM] = set()
         self.closed = False
-        #: Called with each VM as it becomes ready (the server makes its reply then).
-        self.prepare: Callable[[VM], object] | None = None
         self.wake = asyncio.Event()
         self._change = asyncio.Event()
         self._tasks: set[asyncio.Future[None]] = set()
