@@ -198,7 +198,8 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         the paused VMs a GetBaseVM can have), so do we: only ready VMs. Booting ones, and
         every other state, are in the Monitor snapshot (`status --json`)."""
         # Templating on and the template's size ride in trailing metadata: Kata's
-        # GrpcStatus must not grow fields (DESIGN.md, wire contract).
+        # GrpcStatus must not grow fields (protos/cache.proto is Kata's contract;
+        # tests/unit/test_proto.py).
         if metadata := self.cache.factory.status_metadata():
             context.set_trailing_metadata(metadata)
         return cache_pb2.GrpcStatus(

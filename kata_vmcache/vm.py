@@ -1,6 +1,6 @@
 """A VM as the daemon sees it: its state, its record on disk, its hand-off record.
 
-States (DESIGN.md):
+States:
 
     booting ──> ready (paused, in the pool) ──> handed_off
        │            │

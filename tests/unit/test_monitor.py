@@ -19,11 +19,11 @@ import pytest_asyncio
 from servicer_fakes import hand_off, make_config
 from test_cache import FakeFactory, fake_pool, until
 
-from kata_vmcache.errors import ServerUnavailable
+from kata_vmcache.errors import NoMonitor, ServerGone, ServerUnavailable
 from kata_vmcache.factory.activity import CacheActivity
 from kata_vmcache.factory.cache import VMCache
 from kata_vmcache.monitor import MonitorServicer, add_to_server
-from kata_vmcache.snapshot import MonitorClient, NoMonitor, ServerGone, Snapshot
+from kata_vmcache.snapshot import MonitorClient, Snapshot
 from kata_vmcache.vm import VMState
 
 
