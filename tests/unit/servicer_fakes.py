@@ -5,6 +5,7 @@ only fake. Pool tests take their VMs this way, not through a shortcut of the cac
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,7 +60,7 @@ class FakeContext:
     async def write(self, message: cache_pb2.GrpcVM) -> None:
         if self.writer is not None:
             result = self.writer(message)
-            if asyncio.iscoroutine(result):
+            if inspect.isawaitable(result):
                 await result
         self.written.append(message)
 
