@@ -213,8 +213,7 @@ async def test_waiters_are_served_in_order_by_refills(tmp_path: Path) -> None:
     cache = VMCache(factory, 1, parallelism=1)
     async with pool_running(cache):
         waiters = [asyncio.create_task(hand_off(cache)) for _ in range(3)]
-        await asyncio.sleep(0.01)
-        assert cache.waiting_clients == 3
+        await until(cache, lambda: cache.waiting_clients == 3)
         factory.gate.set()
         vms = await asyncio.wait_for(asyncio.gather(*waiters), 5)
         assert len({vm.id for vm in vms}) == 3
@@ -227,7 +226,7 @@ async def test_cancelled_waiter_loses_no_vm(tmp_path: Path) -> None:
     cache = VMCache(factory, 1, parallelism=1)
     async with pool_running(cache):
         impatient = asyncio.create_task(hand_off(cache))
-        await asyncio.sleep(0.01)
+        await until(cache, lambda: cache.waiting_clients == 1)
         impatient.cancel()
         with pytest.raises(asyncio.CancelledError):
             await impatient
@@ -305,7 +304,9 @@ async def test_vm_being_probed_is_handed_out_after_its_probe(
     first.process.probing = probe  # type: ignore[attr-defined]
     assert cache.reserve_nowait() is None  # the fast path does not wait
     taking = asyncio.ensure_future(hand_off(cache))
-    await asyncio.sleep(0.01)
+    # One loop turn: the hand-off takes `first` and waits for its probe (and only that).
+    await asyncio.sleep(0)
+    assert cache.ready_count == 2
     assert not taking.done()
     probe.set_result("running")
     first.process.probing = None  # type: ignore[attr-defined]

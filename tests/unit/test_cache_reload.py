@@ -118,7 +118,8 @@ async def test_boot_parallelism_changes_live(tmp_path: Path) -> None:
         for _ in range(4):
             await hand_off(cache)
         await until(cache, lambda: factory.in_flight == 1)
-        await asyncio.sleep(0.05)  # give a wrongly freed slot the chance to be used
+        for _ in range(20):  # loop turns: a wrongly freed slot would be used in these
+            await asyncio.sleep(0)
         assert factory.in_flight == 1
         factory.gate.set()
         await until(cache, lambda: cache.ready_count == 4)
