@@ -24,10 +24,10 @@ from typing import Any
 from . import config as configmod
 from . import quiet_grpc  # noqa: F401 - before anything imports grpc
 from .client import CacheClient
-from .errors import ConfigError, ServerUnavailable, UsageError, VmcacheError
+from .errors import ConfigError, NoMonitor, ServerUnavailable, UsageError, VmcacheError
 from .logs import setup_logging
 from .procs import pid_alive
-from .snapshot import MonitorClient, NoMonitor
+from .snapshot import MonitorClient
 
 PROG = "kata-vmcache"
 

@@ -52,6 +52,7 @@ from .config import Config
 from .errors import RemoteError, RequestError, ServerUnavailable, UsageError
 from .guest_channel import GuestInfo
 from .handle import MEMORY_BLOCK_MIB, VMHandle
+from .handoff import HandOff
 from .proto import cache_pb2_grpc
 from .shape import KEY as VM_SHAPE_KEY
 from .shape import VMShape
@@ -82,32 +83,8 @@ class ServerStatus:
     template_bytes: int | None = None
 
 
-@dataclass(frozen=True)
-class BaseVM:
-    """GetBaseVM's reply, decoded. `hypervisor` is Kata's qemu hand-off record."""
-
-    id: str
-    cpu: int
-    memory: int
-    cpu_delta: int
-    hypervisor: dict[str, Any]
-    #: Kata 1.x's kata-proxy of the VM (GrpcVM.proxyPid, proxyURL): 0 and "" if none.
-    proxy_pid: int = 0
-    proxy_url: str = ""
-
-    @property
-    def qmp_path(self) -> Path:
-        return Path(self.hypervisor["QmpChannelpath"])
-
-    @property
-    def pid(self) -> int | None:
-        pid = self.hypervisor.get("Pid")
-        return pid if isinstance(pid, int) else None
-
-    def as_json(self) -> dict[str, Any]:
-        return {"id": self.id, "cpu": self.cpu, "memory": self.memory,
-                "cpuDelta": self.cpu_delta, "proxyPid": self.proxy_pid,
-                "proxyURL": self.proxy_url, "hypervisor": self.hypervisor}
+#: GetBaseVM's reply, decoded: the daemon's hand-off record (handoff.py), the same type.
+BaseVM = HandOff
 
 
 def not_running(endpoint: Path) -> ServerUnavailable:
@@ -195,9 +172,7 @@ class CacheClient:
 
     async def get_base_vm(self, timeout: float = DEFAULT_GET_TIMEOUT) -> BaseVM:
         """Take a paused VM. From the reply on, the caller owns it (and must stop it)."""
-        reply = await self._call("GetBaseVM", timeout)
-        return BaseVM(reply.id, reply.cpu, reply.memory, reply.cpuDelta,
-                      json.loads(reply.hypervisor), reply.proxyPid, reply.proxyURL)
+        return HandOff.from_message(await self._call("GetBaseVM", timeout))
 
     async def quit(self, timeout: float | None = None) -> None:
         await self._call("Quit", timeout)
@@ -371,8 +346,7 @@ async def boot_direct(config: Config, want: Sizing, *, reason: str = "",
     vm = factory.create()
     await factory.boot(vm)  # on failure the VM is already stopped and removed
     try:
-        base = BaseVM(vm.id, vm.spec.vcpus, vm.spec.memory_mib, 0, vm.hypervisor_record())
-        handle = VMHandle.adopt(base, source="direct", reason=reason)
+        handle = VMHandle.adopt(vm.handoff, source="direct", reason=reason)
     except BaseException as exc:
         await abandon(vm, exc, config.daemon.stop_timeout)
         raise

@@ -37,6 +37,7 @@ from typing import Any
 from . import preflight
 from .config import Config
 from .errors import EndpointInUse, UsageError
+from .factory import Factory
 from .factory.cache import VMCache
 from .factory.direct import DirectFactory
 from .factory.template import TemplateFactory
@@ -281,8 +282,7 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
             with contextlib.suppress(asyncio.CancelledError):
                 await pool
             await cache.close()
-            if isinstance(cache.factory, TemplateFactory):
-                await cache.factory.close()  # template files, and the tmpfs if we mounted it
+            await cache.factory.close()  # template files, and the tmpfs if we mounted it
             remove_outcome(state_dir)
             # Last: `destroy` waits for the socket to vanish as the sign that all is stopped.
             remove_endpoint(endpoint)
@@ -299,7 +299,7 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
             loop.remove_signal_handler(sig)
 
 
-def make_factory(config: Config) -> DirectFactory | TemplateFactory:
+def make_factory(config: Config) -> Factory:
     """Clones of a template (`enable_template`), or VMs booted one by one. A reload that
     changes the VM's settings makes a new factory of the same kind (switching templating
     on or off needs a restart); a new template factory rebuilds the template, whose stored

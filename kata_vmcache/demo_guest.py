@@ -37,7 +37,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import VmcacheError
+from .errors import DemoGuestError, VmcacheError
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,6 @@ GUEST_INIT = Path(__file__).with_name("guest") / "init"
 BUILD_FORMAT = 1
 # Every entry of the archive gets this mtime (2020-01-01T00:00:00Z): reproducible bytes.
 FIXED_MTIME = 1577836800
-
-
-class DemoGuestError(VmcacheError):
-    """The demo guest cannot be built from what this host has installed."""
 
 
 @dataclass(frozen=True)

@@ -138,3 +138,43 @@ class HotplugError(VmcacheError):
 
 class TemplateError(VmcacheError):
     """The VM template could not be built, saved, restored or cleaned up."""
+
+
+class QemuUnusable(VmcacheError):
+    """The configured QEMU could not tell its machine types (preflight.py)."""
+
+
+class DemoGuestError(VmcacheError):
+    """The demo guest cannot be built from what this host has installed (demo_guest.py)."""
+
+
+class GuestTimeout(VmcacheError, TimeoutError):
+    """The guest did not answer (or did not become ready) in time (guest_channel.py). A
+    TimeoutError too, so that code bounding a guest's answer catches it as one."""
+
+
+class GuestError(VmcacheError):
+    """The guest answered a command with an error (`err ...`; guest_channel.py)."""
+
+
+class TtrpcError(VmcacheError):
+    """A ttrpc server answered the call with a non-OK status (ttrpc.py). `code_name` is
+    the gRPC name of `code` (ttrpc's statuses are gRPC's)."""
+
+    def __init__(self, code: int, message: str, code_name: str = "") -> None:
+        self.code = code
+        self.code_name = code_name or f"code {code}"
+        self.message = message
+        super().__init__(f"{self.code_name}: {message}" if message else self.code_name)
+
+
+class TtrpcProtocolError(VmcacheError):
+    """The peer broke ttrpc's framing; the connection cannot be used any more (ttrpc.py)."""
+
+
+class ServerGone(RemoteError):
+    """The server ended the Monitor stream or stopped answering (snapshot.py)."""
+
+
+class NoMonitor(RemoteError):
+    """The server has no Monitor service (e.g. Kata's own VMCache server; snapshot.py)."""

@@ -36,6 +36,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
+from .errors import GuestError, GuestTimeout
+
 READY_LINE = "KATA-VMCACHE-READY"
 MAX_SEED_BYTES = 512
 #: What a host gives a resumed guest to reseed its random pool with.
@@ -43,14 +45,6 @@ SEED_BYTES = 64
 _SEEN_KEPT = 5
 
 T = TypeVar("T")
-
-
-class GuestTimeout(TimeoutError):
-    """The guest did not answer (or did not become ready) in time."""
-
-
-class GuestError(Exception):
-    """The guest answered a command with an error (`err ...`)."""
 
 
 @dataclass(frozen=True)
@@ -116,9 +110,11 @@ class GuestChannel:
 
     # --- protocol ---------------------------------------------------------------------
 
-    async def wait_ready(self, timeout: float) -> None:
-        """Read lines until the guest says KATA-VMCACHE-READY."""
-        await self._exchange(None, lambda line: True if line == READY_LINE else None,
+    async def wait_ready(self, timeout: float | None, *, line: str = READY_LINE) -> None:
+        """Read lines until the guest says `line` (the demo guest's KATA-VMCACHE-READY;
+        `[vmcache] ready_line` for the daemon's probe, probe.py). `timeout` None: the
+        caller bounds the wait."""
+        await self._exchange(None, lambda said: True if said == line else None,
                              timeout, what="the ready line")
 
     async def ping(self, timeout: float = 5.0, *, guest_sleep_ms: int = 10) -> float:
@@ -156,7 +152,7 @@ class GuestChannel:
         await self._exchange(f"seed {data.hex()}", _ok, timeout)
 
     async def _exchange(self, command: str | None, answer: Callable[[str], T | None],
-                        timeout: float, *, what: str | None = None) -> T:
+                        timeout: float | None, *, what: str | None = None) -> T:
         """Send `command` (if any), then read lines until `answer` accepts one."""
         if what is None:
             what = repr(command.split()[0]) if command else "a line"

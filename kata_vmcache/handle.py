@@ -54,8 +54,16 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
-from .errors import GuestUnresponsive, HotplugError, RequestError, VMDead, VMStateError
-from .guest_channel import SEED_BYTES, GuestChannel, GuestError, GuestInfo, GuestTimeout
+from .errors import (
+    GuestError,
+    GuestTimeout,
+    GuestUnresponsive,
+    HotplugError,
+    RequestError,
+    VMDead,
+    VMStateError,
+)
+from .guest_channel import SEED_BYTES, GuestChannel, GuestInfo
 from .proxy import stop_handed_out_proxy
 from .qemu import is_vm_qemu
 from .qmp import Pidfd, ask_quit, disconnect, open_session, stop_process

@@ -41,8 +41,8 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .config import Config, split_address
 from .errors import UsageError
-from .factory.cache import FAILURE_CLASSES, Histogram, VMCache
-from .factory.template import TemplateFactory
+from .factory.activity import FAILURE_CLASSES, Histogram
+from .factory.cache import VMCache
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +131,8 @@ class CacheCollector(Collector):
         yield gauge("vm_resident_memory_bytes", "Resident memory of the QEMU processes of the "
                     "VMs the cache owns", sum(_resident_bytes(vm.pid) for vm in owned
                                               if vm.pid is not None))
-        factory = cache.factory
-        template = factory.size_bytes() if isinstance(factory, TemplateFactory) else 0
         yield gauge("template_bytes", "Size of the VM template's files (0 without templating)",
-                    template)
+                    cache.factory.template_bytes())
         budget = memory_budget_bytes(self.config, cache)
         if budget is not None:
             yield gauge("memory_budget_bytes", "The most guest memory the pool commits",

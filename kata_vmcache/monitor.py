@@ -23,7 +23,6 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol, cast
 
 import grpc
 
@@ -31,7 +30,6 @@ from . import __version__
 from .config import Config
 from .factory.cache import VMCache
 from .proto import vmcache_pb2, vmcache_pb2_grpc
-from .qemu import VMSpec
 from .vm import Unclaimed
 
 log = logging.getLogger(__name__)
@@ -40,16 +38,6 @@ log = logging.getLogger(__name__)
 HEARTBEAT = 1.0
 #: At most one snapshot per this many seconds on Watch (coalesces bursts of changes).
 MIN_INTERVAL = 0.1
-
-
-class DescribedFactory(Protocol):
-    """What the snapshot says about the VMs a factory boots."""
-
-    @property
-    def spec(self) -> VMSpec: ...
-
-    @property
-    def accelerator(self) -> str: ...
 
 
 class MonitorServicer(vmcache_pb2_grpc.MonitorServicer):
@@ -71,17 +59,10 @@ class MonitorServicer(vmcache_pb2_grpc.MonitorServicer):
         self.started_at = time.time()
         self._started = time.monotonic()
 
-    @property
-    def factory(self) -> DescribedFactory:
-        return cast(DescribedFactory, self.cache.factory)
-
-    def _template_bytes(self) -> int:
-        size = getattr(self.factory, "size_bytes", None)  # the template factory's
-        return int(size()) if callable(size) else 0
-
     def snapshot(self) -> vmcache_pb2.CacheSnapshot:
         cache, now = self.cache, time.time()
-        spec = self.factory.spec
+        factory = cache.factory
+        spec = factory.spec
         stats = cache.stats
         vms = []
         for vm in cache.owned():
@@ -103,9 +84,9 @@ class MonitorServicer(vmcache_pb2_grpc.MonitorServicer):
             heartbeat_seconds=self.heartbeat,
             config=vmcache_pb2.ServerConfig(
                 vcpus=spec.vcpus, memory_mib=spec.memory_mib,
-                accelerator=self.factory.accelerator,
+                accelerator=factory.accelerator,
                 template_enabled=self.config.factory.enable_template,
-                template_size_bytes=self._template_bytes(),
+                template_size_bytes=factory.template_bytes(),
                 config_path=str(self.config.source or ""),
             ),
             target=cache.target,

@@ -25,15 +25,11 @@ import subprocess
 from pathlib import Path
 
 from .config import Config, problem_in
-from .errors import ConfigError, ConfigProblem
+from .errors import ConfigError, ConfigProblem, QemuUnusable
 
 #: How long QEMU may take to list its machines (it starts no VM for that).
 MACHINE_HELP_TIMEOUT = 10.0
 MACHINES_HEADER = "Supported machines are:"
-
-
-class QemuUnusable(Exception):
-    """The configured QEMU could not tell its machine types."""
 
 
 def check(config: Config) -> list[ConfigProblem]:

@@ -18,15 +18,16 @@ only once its guest has booted (Kata's NewVM boots, checks the agent, then pause
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from .errors import TtrpcError, TtrpcProtocolError
+from .guest_channel import GuestChannel
 from .machine import VMPaths
 from .proto import agent_health_pb2, agent_health_pb2_grpc
-from .ttrpc import Address, TtrpcClient, TtrpcError, TtrpcProtocolError
+from .ttrpc import Address, TtrpcClient
 
 #: One health check's deadline; the probe asks again until the caller's bound.
 AGENT_CHECK_TIMEOUT = 1.0
@@ -46,33 +47,29 @@ class ReadinessProbe(Protocol):
 
 
 class SerialLineProbe:
+    """Ready when the guest prints `line` on our second serial port: the guest channel's
+    own reader (`GuestChannel.wait_ready`), connected before the guest runs. `seen` holds
+    the last lines the guest said instead, which the boot's timeout error shows."""
+
     def __init__(self, line: str) -> None:
-        self.line = line.encode()
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self.seen: list[bytes] = []
+        self.line = line
+        # Kept after close(): a failed boot's error reads `seen` then.
+        self._channel: GuestChannel | None = None
+
+    @property
+    def seen(self) -> list[bytes]:
+        return [line.encode() for line in self._channel.seen] if self._channel else []
 
     async def attach(self, paths: VMPaths) -> None:
-        self._reader, self._writer = await asyncio.open_unix_connection(str(paths.guest))
+        self._channel = await GuestChannel.connect(paths.guest)
 
     async def wait(self) -> None:
-        assert self._reader is not None, "attach() first"
-        while True:
-            raw = await self._reader.readline()
-            if not raw:
-                raise ConnectionError("the guest's serial port closed before it was ready")
-            line = raw.strip()
-            if line == self.line:
-                return
-            # Keep a little of what the guest said: the timeout error shows it.
-            self.seen = [*self.seen[-4:], line]
+        assert self._channel is not None, "attach() first"
+        await self._channel.wait_ready(None, line=self.line)  # the caller bounds the time
 
     async def close(self) -> None:
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+        if self._channel is not None:
+            await self._channel.close()
 
 
 class KataAgentProbe:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -292,9 +291,7 @@ class Reloader:
 def _keep_accelerator(factory: Factory, previous: Factory) -> None:
     """A boot-only change must not undo `accelerator = "auto"`'s fall-back to TCG (the new
     factory would try KVM again, and retiring nothing, find out the slow way)."""
-    spec, old_spec = getattr(factory, "spec", None), getattr(previous, "spec", None)
-    if spec is not None and old_spec is not None and spec.accelerator != old_spec.accelerator:
-        factory.spec = dataclasses.replace(spec, accelerator=old_spec.accelerator)  # type: ignore[attr-defined]
+    factory.use_accelerator(previous.spec.accelerator)
 
 
 async def request_reload(pid: int, state_dir: Path, *, timeout: float) -> Outcome:

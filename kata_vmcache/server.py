@@ -112,33 +112,15 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self.cache = cache
         self._config = config_reply(config)
         self._quit = quit
-        cache.prepare = self.prepare
 
     def set_config(self, config: Config) -> None:
         """Answer `Config` from `config` from now on (a configuration reload)."""
         self._config = config_reply(config)
 
-    def prepare(self, vm: VM) -> cache_pb2.GrpcVM:
-        """The GetBaseVM reply for `vm`, made when it becomes ready (VMCache.prepare), so
-        the hand-off only sends it."""
-        h = vm.handoff
-        assert h is not None
-        # proxyPid/proxyURL: Kata 1.x's kata-proxy, which the receiver then talks to the
-        # agent through (and stops with the VM); 0 and "" when the VM has none.
-        proxy = vm.proxy
-        reply = cache_pb2.GrpcVM(id=h.id, hypervisor=h.hypervisor, cpu=h.cpu,
-                                 memory=h.memory, cpuDelta=0,
-                                 proxyPid=proxy.pid or 0 if proxy is not None else 0,
-                                 proxyURL=proxy.url if proxy is not None else "")
-        vm.reply = reply
-        return reply
-
     async def Config(self, request: empty_pb2.Empty,
                      context: grpc.aio.ServicerContext) -> cache_pb2.GrpcVMConfig:
         # The VMs of the cache's factory now (a reload replaces it along with the config).
-        spec = getattr(self.cache.factory, "spec", None)
-        if isinstance(spec, VMSpec):
-            context.set_trailing_metadata(vm_shape(spec).metadata())
+        context.set_trailing_metadata(vm_shape(self.cache.factory.spec).metadata())
         return self._config
 
     async def GetBaseVM(self, request: empty_pb2.Empty,
@@ -164,7 +146,8 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except VmcacheError as exc:
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-        reply = vm.reply if vm.reply is not None else self.prepare(vm)
+        # Made with the VM's hand-off record when it became ready (vm.py, handoff.py).
+        reply = vm.handoff.message
         refill = asyncio.get_running_loop().call_later(REFILL_AFTER, self.cache.refill)
         try:
             async with asyncio.timeout(HANDOFF_WRITE_TIMEOUT):
@@ -215,10 +198,10 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         the paused VMs a GetBaseVM can have), so do we: only ready VMs. Booting ones, and
         every other state, are in the Monitor snapshot (`status --json`)."""
         # Templating on and the template's size ride in trailing metadata: Kata's
-        # GrpcStatus must not grow fields (DESIGN.md, wire contract).
-        describe = getattr(self.cache.factory, "describe_template", None)
-        if describe is not None:
-            context.set_trailing_metadata(describe())
+        # GrpcStatus must not grow fields (protos/cache.proto is Kata's contract;
+        # tests/unit/test_proto.py).
+        if metadata := self.cache.factory.status_metadata():
+            context.set_trailing_metadata(metadata)
         return cache_pb2.GrpcStatus(
             pid=os.getpid(),
             vmstatus=[

@@ -23,21 +23,13 @@ from typing import Any
 import grpc
 
 from .client import not_running, rpc_error
-from .errors import RemoteError
+from .errors import NoMonitor, ServerGone
 from .proto import vmcache_pb2, vmcache_pb2_grpc
 
 #: How long to wait for the first snapshot of a Watch.
 FIRST_SNAPSHOT_TIMEOUT = 10.0
 #: Heartbeats that may go missing before a watch counts as dead.
 MISSED_HEARTBEATS = 3
-
-
-class ServerGone(RemoteError):
-    """The server ended the stream or stopped answering."""
-
-
-class NoMonitor(RemoteError):
-    """The server has no Monitor service (e.g. Kata's own VMCache server)."""
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import DecodeError
 
+from .errors import TtrpcError, TtrpcProtocolError
 from .proto import ttrpc_pb2
 
 #: channel.go: length, stream id, type, flags.
@@ -65,20 +66,6 @@ class VsockAddress:
 #: Where a ttrpc server listens: a guest's vsock port, or a Unix socket (tests, hybrid
 #: setups).
 Address = VsockAddress | Path
-
-
-class TtrpcError(Exception):
-    """The server answered the call with a non-OK status."""
-
-    def __init__(self, code: int, message: str) -> None:
-        self.code = code
-        self.code_name = _CODE_NAMES.get(code, f"code {code}")
-        self.message = message
-        super().__init__(f"{self.code_name}: {message}" if message else self.code_name)
-
-
-class TtrpcProtocolError(Exception):
-    """The peer broke ttrpc's framing; the connection cannot be used any more."""
 
 
 class TtrpcClient:
@@ -130,7 +117,8 @@ class TtrpcClient:
         except DecodeError as exc:
             raise TtrpcProtocolError(f"undecodable response: {exc}") from exc
         if response.status.code != 0:
-            raise TtrpcError(response.status.code, response.status.message)
+            code = response.status.code
+            raise TtrpcError(code, response.status.message, _CODE_NAMES.get(code, ""))
         return response.payload
 
     async def _response(self, stream: int) -> bytes:

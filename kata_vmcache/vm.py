@@ -1,6 +1,6 @@
 """A VM as the daemon sees it: its state, its record on disk, its hand-off record.
 
-States (DESIGN.md):
+States:
 
     booting ──> ready (paused, in the pool) ──> handed_off
        │            │
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import VMStateError
+from .handoff import HandOff
 from .machine import BRIDGE_CAPACITY, BRIDGE_START_ADDR, MemoryBackend, VMPaths, VMSpec
 from .qemu import QemuProcess
 
@@ -61,16 +62,6 @@ def new_vm_id() -> str:
     return uuidlib.uuid4().hex[:12]
 
 
-@dataclass(frozen=True)
-class HandOff:
-    """What GetBaseVM sends for one VM, prepared before anyone asks (hot path)."""
-
-    id: str
-    hypervisor: bytes
-    cpu: int
-    memory: int
-
-
 class VM:
     """One VM owned by the daemon, from launch until it is handed off or dead."""
 
@@ -90,9 +81,7 @@ class VM:
         self.reason = ""
         self.created = time.time()
         self.boot_seconds: float | None = None
-        self.handoff: HandOff | None = None
-        #: The GetBaseVM reply message, made by the server when the VM became ready.
-        self.reply: Any = None
+        self._handoff: HandOff | None = None
         #: Kata 1.x's kata-proxy for this VM, once started (`proxy.KataProxy`).
         self.proxy: Any = None
         # memory, memory_path: Kata's templating (the template VM's shared RAM file, or a
@@ -122,6 +111,9 @@ class VM:
         if new not in _ALLOWED[self.state]:
             raise VMStateError(f"VM {self.id}: cannot go from {self.state.value} "
                                f"to {new.value}")
+        if new is VMState.READY and self._handoff is None:
+            raise VMStateError(f"VM {self.id}: cannot be ready without its hand-off record "
+                               "(prepare_handoff)")
         self.state = new
         self.history.append(new)
         if reason:
@@ -342,12 +334,23 @@ class VM:
         }
 
     def prepare_handoff(self) -> None:
-        self.handoff = HandOff(
-            id=self.id,
-            hypervisor=json.dumps(self.hypervisor_record(), separators=(",", ":")).encode(),
-            cpu=self.spec.vcpus,
-            memory=self.spec.memory_mib,
-        )
+        """Make the hand-off record, and its wire form, now that the VM is about to be
+        ready (its QEMU and proxy run): the hand-off itself only sends it."""
+        proxy = self.proxy
+        handoff = HandOff(self.id, self.spec.vcpus, self.spec.memory_mib, 0,
+                          self.hypervisor_record(),
+                          proxy_pid=(proxy.pid or 0) if proxy is not None else 0,
+                          proxy_url=proxy.url if proxy is not None else "")
+        handoff.message  # noqa: B018 (made now, off the hand-off's path)
+        self._handoff = handoff
+
+    @property
+    def handoff(self) -> HandOff:
+        """What GetBaseVM hands over (handoff.py), made once when the VM became ready:
+        every VM that is or was ready has one (`transition` refuses `ready` without)."""
+        if self._handoff is None:
+            raise VMStateError(f"VM {self.id} is {self.state.value}: no hand-off record yet")
+        return self._handoff
 
 
 #: What a record must hold, and of which type, to be believed.

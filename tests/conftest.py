@@ -1,21 +1,29 @@
-"""Suite-wide guards: no test may leave a QEMU process or a child process behind.
+"""Suite-wide guards: no test may leave a QEMU process, a child process or an asyncio task
+behind.
 
 After every test, any QEMU started by kata-vmcache (its `-name sandbox-<id>`, as Kata names
 its VMs) that was not running before the test, and any child of this pytest process (a
 kata-proxy too), fails the test; the leftovers are then killed by pid so one leak does not
 cascade into the next tests.
+
+After every asyncio test, a task still pending on the test's loop (once the loop has had a
+few turns to let finishing callbacks run) fails the test: pytest-asyncio's runner would
+cancel it silently when it closes the loop, hiding a task the code forgot to end or await.
+The leaked tasks are named in the failure, then cancelled and awaited.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from kata_vmcache.procs import cmdline
 
@@ -100,3 +108,38 @@ def _no_leftover_processes() -> Iterator[None]:
     if leaked_qemu or leaked_children:
         pytest.fail(f"test left processes running: QEMU {sorted(leaked_qemu)}, "
                     f"children {sorted(leaked_children)} (killed now)")
+
+
+#: Loop turns a test's loop gets after the test, before a pending task counts as leaked:
+#: enough for call_soon bookkeeping and done callbacks, not for anything that waits.
+SETTLE_TURNS = 5
+
+
+def _describe(task: asyncio.Task[object]) -> str:
+    coro = task.get_coro()
+    name = getattr(coro, "__qualname__", None) or repr(coro)
+    return f"{task.get_name()} ({name})"
+
+
+@pytest_asyncio.fixture
+async def _no_leaked_tasks() -> AsyncIterator[None]:
+    """Runs on the test's own loop (pytest-asyncio's function-scoped runner, which closes
+    after this teardown)."""
+    yield
+    this = asyncio.current_task()
+    for _ in range(SETTLE_TURNS):
+        await asyncio.sleep(0)
+    leaked = [t for t in asyncio.all_tasks() if t is not this and not t.done()]
+    if not leaked:
+        return
+    for task in leaked:
+        task.cancel()
+    await asyncio.gather(*leaked, return_exceptions=True)
+    pytest.fail(f"test left asyncio tasks pending: {sorted(map(_describe, leaked))} "
+                "(cancelled now)")
+
+
+@pytest.fixture(autouse=True)
+def _check_asyncio_tasks(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("asyncio") is not None:
+        request.getfixturevalue("_no_leaked_tasks")

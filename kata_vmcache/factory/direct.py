@@ -31,6 +31,7 @@ from ..machine import (
     AGENT_VSOCK_PORT,
     MACHINES_3X,
     MAX_PCIE_PORTS_3X,
+    Accelerator,
     VMSpec,
     kernel_root_params_3x,
     running_nested,
@@ -379,9 +380,24 @@ class DirectFactory:
         self.proxy = proxy_path(config)
         self.cids = VsockCids()
 
+    # the Factory protocol (factory/__init__.py), besides create() and boot()
+
     @property
     def accelerator(self) -> str:
         return self.spec.accelerator
+
+    def use_accelerator(self, accelerator: Accelerator) -> None:
+        if accelerator != self.spec.accelerator:
+            self.spec = dataclasses.replace(self.spec, accelerator=accelerator)
+
+    def template_bytes(self) -> int:
+        return 0
+
+    def status_metadata(self) -> list[tuple[str, str]]:
+        return []
+
+    async def close(self) -> None:
+        pass  # nothing beyond its VMs, which the pool stops
 
     def create(self, **template: Any) -> VM:
         """A VM to boot (not started yet); `template` are templating's VM arguments."""

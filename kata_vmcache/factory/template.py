@@ -47,6 +47,7 @@ from typing import Any
 from ..config import Config
 from ..errors import GuestNotReady, TemplateError
 from ..guest_channel import SEED_BYTES, GuestChannel
+from ..machine import Accelerator, VMSpec
 from ..vm import VM, VMState
 from .direct import DirectFactory, abandon, booted
 
@@ -135,10 +136,13 @@ class TemplateFactory:
         return self.direct.accelerator
 
     @property
-    def spec(self) -> Any:
+    def spec(self) -> VMSpec:
         return self.direct.spec
 
-    def size_bytes(self) -> int:
+    def use_accelerator(self, accelerator: Accelerator) -> None:
+        self.direct.use_accelerator(accelerator)
+
+    def template_bytes(self) -> int:
         """Memory the template occupies on its tmpfs (pages the guest touched) + state."""
         total = 0
         for f in (self.memory, self.state):
@@ -146,10 +150,10 @@ class TemplateFactory:
                 total += f.stat().st_blocks * 512
         return total
 
-    def describe_template(self) -> list[tuple[str, str]]:
-        """Status RPC trailing metadata (Kata's GrpcStatus has no field for it)."""
+    def status_metadata(self) -> list[tuple[str, str]]:
+        """Templating on, and the template's size (Kata's GrpcStatus has no field for it)."""
         return [("x-kata-vmcache-template", "on"),
-                ("x-kata-vmcache-template-bytes", str(self.size_bytes()))]
+                ("x-kata-vmcache-template-bytes", str(self.template_bytes()))]
 
     # settings
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 import pytest_asyncio
+from servicer_fakes import Aborted, hand_off
 
 from kata_vmcache.errors import CacheClosed, LaunchError
-from kata_vmcache.factory import cache as cachemod
+from kata_vmcache.factory import filling
 from kata_vmcache.factory.cache import VMCache
 from kata_vmcache.qemu import VMSpec
 from kata_vmcache.vm import VM, VMState
@@ -87,7 +90,15 @@ class FakeProcess:
         self.vm._qemu_exited(-9)
 
 
+LOG = logging.getLogger("test_cache")
+
+
 class FakeFactory:
+    """The Factory protocol (factory/__init__.py) over fake QEMU processes."""
+
+    spec = SPEC
+    accelerator = "tcg"
+
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.gate: asyncio.Event | None = None  # when set, boots wait for it
@@ -96,8 +107,20 @@ class FakeFactory:
         self.max_in_flight = 0
         self.created: list[VM] = []
 
+    def use_accelerator(self, accelerator: str) -> None:
+        pass
+
+    def template_bytes(self) -> int:
+        return 0
+
+    def status_metadata(self) -> list[tuple[str, str]]:
+        return []
+
+    async def close(self) -> None:
+        pass
+
     def create(self) -> VM:
-        vm = VM(SPEC, state_dir=self.tmp, vm_storage=self.tmp / "vm", log=cachemod.log)
+        vm = VM(self.spec, state_dir=self.tmp, vm_storage=self.tmp / "vm", log=LOG)
         vm.process = FakeProcess(vm)  # type: ignore[assignment]
         self.created.append(vm)
         return vm
@@ -173,7 +196,7 @@ async def test_fills_to_target_with_bounded_parallelism(pool: tuple[VMCache, Fak
 async def test_each_vm_handed_out_once_and_refilled(pool: tuple[VMCache, FakeFactory]) -> None:
     cache, _factory = pool
     await until(cache, lambda: cache.ready_count == 3)
-    taken = [await cache.hand_off() for _ in range(5)]
+    taken = [await hand_off(cache) for _ in range(5)]
     assert len({vm.id for vm in taken}) == 5
     for vm in taken:
         assert vm.state is VMState.HANDED_OFF
@@ -190,9 +213,8 @@ async def test_waiters_are_served_in_order_by_refills(tmp_path: Path) -> None:
     factory.gate = asyncio.Event()
     cache = VMCache(factory, 1, parallelism=1)
     async with pool_running(cache):
-        waiters = [asyncio.create_task(cache.hand_off()) for _ in range(3)]
-        await asyncio.sleep(0.01)
-        assert cache.waiting_clients == 3
+        waiters = [asyncio.create_task(hand_off(cache)) for _ in range(3)]
+        await until(cache, lambda: cache.waiting_clients == 3)
         factory.gate.set()
         vms = await asyncio.wait_for(asyncio.gather(*waiters), 5)
         assert len({vm.id for vm in vms}) == 3
@@ -204,22 +226,22 @@ async def test_cancelled_waiter_loses_no_vm(tmp_path: Path) -> None:
     factory.gate = asyncio.Event()
     cache = VMCache(factory, 1, parallelism=1)
     async with pool_running(cache):
-        impatient = asyncio.create_task(cache.hand_off())
-        await asyncio.sleep(0.01)
+        impatient = asyncio.create_task(hand_off(cache))
+        await until(cache, lambda: cache.waiting_clients == 1)
         impatient.cancel()
         with pytest.raises(asyncio.CancelledError):
             await impatient
         factory.gate.set()
         await until(cache, lambda: cache.ready_count == 1)
         assert cache.waiting_clients == 0
-        vm = await cache.hand_off()
+        vm = await hand_off(cache)
         assert vm.state is VMState.HANDED_OFF
 
 
 @pytest.mark.asyncio
 async def test_boot_failures_back_off_then_recover(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cachemod, "BACKOFF_START", 0.01)
+    monkeypatch.setattr(filling, "BACKOFF_START", 0.01)
     factory = FakeFactory(tmp_path)
     factory.fail_next = 3
     cache = VMCache(factory, 2, parallelism=1)
@@ -235,8 +257,8 @@ def test_backoff_doubles_up_to_the_cap(tmp_path: Path) -> None:
     cache = VMCache(FakeFactory(tmp_path), 1, parallelism=1)
     delays = []
     for _ in range(10):
-        cache._boot_failed("same reason")
-        delays.append(round(cache._not_before - time.monotonic()))
+        cache.filler.boot_failed("same reason")
+        delays.append(round(cache.filler.not_before - time.monotonic()))
     assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]
     assert cache.stats.boot_failures == 10
     assert cache.stats.last_error == "same reason"
@@ -267,7 +289,7 @@ async def test_running_vm_leaves_the_pool_at_the_next_check(
     await until(cache, lambda: bad.process.killed)  # type: ignore[attr-defined]
     assert bad not in cache.owned()
     assert cache.stats.discarded == 1
-    got = await cache.hand_off()
+    got = await hand_off(cache)
     assert got is not bad
 
 
@@ -282,8 +304,10 @@ async def test_vm_being_probed_is_handed_out_after_its_probe(
     probe: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     first.process.probing = probe  # type: ignore[attr-defined]
     assert cache.reserve_nowait() is None  # the fast path does not wait
-    taking = asyncio.ensure_future(cache.hand_off())
-    await asyncio.sleep(0.01)
+    taking = asyncio.ensure_future(hand_off(cache))
+    # One loop turn: the hand-off takes `first` and waits for its probe (and only that).
+    await asyncio.sleep(0)
+    assert cache.ready_count == 2
     assert not taking.done()
     probe.set_result("running")
     first.process.probing = None  # type: ignore[attr-defined]
@@ -298,7 +322,7 @@ async def test_close_stops_owned_vms_and_fails_waiters(tmp_path: Path) -> None:
     cache = VMCache(factory, 2, parallelism=2)
     task = asyncio.create_task(cache.run())
     await until(cache, lambda: cache.ready_count == 2)
-    handed = await cache.hand_off()
+    handed = await hand_off(cache)
     await until(cache, lambda: cache.ready_count == 2)
     owned = cache.owned()
     task.cancel()
@@ -306,8 +330,11 @@ async def test_close_stops_owned_vms_and_fails_waiters(tmp_path: Path) -> None:
     await cache.close()
     assert all(vm.process.stopped for vm in owned)  # type: ignore[attr-defined]
     assert not handed.process.stopped  # type: ignore[attr-defined]
+    with pytest.raises(Aborted) as refused:
+        await hand_off(cache)
+    assert refused.value.code is grpc.StatusCode.UNAVAILABLE
     with pytest.raises(CacheClosed):
-        await cache.hand_off()
+        cache.reserve_nowait()
 
 
 @pytest.mark.asyncio
@@ -321,9 +348,7 @@ async def test_resize(pool: tuple[VMCache, FakeFactory]) -> None:
 
 
 class SizedFactory(FakeFactory):
-    """A fake factory that says how big its VMs are (the real ones do: `spec`)."""
-
-    spec = SPEC  # 256 MiB
+    """A fake factory whose VMs have 256 MiB (SPEC's), as its spec says."""
 
 
 @pytest.mark.asyncio

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from servicer_fakes import hand_off
 from test_cache import SPEC, FakeFactory, pool_running, until
 
-from kata_vmcache.factory import cache as cachemod
+from kata_vmcache.factory import filling
 from kata_vmcache.factory.cache import VMCache
 from kata_vmcache.vm import VM, VMState
 
@@ -24,11 +25,6 @@ class SpecFactory(FakeFactory):
     def __init__(self, tmp: Path, memory_mib: int) -> None:
         super().__init__(tmp)
         self.spec = dataclasses.replace(SPEC, memory_mib=memory_mib)
-
-    def create(self) -> VM:
-        vm = super().create()
-        vm.spec = self.spec
-        return vm
 
 
 @pytest_asyncio.fixture
@@ -47,7 +43,7 @@ async def test_new_factory_retires_ready_vms_not_handed_off_ones(
         running: tuple[VMCache, SpecFactory], tmp_path: Path) -> None:
     cache, _ = running
     await until(cache, lambda: cache.ready_count == 2)
-    handed = await cache.hand_off()
+    handed = await hand_off(cache)
     await until(cache, lambda: cache.ready_count == 2)
     before = cache.owned()
     new = SpecFactory(tmp_path, 512)
@@ -58,7 +54,7 @@ async def test_new_factory_retires_ready_vms_not_handed_off_ones(
     assert len(new.created) == 2
     assert not stopped(handed)
     assert handed.state is VMState.HANDED_OFF
-    got = await cache.hand_off()
+    got = await hand_off(cache)
     assert got.spec.memory_mib == 512
 
 
@@ -85,7 +81,7 @@ async def test_vm_taken_before_the_reload_is_not_put_back(
     taken = await cache.take()  # a hand-off in progress, about to be cancelled
     cache.replace_factory(SpecFactory(tmp_path, 512))
     cache.put_back(taken)
-    await asyncio.gather(*cache._tasks)  # the stop runs in the background
+    await cache.pool.wait_background()  # the stop runs in the background
     assert stopped(taken)
     assert taken not in cache.owned()
 
@@ -120,9 +116,10 @@ async def test_boot_parallelism_changes_live(tmp_path: Path) -> None:
         factory.gate.clear()
         factory.max_in_flight = 0
         for _ in range(4):
-            await cache.hand_off()
+            await hand_off(cache)
         await until(cache, lambda: factory.in_flight == 1)
-        await asyncio.sleep(0.05)  # give a wrongly freed slot the chance to be used
+        for _ in range(20):  # loop turns: a wrongly freed slot would be used in these
+            await asyncio.sleep(0)
         assert factory.in_flight == 1
         factory.gate.set()
         await until(cache, lambda: cache.ready_count == 4)
@@ -132,9 +129,9 @@ async def test_boot_parallelism_changes_live(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 async def test_a_new_factory_resets_the_backoff(tmp_path: Path) -> None:
     cache = VMCache(SpecFactory(tmp_path, 256), 1, parallelism=1)
-    cache._boot_failed("old kernel is broken")
-    assert cache._not_before > 0
+    cache.filler.boot_failed("old kernel is broken")
+    assert cache.filler.not_before > 0
     cache.replace_factory(SpecFactory(tmp_path, 512))
-    assert cache._not_before == 0.0
+    assert cache.filler.not_before == 0.0
     assert cache.stats.last_error == ""
-    assert cachemod.BACKOFF_START > 0
+    assert filling.BACKOFF_START > 0

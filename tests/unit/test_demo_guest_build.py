@@ -21,12 +21,12 @@ from kata_vmcache.demo_guest import (
     FIXED_MTIME,
     KERNEL_PARAMS,
     DemoGuest,
-    DemoGuestError,
     build_demo_guest,
     find_kernel,
     init_script,
 )
-from kata_vmcache.guest_channel import GuestChannel, GuestError, GuestInfo, GuestTimeout
+from kata_vmcache.errors import DemoGuestError, GuestError, GuestTimeout
+from kata_vmcache.guest_channel import GuestChannel, GuestInfo
 
 BUSYBOX = Path("/bin/busybox")
 

@@ -15,11 +15,12 @@ import pytest
 import pytest_asyncio
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from servicer_fakes import hand_off, make_config
 from test_cache import FakeFactory, fake_pool, until
-from test_monitor import make_config
 
 from kata_vmcache.errors import UsageError
-from kata_vmcache.factory.cache import FAILURE_CLASSES, Histogram, VMCache, failure_class
+from kata_vmcache.factory.activity import FAILURE_CLASSES, Histogram, failure_class
+from kata_vmcache.factory.cache import VMCache
 from kata_vmcache.metrics import MetricsServer, registry_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +57,7 @@ def samples(text: str) -> dict[str, float]:
 async def test_scrape_reads_the_pool(pool: tuple[VMCache, FakeFactory], tmp_path: Path) -> None:
     cache, factory = pool
     await until(cache, lambda: cache.ready_count == 2)
-    await cache.hand_off()
+    await hand_off(cache)
     factory.fail_next = 1
     await until(cache, lambda: cache.stats.boot_failures == 1)
     cache.memory_budget_mib = 1024
@@ -156,7 +157,7 @@ async def test_dashboard_queries_name_only_exported_metrics(
     cache, factory = pool
     await until(cache, lambda: cache.ready_count == 2)
     factory.fail_next = 1  # so that the labelled families have a sample
-    await cache.hand_off()  # (and a refill to fail)
+    await hand_off(cache)  # (and a refill to fail)
     await until(cache, lambda: cache.stats.boot_failures == 1)
     cache.memory_budget_mib = 1024
     exported = exported_names(cache, tmp_path)

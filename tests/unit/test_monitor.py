@@ -16,27 +16,15 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-from test_cache import SPEC, FakeFactory, fake_pool, until
+from servicer_fakes import hand_off, make_config
+from test_cache import FakeFactory, fake_pool, until
 
-from kata_vmcache.config import Config, DaemonSettings, FactorySettings, HypervisorSettings
-from kata_vmcache.errors import ServerUnavailable
-from kata_vmcache.factory.cache import CacheActivity, VMCache
+from kata_vmcache.errors import NoMonitor, ServerGone, ServerUnavailable
+from kata_vmcache.factory.activity import CacheActivity
+from kata_vmcache.factory.cache import VMCache
 from kata_vmcache.monitor import MonitorServicer, add_to_server
-from kata_vmcache.snapshot import MonitorClient, NoMonitor, ServerGone, Snapshot
+from kata_vmcache.snapshot import MonitorClient, Snapshot
 from kata_vmcache.vm import VMState
-
-
-def make_config(endpoint: Path) -> Config:
-    return Config(
-        source=Path("/etc/kata-containers/configuration.toml"),
-        hypervisor=HypervisorSettings(
-            path=SPEC.qemu, kernel=SPEC.kernel, initrd=SPEC.initrd, image=None,
-            machine_type="q35", kernel_params=(), vcpus=1, max_vcpus=2, memory_mib=256,
-            memory_slots=4, debug=False),
-        factory=FactorySettings(vm_cache_number=2, vm_cache_endpoint=endpoint,
-                                enable_template=False, template_path=Path("/t")),
-        daemon=DaemonSettings(accelerator="tcg"),
-    )
 
 
 @dataclass
@@ -57,10 +45,6 @@ def sockdir() -> Iterator[Path]:
 async def serve(cache: VMCache, endpoint: Path, **knobs: float) -> tuple[grpc.aio.Server,
                                                                           asyncio.Event]:
     stopping = asyncio.Event()
-    # What the snapshot reads of the cache's factory (FakeFactory itself has no spec: the
-    # pool's reload tests rely on that).
-    cache.factory.spec = SPEC  # type: ignore[attr-defined]
-    cache.factory.accelerator = "tcg"  # type: ignore[attr-defined]
     servicer = MonitorServicer(cache, make_config(endpoint), stopping=stopping, **knobs)
     server = grpc.aio.server()
     add_to_server(servicer, server)
@@ -90,7 +74,7 @@ async def test_pool_records_events_and_hand_off_latency(
         pool: tuple[VMCache, FakeFactory]) -> None:
     cache, factory = pool
     await until(cache, lambda: cache.ready_count == 2)
-    taken = await cache.hand_off()
+    taken = await hand_off(cache)
     await until(cache, lambda: cache.ready_count == 2)  # the refill is in: one boot at a time
     victim = cache.owned()[0]
     victim.process.die()  # type: ignore[attr-defined]
@@ -123,7 +107,7 @@ async def test_snapshot_describes_the_pool(pool: tuple[VMCache, FakeFactory],
                                            sockdir: Path) -> None:
     cache, _ = pool
     await until(cache, lambda: cache.ready_count == 2)
-    await cache.hand_off()
+    await hand_off(cache)
     endpoint = sockdir / "s.sock"
     server, _ = await serve(cache, endpoint)
     try:
@@ -168,7 +152,7 @@ async def test_watch_pushes_each_change(pool: tuple[VMCache, FakeFactory],
             first = await anext(stream)
             assert first.ready == 2
             assert first.counters.handed_out == 0
-            taken = await cache.hand_off()
+            taken = await hand_off(cache)
 
             latest = first
 
@@ -202,7 +186,7 @@ async def test_watch_coalesces_bursts(pool: tuple[VMCache, FakeFactory],
             stream = monitor.watch()
             await anext(stream)
             for _ in range(5):
-                await cache.hand_off()  # each one is a change the watcher is told about
+                await hand_off(cache)  # each one is a change the watcher is told about
             seen = 0
             while True:
                 snap = await asyncio.wait_for(anext(stream), 10)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kata_vmcache.factory.cache import CacheStats
+from kata_vmcache.factory.activity import CacheStats
 from kata_vmcache.notify import Notifier, status_line
 
 
@@ -132,8 +132,9 @@ def test_watchdog_pings_come_from_the_event_loop(listener: Listener) -> None:
             # Deliberately blocking: the loop is stuck, no task runs whatever its timers say.
             time.sleep(0.5)  # noqa: ASYNC251
             while_stuck = listener.take()
-            await asyncio.sleep(0.3)
-            after = listener.take()
+            # Once the loop runs again, so do the pings: wait for the next one.
+            after = [await asyncio.to_thread(listener.wait)]
+            after += listener.take()
         finally:
             task.cancel()
         return [first], while_stuck, after
@@ -165,7 +166,7 @@ class Pool:
         self.stats = CacheStats(handed_out=14)
 
     async def wait_changed(self) -> None:
-        await asyncio.sleep(3600)
+        await asyncio.Event().wait()  # nothing changes
 
 
 def test_status_line() -> None:

@@ -19,14 +19,10 @@ import pytest
 import pytest_asyncio
 from google.protobuf.descriptor import FieldDescriptor as F
 
+from kata_vmcache.errors import TtrpcError, TtrpcProtocolError
 from kata_vmcache.probe import KataTtrpcProbe
 from kata_vmcache.proto import agent_health_pb2, ttrpc_pb2
-from kata_vmcache.ttrpc import (
-    TtrpcClient,
-    TtrpcError,
-    TtrpcProtocolError,
-    VsockAddress,
-)
+from kata_vmcache.ttrpc import TtrpcClient, VsockAddress
 
 #: PROTOCOL.md: data length, stream id (big-endian uint32), type, flags (uint8).
 FRAME = struct.Struct(">IIBB")
