@@ -67,6 +67,7 @@ class FakeQMP:
         self._arrived: dict[str, asyncio.Event] = {}
         self._closed = asyncio.Event()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> FakeQMP:
@@ -78,6 +79,10 @@ class FakeQMP:
         self._server.close()
         for writer in list(self._writers):
             writer.close()
+        # A connection held on a command (`hold`) would otherwise outlive the peer.
+        for task in self._handlers:
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
         await self._server.wait_closed()
 
     def arrived(self, command: str) -> asyncio.Event:
@@ -98,6 +103,10 @@ class FakeQMP:
                 await writer.drain()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
         self.connections += 1
         self.open_connections += 1
         self._writers.add(writer)
@@ -123,7 +132,7 @@ class FakeQMP:
                     reply["id"] = message["id"]
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
-        except ConnectionError:
+        except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
             self._writers.discard(writer)
