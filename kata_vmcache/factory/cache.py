@@ -64,6 +64,8 @@ TAKE_BACK_CHECK_TIMEOUT = 1.0
 @dataclass
 class CacheStats:
     handed_out: int = 0
+    #: GetBaseVM callers that found no ready VM and waited (autoscale.py grows on them).
+    waited: int = 0
     booted: int = 0
     boot_failures: int = 0
     died_in_pool: int = 0
@@ -444,6 +446,7 @@ class VMCache:
                 return vm
         waiter: asyncio.Future[VM] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self.stats.waited += 1
         self._notify()  # watchers show callers waiting
         try:
             vm = await waiter

@@ -1,0 +1,338 @@
+"""A pool that sizes itself: `[vmcache] autoscale`, within `[min_ready, max_ready]` and the
+memory budget.
+
+Kata's `vm_cache_number` is a fixed guess. Here the cache sets its own target from what it
+sees: how often GetBaseVM arrives, how long a VM takes to become ready, and whether callers
+had to wait. Two pieces:
+
+- `Policy`: pure logic with an injected clock. It is told of demand (`arrived()`,
+  `waited()`) and asked for a `Decision` (target and a reason a person can read) given the
+  measured time to make a VM ready and how many VMs the memory budget holds. Unit tests
+  drive it with a simulated clock.
+- `Autoscaler`: the small async driver. It watches the pool (hand-outs and waits are counted
+  by the pool itself, in `CacheStats`), feeds the policy, and applies a changed target with
+  `VMCache.resize()`, logging the reason. With `autoscale = false` it only reports the fixed
+  target, `vm_cache_number`, exactly as before.
+
+The policy, in order of precedence (the first rules win over the later):
+
+1. the memory budget: never more VMs than `memory_budget_mib` holds;
+2. the bounds: `min_ready <= target <= max_ready`;
+3. demand, the largest of:
+   - steady demand: the recent arrival rate times the time to make a VM ready, plus a
+     Poisson margin (two standard deviations) and one VM, so that a steady stream of
+     requests finds a VM ready while the ones it took are being replaced;
+   - the peak: the most requests that arrived within one ready time, over the last
+     `shrink_after` seconds (a burst is covered for that long after it happened);
+   - after callers waited: the target they found plus the number that waited, held for
+     `shrink_after` seconds ("grow at once when callers wait");
+   - an expected burst: when bursts recur at a regular interval (two bursts so far, the
+     latest interval within a quarter of the one before, if any), the pool is grown to the
+     burst's size just in time for the next one (the time to boot that many VMs, plus one
+     ready time) instead of holding them ready all the way between bursts.
+     A burst that does not come when expected ends the prediction.
+
+Growth is applied at once; a lower target only once nothing above it has been needed for
+`shrink_after` seconds, so a surplus ready VM is stopped only after that idle period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .factory.cache import VMCache
+
+log = logging.getLogger(__name__)
+
+#: Until a boot has been measured: the time to make a VM ready (TCG boots the demo guest in
+#: about 2 s; a real guest under KVM in about 1 s), erring on the long side.
+DEFAULT_READY_SECONDS = 3.0
+#: Requests closer together than this belong to one burst.
+BURST_GAP = 1.0
+#: A burst: at least this many requests, each within BURST_GAP of the one before.
+BURST_MIN = 3
+#: Bursts recur "regularly" when the latest interval is within this share of the one
+#: before; a predicted burst later than this share of its interval is not coming.
+PERIOD_TOLERANCE = 0.25
+#: The driver looks at the pool at least this often (shrinking is due on time, not only on
+#: a change of the pool).
+TICK = 1.0
+
+
+@dataclass(frozen=True)
+class AutoscaleSettings:
+    """`[vmcache] autoscale`, `min_ready`, `max_ready`, `shrink_after` (config.py)."""
+
+    enabled: bool = False
+    min_ready: int = 1
+    max_ready: int = 16
+    #: Seconds without demand for them before surplus ready VMs are stopped.
+    shrink_after: float = 60.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    target: int
+    reason: str
+
+
+@dataclass
+class _Burst:
+    start: float
+    size: int
+    last: float
+
+
+class Policy:
+    """The target for the pool, from demand. Pure: `clock` is the only source of time."""
+
+    def __init__(self, settings: AutoscaleSettings, *, initial: int, parallelism: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.parallelism = max(1, parallelism)
+        self.clock = clock
+        self._arrivals: collections.deque[float] = collections.deque()
+        self._bursts: collections.deque[_Burst] = collections.deque(maxlen=4)
+        #: (target, until): the floor set by callers that waited.
+        self._raised = (0, 0.0)
+        #: The demand-driven target and when it was last needed at that level.
+        self._held = (max(settings.min_ready, min(initial, settings.max_ready)), clock())
+        self.current = self._held[0]
+
+    def configure(self, settings: AutoscaleSettings, *, parallelism: int) -> None:
+        """New bounds or idle period (a reload): the demand seen so far is kept."""
+        self.settings = settings
+        self.parallelism = max(1, parallelism)
+
+    # demand
+
+    def arrived(self, count: int = 1) -> None:
+        """`count` GetBaseVM requests were served (or are waiting) now."""
+        now = self.clock()
+        for _ in range(count):
+            self._arrivals.append(now)
+        burst = self._bursts[-1] if self._bursts else None
+        if burst is not None and now - burst.last <= BURST_GAP:
+            burst.size += count
+            burst.last = now
+            return
+        # A new cluster: it is a burst once it has BURST_MIN requests (counted back from
+        # the arrivals, so a burst that builds up over several calls is recognised).
+        recent = [t for t in self._arrivals if now - t <= BURST_GAP * BURST_MIN]
+        cluster = 1
+        for earlier, later in zip(reversed(recent[:-1]), reversed(recent[1:]), strict=True):
+            if later - earlier > BURST_GAP:
+                break
+            cluster += 1
+        if cluster >= BURST_MIN:
+            first = recent[-cluster]
+            if burst is None or first > burst.last:
+                self._bursts.append(_Burst(first, cluster, now))
+
+    def waited(self, count: int = 1) -> None:
+        """`count` callers found no ready VM: the target was too small by at least that."""
+        now = self.clock()
+        floor = max(self._raised[0] if now < self._raised[1] else 0, self.current) + count
+        self._raised = (floor, now + self.settings.shrink_after)
+
+    # the decision
+
+    def decide(self, *, ready_seconds: float | None, budget_vms: int | None,
+               ready_now: int = 0) -> Decision:
+        """The target now. `ready_seconds`: the measured time to make a VM ready (None:
+        not measured yet); `budget_vms`: how many VMs the memory budget holds (None: no
+        limit); `ready_now`: VMs ready in the pool (not stopped before their idle time)."""
+        now = self.clock()
+        s = self.settings
+        ready = ready_seconds if ready_seconds and ready_seconds > 0 else DEFAULT_READY_SECONDS
+        horizon = s.shrink_after
+        while self._arrivals and now - self._arrivals[0] > horizon:
+            self._arrivals.popleft()
+        period = self._period()
+        arrivals = list(self._arrivals)
+        if period is not None:
+            # Regular bursts are planned for: they do not hold VMs ready in between.
+            arrivals = [t for t in arrivals if not self._in_burst(t)]
+        candidates: list[tuple[int, str]] = []
+        # Steady demand: rate over the window seen so far (at least 10 s, so that the
+        # first requests do not look like a flood), times the ready time, plus margin.
+        if arrivals:
+            span = max(10.0, min(horizon, now - arrivals[0]))
+            expected = len(arrivals) / span * ready
+            steady = math.ceil(expected + 2 * math.sqrt(expected)) + 1
+            candidates.append((steady, f"{len(arrivals) / span * 60:.1f} requests/min x "
+                                       f"{ready:.1f} s to make a VM ready, plus margin"))
+            peak = _peak(arrivals, ready)
+            candidates.append((peak, f"{peak} requests within {ready:.1f} s in the last "
+                                     f"{horizon:.0f} s"))
+        if now < self._raised[1] and period is None:
+            candidates.append((self._raised[0], "callers waited for a VM"))
+        if period is not None:
+            expected_at, size = period
+            lead = math.ceil(size / self.parallelism) * ready + ready
+            if expected_at - lead <= now:
+                candidates.append((size, f"a burst of {size} expected in "
+                                         f"{max(0.0, expected_at - now):.0f} s (every "
+                                         f"{self._interval():.0f} s)"))
+        demand, why = max(candidates, default=(0, "no recent requests"), key=lambda c: c[0])
+        bounded = max(s.min_ready, min(s.max_ready, demand))
+        if bounded != demand:
+            why = (f"{why}; min_ready = {s.min_ready}" if bounded > demand
+                   else f"{why}; max_ready = {s.max_ready}")
+        # Shrink slowly. Demand itself is held: arrivals count for shrink_after seconds,
+        # callers that waited too. A level is held for shrink_after seconds from when it
+        # was first needed (the starting target too); between planned bursts the pool is not
+        # refilled beyond steady demand, but a ready VM is still kept for that idle time.
+        held, since = self._held
+        held = min(held, s.max_ready)  # a reload may have lowered the bound
+        if bounded > held or now - since >= horizon:
+            if bounded < held and period is None:
+                why = f"{why} (no demand for {held} for {now - since:.0f} s)"
+            self._held = (bounded, now if bounded != held else since)
+        elif bounded < held:
+            keep = max(bounded, min(held, ready_now)) if period is not None else held
+            self._held = (keep, since)
+            if keep > bounded:
+                why = (f"keeping {keep}: needed {now - since:.0f} s ago, stopped once idle "
+                       f"{horizon:.0f} s")
+            bounded = keep
+        target = bounded
+        if budget_vms is not None and budget_vms < target:
+            target = max(0, budget_vms)
+            why = f"{why}; memory_budget_mib holds {target}"
+        self.current = target
+        return Decision(target, why)
+
+    # bursts that recur
+
+    def _interval(self) -> float:
+        b = self._bursts
+        return b[-1].start - b[-2].start if len(b) >= 2 else 0.0
+
+    def _period(self) -> tuple[float, int] | None:
+        """(when the next burst is expected, its size) if bursts recur regularly."""
+        b = list(self._bursts)
+        if len(b) < 2:
+            return None
+        interval = b[-1].start - b[-2].start
+        if interval <= 0:
+            return None
+        if len(b) >= 3:
+            before = b[-2].start - b[-3].start
+            if abs(interval - before) > PERIOD_TOLERANCE * max(interval, before):
+                return None
+        expected = b[-1].start + interval
+        if self.clock() > expected + PERIOD_TOLERANCE * interval:
+            return None  # it did not come: plan for nothing, hold what demand says
+        return expected, max(x.size for x in b[-3:])
+
+    def _in_burst(self, t: float) -> bool:
+        return any(x.start <= t <= x.last for x in self._bursts)
+
+
+def _peak(times: list[float], window: float) -> int:
+    """The most of `times` (sorted) within any interval of length `window`."""
+    best, first = 0, 0
+    for i, t in enumerate(times):
+        while t - times[first] > window:
+            first += 1
+        best = max(best, i - first + 1)
+    return best
+
+
+class Autoscaler:
+    """Applies the policy to a pool, or with autoscale off, reports its fixed target."""
+
+    def __init__(self, cache: VMCache, settings: AutoscaleSettings, *, fixed: int,
+                 parallelism: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cache = cache
+        self.settings = settings
+        self.fixed = fixed
+        self.policy = Policy(settings, initial=fixed, parallelism=parallelism, clock=clock)
+        self._seen_handed_out = cache.stats.handed_out
+        self._seen_waited = cache.stats.waited
+        self._pending_waits = 0
+        self.reason = ""
+        self.changes = 0
+        self._explain()
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.enabled
+
+    @property
+    def target(self) -> int:
+        return self.cache.target
+
+    def configure(self, settings: AutoscaleSettings, *, fixed: int, parallelism: int) -> None:
+        """A reload: new settings apply at once (autoscale switched off: vm_cache_number)."""
+        self.settings, self.fixed = settings, fixed
+        self.policy.configure(settings, parallelism=parallelism)
+        if not settings.enabled:
+            self.cache.resize(fixed)
+        self.step()
+        self._explain()
+
+    def _explain(self) -> None:
+        if self.settings.enabled:
+            return
+        target = self.cache.target
+        self.reason = (f"fixed: vm_cache_number = {self.fixed}" if target >= self.fixed else
+                       f"fixed: vm_cache_number = {self.fixed}; memory_budget_mib holds "
+                       f"{target}")
+
+    def _ready_seconds(self) -> float | None:
+        times = list(self.cache.stats.boot_times)[-16:]
+        return statistics.median(times) if times else None
+
+    def _budget_vms(self) -> int | None:
+        memory, budget = self.cache.vm_memory_mib, self.cache.memory_budget_mib
+        if budget is None or memory <= 0:
+            return None
+        return budget // memory
+
+    def step(self) -> Decision | None:
+        """Feed what happened since the last step to the policy; apply a new target."""
+        stats = self.cache.stats
+        arrived, waited = stats.handed_out - self._seen_handed_out, stats.waited - self._seen_waited
+        self._seen_handed_out, self._seen_waited = stats.handed_out, stats.waited
+        # A caller that waits is counted when it waits, and again when it is served: count
+        # it once, as soon as it asks.
+        fresh = max(0, arrived - self._pending_waits)
+        self._pending_waits = max(0, self._pending_waits - arrived) + waited
+        if waited:
+            self.policy.arrived(waited)
+        if fresh:
+            self.policy.arrived(fresh)
+        if waited:
+            self.policy.waited(waited)
+        if not self.settings.enabled:
+            self._explain()
+            return None
+        decision = self.policy.decide(ready_seconds=self._ready_seconds(),
+                                      budget_vms=self._budget_vms(),
+                                      ready_now=self.cache.ready_count)
+        if decision.target != self.cache.wanted:
+            log.info("pool target %d -> %d: %s", self.cache.wanted, decision.target,
+                     decision.reason)
+            self.changes += 1
+            self.cache.resize(decision.target)
+        self.reason = decision.reason
+        return decision
+
+    async def run(self) -> None:
+        """Step on every change of the pool (a wait is seen at once) and at least every
+        TICK seconds (shrinking is due on time)."""
+        while True:
+            changed = self.cache.change_event()
+            self.step()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), TICK)
