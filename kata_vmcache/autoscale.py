@@ -48,6 +48,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .config import AutoscaleSettings
 from .factory.cache import VMCache
 
 log = logging.getLogger(__name__)
@@ -68,20 +69,17 @@ TICK = 1.0
 
 
 @dataclass(frozen=True)
-class AutoscaleSettings:
-    """`[vmcache] autoscale`, `min_ready`, `max_ready`, `shrink_after` (config.py)."""
-
-    enabled: bool = False
-    min_ready: int = 1
-    max_ready: int = 16
-    #: Seconds without demand for them before surplus ready VMs are stopped.
-    shrink_after: float = 60.0
-
-
-@dataclass(frozen=True)
 class Decision:
     target: int
+    #: In words, with the numbers (logs, status, the TUI).
     reason: str
+    #: Which rule decided, one of REASON_KINDS (a metric label: no numbers in it).
+    kind: str = "fixed"
+
+
+#: Every `Decision.kind` (metrics export each, 1 for the current one).
+REASON_KINDS = ("fixed", "idle", "steady", "peak", "waited", "burst_expected", "held",
+                "min_ready", "max_ready", "memory_budget")
 
 
 @dataclass
@@ -161,30 +159,32 @@ class Policy:
         if period is not None:
             # Regular bursts are planned for: they do not hold VMs ready in between.
             arrivals = [t for t in arrivals if not self._in_burst(t)]
-        candidates: list[tuple[int, str]] = []
+        candidates: list[tuple[int, str, str]] = []
         # Steady demand: rate over the window seen so far (at least 10 s, so that the
         # first requests do not look like a flood), times the ready time, plus margin.
         if arrivals:
             span = max(10.0, min(horizon, now - arrivals[0]))
             expected = len(arrivals) / span * ready
             steady = math.ceil(expected + 2 * math.sqrt(expected)) + 1
-            candidates.append((steady, f"{len(arrivals) / span * 60:.1f} requests/min x "
+            candidates.append((steady, "steady", f"{len(arrivals) / span * 60:.1f} requests/min x "
                                        f"{ready:.1f} s to make a VM ready, plus margin"))
             peak = _peak(arrivals, ready)
-            candidates.append((peak, f"{peak} requests within {ready:.1f} s in the last "
+            candidates.append((peak, "peak", f"{peak} requests within {ready:.1f} s in the last "
                                      f"{horizon:.0f} s"))
         if now < self._raised[1] and period is None:
-            candidates.append((self._raised[0], "callers waited for a VM"))
+            candidates.append((self._raised[0], "waited", "callers waited for a VM"))
         if period is not None:
             expected_at, size = period
             lead = math.ceil(size / self.parallelism) * ready + ready
             if expected_at - lead <= now:
-                candidates.append((size, f"a burst of {size} expected in "
+                candidates.append((size, "burst_expected", f"a burst of {size} expected in "
                                          f"{max(0.0, expected_at - now):.0f} s (every "
                                          f"{self._interval():.0f} s)"))
-        demand, why = max(candidates, default=(0, "no recent requests"), key=lambda c: c[0])
+        demand, kind, why = max(candidates, default=(0, "idle", "no recent requests"),
+                                key=lambda c: c[0])
         bounded = max(s.min_ready, min(s.max_ready, demand))
         if bounded != demand:
+            kind = "min_ready" if bounded > demand else "max_ready"
             why = (f"{why}; min_ready = {s.min_ready}" if bounded > demand
                    else f"{why}; max_ready = {s.max_ready}")
         # Shrink slowly. Demand itself is held: arrivals count for shrink_after seconds,
@@ -204,12 +204,14 @@ class Policy:
                 why = (f"keeping {keep}: needed {now - since:.0f} s ago, stopped once idle "
                        f"{horizon:.0f} s")
             bounded = keep
+            kind = "held" if keep > demand else kind
         target = bounded
         if budget_vms is not None and budget_vms < target:
             target = max(0, budget_vms)
             why = f"{why}; memory_budget_mib holds {target}"
+            kind = "memory_budget"
         self.current = target
-        return Decision(target, why)
+        return Decision(target, why, kind)
 
     # bursts that recur
 
@@ -249,47 +251,53 @@ def _peak(times: list[float], window: float) -> int:
 
 
 class Autoscaler:
-    """Applies the policy to a pool, or with autoscale off, reports its fixed target."""
+    """Applies the policy to a pool; with autoscale off, only says the target is fixed.
+
+    Demand is read from the pool's own counters (CacheStats.handed_out and .waited), so the
+    pool needs no knowledge of this module: one step per change of the pool (a caller that
+    starts waiting is one), and one at least every TICK seconds."""
 
     def __init__(self, cache: VMCache, settings: AutoscaleSettings, *, fixed: int,
                  parallelism: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.cache = cache
         self.settings = settings
+        #: vm_cache_number: the fixed target, and autoscaling's starting one.
         self.fixed = fixed
         self.policy = Policy(settings, initial=fixed, parallelism=parallelism, clock=clock)
         self._seen_handed_out = cache.stats.handed_out
         self._seen_waited = cache.stats.waited
+        #: Callers counted when they started waiting, not yet served.
         self._pending_waits = 0
         self.reason = ""
+        self.kind = "fixed"
+        #: Changes of target made by autoscaling.
         self.changes = 0
-        self._explain()
+        self._explain_fixed()
 
     @property
     def enabled(self) -> bool:
         return self.settings.enabled
 
-    @property
-    def target(self) -> int:
-        return self.cache.target
-
     def configure(self, settings: AutoscaleSettings, *, fixed: int, parallelism: int) -> None:
-        """A reload: new settings apply at once (autoscale switched off: vm_cache_number)."""
+        """A reload: the new settings apply at once (autoscale off: vm_cache_number)."""
         self.settings, self.fixed = settings, fixed
         self.policy.configure(settings, parallelism=parallelism)
-        if not settings.enabled:
+        if not settings.enabled and self.cache.wanted != fixed:
             self.cache.resize(fixed)
         self.step()
-        self._explain()
 
-    def _explain(self) -> None:
-        if self.settings.enabled:
-            return
+    def _explain_fixed(self) -> None:
         target = self.cache.target
-        self.reason = (f"fixed: vm_cache_number = {self.fixed}" if target >= self.fixed else
-                       f"fixed: vm_cache_number = {self.fixed}; memory_budget_mib holds "
-                       f"{target}")
+        if target >= self.fixed:
+            self.reason, self.kind = f"fixed: vm_cache_number = {self.fixed}", "fixed"
+        else:
+            self.reason = (f"fixed: vm_cache_number = {self.fixed}; memory_budget_mib holds "
+                           f"{target}")
+            self.kind = "memory_budget"
 
     def _ready_seconds(self) -> float | None:
+        """The measured time to make a VM ready: the median of the latest boots (under
+        the same contention as the next ones: they ran while others booted too)."""
         times = list(self.cache.stats.boot_times)[-16:]
         return statistics.median(times) if times else None
 
@@ -300,22 +308,21 @@ class Autoscaler:
         return budget // memory
 
     def step(self) -> Decision | None:
-        """Feed what happened since the last step to the policy; apply a new target."""
+        """Feed what happened since the last step to the policy; apply a changed target."""
         stats = self.cache.stats
-        arrived, waited = stats.handed_out - self._seen_handed_out, stats.waited - self._seen_waited
+        arrived = stats.handed_out - self._seen_handed_out
+        waited = stats.waited - self._seen_waited
         self._seen_handed_out, self._seen_waited = stats.handed_out, stats.waited
-        # A caller that waits is counted when it waits, and again when it is served: count
-        # it once, as soon as it asks.
+        # A caller that waits is counted when it starts waiting (that is when the pool
+        # must grow), not again when it is served.
         fresh = max(0, arrived - self._pending_waits)
         self._pending_waits = max(0, self._pending_waits - arrived) + waited
-        if waited:
-            self.policy.arrived(waited)
-        if fresh:
-            self.policy.arrived(fresh)
+        if fresh + waited:
+            self.policy.arrived(fresh + waited)
         if waited:
             self.policy.waited(waited)
         if not self.settings.enabled:
-            self._explain()
+            self._explain_fixed()
             return None
         decision = self.policy.decide(ready_seconds=self._ready_seconds(),
                                       budget_vms=self._budget_vms(),
@@ -325,12 +332,12 @@ class Autoscaler:
                      decision.reason)
             self.changes += 1
             self.cache.resize(decision.target)
-        self.reason = decision.reason
+        self.reason, self.kind = decision.reason, decision.kind
         return decision
 
     async def run(self) -> None:
-        """Step on every change of the pool (a wait is seen at once) and at least every
-        TICK seconds (shrinking is due on time)."""
+        """Step on every change of the pool and at least every TICK seconds (shrinking is
+        due on time, not only on a change)."""
         while True:
             changed = self.cache.change_event()
             self.step()

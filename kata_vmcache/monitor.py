@@ -28,6 +28,7 @@ from typing import Protocol, cast
 import grpc
 
 from . import __version__
+from .autoscale import Autoscaler
 from .config import Config
 from .factory.cache import VMCache
 from .proto import vmcache_pb2, vmcache_pb2_grpc
@@ -56,8 +57,10 @@ class MonitorServicer(vmcache_pb2_grpc.MonitorServicer):
     def __init__(self, cache: VMCache, config: Config, *,
                  stopping: asyncio.Event, heartbeat: float = HEARTBEAT,
                  min_interval: float = MIN_INTERVAL,
-                 unclaimed: Sequence[Unclaimed] = ()) -> None:
+                 unclaimed: Sequence[Unclaimed] = (),
+                 autoscaler: Autoscaler | None = None) -> None:
         self.cache = cache
+        self.autoscaler = autoscaler
         #: What start-up's recovery left running for an operator (daemon.Unclaimed).
         self.unclaimed = [vmcache_pb2.UnclaimedVM(path=u.path, problem=u.problem, pid=u.pid)
                           for u in unclaimed]
@@ -113,6 +116,8 @@ class MonitorServicer(vmcache_pb2_grpc.MonitorServicer):
             memory_budget_mib=cache.memory_budget_mib or 0,
             memory_committed_mib=cache.committed_mib,
             unclaimed=self.unclaimed,
+            autoscale=self.autoscaler is not None and self.autoscaler.enabled,
+            target_reason=self.autoscaler.reason if self.autoscaler is not None else "",
             ready=cache.ready_count,
             booting=cache.booting_count,
             clients_waiting=cache.waiting_clients,

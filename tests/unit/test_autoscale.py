@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kata_vmcache.autoscale import AutoscaleSettings, Decision, Policy
+from kata_vmcache.autoscale import Decision, Policy
+from kata_vmcache.config import AutoscaleSettings
 
 
 class Clock:
