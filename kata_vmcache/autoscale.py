@@ -144,10 +144,11 @@ class Policy:
     # the decision
 
     def decide(self, *, ready_seconds: float | None, budget_vms: int | None,
-               ready_now: int = 0) -> Decision:
+               ready_now: int = 0, waiting: int = 0) -> Decision:
         """The target now. `ready_seconds`: the measured time to make a VM ready (None:
         not measured yet); `budget_vms`: how many VMs the memory budget holds (None: no
-        limit); `ready_now`: VMs ready in the pool (not stopped before their idle time)."""
+        limit); `ready_now`: VMs ready in the pool (not stopped before their idle time);
+        `waiting`: callers waiting for a VM now (no shrinking while there are any)."""
         now = self.clock()
         s = self.settings
         ready = ready_seconds if ready_seconds and ready_seconds > 0 else DEFAULT_READY_SECONDS
@@ -193,7 +194,11 @@ class Policy:
         # refilled beyond steady demand, but a ready VM is still kept for that idle time.
         held, since = self._held
         held = min(held, s.max_ready)  # a reload may have lowered the bound
-        if bounded > held or now - since >= horizon:
+        if waiting and bounded < held:
+            # A caller still waits (boots are slow): the level is still needed.
+            self._held = (held, now)
+            why, kind, bounded = f"keeping {held}: {waiting} waiting for a VM", "held", held
+        elif bounded > held or now - since >= horizon:
             if bounded < held and period is None:
                 why = f"{why} (no demand for {held} for {now - since:.0f} s)"
             self._held = (bounded, now if bounded != held else since)
@@ -326,7 +331,8 @@ class Autoscaler:
             return None
         decision = self.policy.decide(ready_seconds=self._ready_seconds(),
                                       budget_vms=self._budget_vms(),
-                                      ready_now=self.cache.ready_count)
+                                      ready_now=self.cache.ready_count,
+                                      waiting=self.cache.waiting_clients)
         if decision.target != self.cache.wanted:
             log.info("pool target %d -> %d: %s", self.cache.wanted, decision.target,
                      decision.reason)

@@ -28,8 +28,10 @@ def policy(clock: Clock, *, min_ready: int = 1, max_ready: int = 16,
                   initial=initial, parallelism=2, clock=clock)
 
 
-def decide(p: Policy, *, budget: int | None = None, ready_now: int = 0) -> Decision:
-    return p.decide(ready_seconds=READY, budget_vms=budget, ready_now=ready_now)
+def decide(p: Policy, *, budget: int | None = None, ready_now: int = 0,
+           waiting: int = 0) -> Decision:
+    return p.decide(ready_seconds=READY, budget_vms=budget, ready_now=ready_now,
+                    waiting=waiting)
 
 
 def test_starts_at_vm_cache_number_within_bounds() -> None:
@@ -200,3 +202,21 @@ def test_reconfigure_keeps_demand_and_applies_new_bounds() -> None:
     assert decide(p).target == 10
     p.configure(AutoscaleSettings(True, 1, 6, 30.0), parallelism=2)
     assert decide(p).target == 6
+
+
+def test_no_shrinking_while_callers_wait() -> None:
+    """Boots slower than shrink_after (a loaded host): the demand of callers still waiting
+    is not forgotten."""
+    clock = Clock()
+    p = policy(clock, shrink_after=8)
+    p.arrived(3)
+    p.waited(2)
+    assert decide(p, waiting=2).target >= 3
+    clock.advance(14)
+    d = decide(p, waiting=2)
+    assert d.target >= 3, d.reason
+    assert "waiting" in d.reason
+    clock.advance(1)
+    assert decide(p, waiting=0).target >= 3  # served just now: idle time starts now
+    clock.advance(8)
+    assert decide(p).target == 1
