@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 #: Until a boot has been measured: the time to make a VM ready (TCG boots the demo guest in
 #: about 2 s; a real guest under KVM in about 1 s), erring on the long side.
 DEFAULT_READY_SECONDS = 3.0
+#: The arrival rate is measured over this many seconds (at most shrink_after).
+RATE_WINDOW = 20.0
 #: Requests closer together than this belong to one burst.
 BURST_GAP = 1.0
 #: A burst: at least this many requests, each within BURST_GAP of the one before.
@@ -104,6 +106,7 @@ class Policy:
         #: The demand-driven target and when it was last needed at that level.
         self._held = (max(settings.min_ready, min(initial, settings.max_ready)), clock())
         self.current = self._held[0]
+        self._initial = True
 
     def configure(self, settings: AutoscaleSettings, *, parallelism: int) -> None:
         """New bounds or idle period (a reload): the demand seen so far is kept."""
@@ -147,7 +150,8 @@ class Policy:
                ready_now: int = 0, waiting: int = 0) -> Decision:
         """The target now. `ready_seconds`: the measured time to make a VM ready (None:
         not measured yet); `budget_vms`: how many VMs the memory budget holds (None: no
-        limit); `ready_now`: VMs ready in the pool (not stopped before their idle time);
+        limit); `ready_now`: VMs ready or booting for the pool (kept until idle as long as
+        shrink_after: a lower target stops refilling, not these);
         `waiting`: callers waiting for a VM now (no shrinking while there are any)."""
         now = self.clock()
         s = self.settings
@@ -161,14 +165,17 @@ class Policy:
             # Regular bursts are planned for: they do not hold VMs ready in between.
             arrivals = [t for t in arrivals if not self._in_burst(t)]
         candidates: list[tuple[int, str, str]] = []
-        # Steady demand: rate over the window seen so far (at least 10 s, so that the
-        # first requests do not look like a flood), times the ready time, plus margin.
-        if arrivals:
-            span = max(10.0, min(horizon, now - arrivals[0]))
-            expected = len(arrivals) / span * ready
+        # Steady demand: the rate over the last RATE_WINDOW seconds (or the time seen so
+        # far, at least 10 s, so that the first requests do not look like a flood), times
+        # the ready time, plus margin. The peak below holds a burst for longer.
+        recent = [t for t in arrivals if now - t <= RATE_WINDOW]
+        if recent:
+            span = max(10.0, min(RATE_WINDOW, now - recent[0]))
+            expected = len(recent) / span * ready
             steady = math.ceil(expected + 2 * math.sqrt(expected)) + 1
-            candidates.append((steady, "steady", f"{len(arrivals) / span * 60:.1f} requests/min x "
+            candidates.append((steady, "steady", f"{len(recent) / span * 60:.1f} requests/min x "
                                        f"{ready:.1f} s to make a VM ready, plus margin"))
+        if arrivals:
             peak = _peak(arrivals, ready)
             candidates.append((peak, "peak", f"{peak} requests within {ready:.1f} s in the last "
                                      f"{horizon:.0f} s"))
@@ -199,11 +206,14 @@ class Policy:
             self._held = (held, now)
             why, kind, bounded = f"keeping {held}: {waiting} waiting for a VM", "held", held
         elif bounded > held or now - since >= horizon:
+            self._initial = False
             if bounded < held and period is None:
                 why = f"{why} (no demand for {held} for {now - since:.0f} s)"
             self._held = (bounded, now if bounded != held else since)
         elif bounded < held:
-            keep = max(bounded, min(held, ready_now)) if period is not None else held
+            # Not refilled above demand, but not stopped before the idle period either
+            # (vm_cache_number, the starting target, is kept for that long as it is).
+            keep = held if self._initial else max(bounded, min(held, ready_now))
             self._held = (keep, since)
             if keep > bounded:
                 why = (f"keeping {keep}: needed {now - since:.0f} s ago, stopped once idle "
@@ -331,7 +341,8 @@ class Autoscaler:
             return None
         decision = self.policy.decide(ready_seconds=self._ready_seconds(),
                                       budget_vms=self._budget_vms(),
-                                      ready_now=self.cache.ready_count,
+                                      ready_now=self.cache.ready_count
+                                      + self.cache.booting_count,
                                       waiting=self.cache.waiting_clients)
         if decision.target != self.cache.wanted:
             log.info("pool target %d -> %d: %s", self.cache.wanted, decision.target,

@@ -217,6 +217,25 @@ def test_no_shrinking_while_callers_wait() -> None:
     assert d.target >= 3, d.reason
     assert "waiting" in d.reason
     clock.advance(1)
-    assert decide(p, waiting=0).target >= 3  # served just now: idle time starts now
+    # Served just now, the refill booting: the idle time starts now.
+    assert decide(p, waiting=0, ready_now=3).target >= 3
     clock.advance(8)
-    assert decide(p).target == 1
+    assert decide(p, ready_now=3).target == 1
+
+
+def test_a_lower_target_stops_refilling_at_once_but_stops_ready_vms_only_when_idle() -> None:
+    clock = Clock()
+    p = policy(clock, shrink_after=60)
+    for _ in range(30):  # one a second: 6 kept (see the steady test)
+        p.arrived()
+        clock.advance(1.0)
+        assert decide(p, ready_now=6).target <= 6
+    assert decide(p, ready_now=6).target == 6
+    clock.advance(25)  # the rate is forgotten after 20 s; the peak (2 in 2 s) is not
+    # Two were taken meanwhile: four are ready, not refilled to six, not stopped either.
+    d = decide(p, ready_now=4)
+    assert d.target == 4, d.reason
+    assert "keeping 4" in d.reason
+    assert decide(p, ready_now=3).target == 3
+    clock.advance(60)
+    assert decide(p, ready_now=3).target == 1  # idle for shrink_after: down to min_ready
