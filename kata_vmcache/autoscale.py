@@ -103,6 +103,10 @@ class Policy:
         self._bursts: collections.deque[_Burst] = collections.deque(maxlen=4)
         #: (target, until): the floor set by callers that waited.
         self._raised = (0, 0.0)
+        #: Waits told by waited() since the last decision; the target when the current
+        #: episode of callers waiting began (None: nobody waits).
+        self._waits = 0
+        self._episode: int | None = None
         #: The demand-driven target and when it was last needed at that level.
         self._held = (max(settings.min_ready, min(initial, settings.max_ready)), clock())
         self.current = self._held[0]
@@ -139,10 +143,28 @@ class Policy:
                 self._bursts.append(_Burst(first, cluster, now))
 
     def waited(self, count: int = 1) -> None:
-        """`count` callers found no ready VM: the target was too small by at least that."""
-        now = self.clock()
-        floor = max(self._raised[0] if now < self._raised[1] else 0, self.current) + count
-        self._raised = (floor, now + self.settings.shrink_after)
+        """`count` callers found no ready VM (they may be served before the next decision:
+        they count as waiting then all the same)."""
+        self._waits += count
+
+    def _callers_waited(self, now: float, waiting: int) -> None:
+        """Callers waiting: the target was too small by that many. An episode of waiting
+        raises the floor to the target it began with plus the most callers waiting at
+        once, not by one more per caller: with boots slower than arrivals no target
+        helps, and the pool must not ratchet up to max_ready for nothing."""
+        waiting = max(waiting, self._waits)
+        self._waits = 0
+        if not waiting:
+            self._episode = None
+            return
+        if self._episode is None:
+            self._episode = self.current
+        floor = self._episode + waiting
+        if now >= self._raised[1] or floor > self._raised[0]:
+            self._raised = (max(floor, self._raised[0] if now < self._raised[1] else 0),
+                            now + self.settings.shrink_after)
+        else:
+            self._raised = (self._raised[0], now + self.settings.shrink_after)
 
     # the decision
 
@@ -159,6 +181,7 @@ class Policy:
         horizon = s.shrink_after
         while self._arrivals and now - self._arrivals[0] > horizon:
             self._arrivals.popleft()
+        self._callers_waited(now, waiting)
         period = self._period()
         arrivals = list(self._arrivals)
         if period is not None:

@@ -215,7 +215,7 @@ def test_no_shrinking_while_callers_wait() -> None:
     clock.advance(14)
     d = decide(p, waiting=2)
     assert d.target >= 3, d.reason
-    assert "waiting" in d.reason
+    assert "wait" in d.reason
     clock.advance(1)
     # Served just now, the refill booting: the idle time starts now.
     assert decide(p, waiting=0, ready_now=3).target >= 3
@@ -239,3 +239,24 @@ def test_a_lower_target_stops_refilling_at_once_but_stops_ready_vms_only_when_id
     assert decide(p, ready_now=3).target == 3
     clock.advance(60)
     assert decide(p, ready_now=3).target == 1  # idle for shrink_after: down to min_ready
+
+
+def test_callers_waiting_on_slow_boots_do_not_ratchet_the_target_up() -> None:
+    """Boots slower than arrivals: a caller waits at every step. The target grows by the
+    most waiting at once, not by one per caller, to max_ready."""
+    clock = Clock()
+    p = policy(clock, initial=4, max_ready=16, shrink_after=60)
+    assert decide(p, ready_now=4).target == 4
+    for _ in range(30):
+        p.waited()
+        clock.advance(1)
+        d = decide(p, waiting=1, ready_now=4)
+    assert d.target <= 6, d.reason
+
+
+def test_a_burst_of_waiting_callers_grows_by_all_of_them() -> None:
+    clock = Clock()
+    p = policy(clock, initial=2)
+    p.arrived(10)
+    p.waited(8)
+    assert decide(p, waiting=8).target >= 10
