@@ -58,10 +58,10 @@ log = logging.getLogger(__name__)
 DEFAULT_READY_SECONDS = 3.0
 #: The arrival rate is measured over this many seconds (at most shrink_after).
 RATE_WINDOW = 20.0
-#: Requests closer together than this belong to one burst.
+#: Requests within this many seconds of each other belong to one burst.
 BURST_GAP = 1.0
-#: A burst: at least this many requests, each within BURST_GAP of the one before.
-BURST_MIN = 3
+#: A burst: at least this many requests within BURST_GAP.
+BURST_MIN = 4
 #: Bursts recur "regularly" when the latest interval is within this share of the one
 #: before; a predicted burst later than this share of its interval is not coming.
 PERIOD_TOLERANCE = 0.25
@@ -107,6 +107,7 @@ class Policy:
         #: episode of callers waiting began (None: nobody waits).
         self._waits = 0
         self._episode: int | None = None
+        self._ready = DEFAULT_READY_SECONDS
         #: The demand-driven target and when it was last needed at that level.
         self._held = (max(settings.min_ready, min(initial, settings.max_ready)), clock())
         self.current = self._held[0]
@@ -129,18 +130,11 @@ class Policy:
             burst.size += count
             burst.last = now
             return
-        # A new cluster: it is a burst once it has BURST_MIN requests (counted back from
-        # the arrivals, so a burst that builds up over several calls is recognised).
-        recent = [t for t in self._arrivals if now - t <= BURST_GAP * BURST_MIN]
-        cluster = 1
-        for earlier, later in zip(reversed(recent[:-1]), reversed(recent[1:]), strict=True):
-            if later - earlier > BURST_GAP:
-                break
-            cluster += 1
-        if cluster >= BURST_MIN:
-            first = recent[-cluster]
-            if burst is None or first > burst.last:
-                self._bursts.append(_Burst(first, cluster, now))
+        # A burst: BURST_MIN requests or more within BURST_GAP (a steady stream, even a
+        # fast one, rarely has that many so close together).
+        close = [t for t in self._arrivals if now - t <= BURST_GAP]
+        if len(close) >= BURST_MIN and (burst is None or close[0] > burst.last):
+            self._bursts.append(_Burst(close[0], len(close), now))
 
     def waited(self, count: int = 1) -> None:
         """`count` callers found no ready VM (they may be served before the next decision:
@@ -159,6 +153,10 @@ class Policy:
             return
         if self._episode is None:
             self._episode = self.current
+            if self._period() is not None and not self._in_lead(now):
+                # Callers waited outside a planned burst: the plan is wrong (bursts that
+                # looked regular were not), so forget it and hold demand again.
+                self._bursts.clear()
         floor = self._episode + waiting
         if now >= self._raised[1] or floor > self._raised[0]:
             self._raised = (max(floor, self._raised[0] if now < self._raised[1] else 0),
@@ -178,6 +176,7 @@ class Policy:
         now = self.clock()
         s = self.settings
         ready = ready_seconds if ready_seconds and ready_seconds > 0 else DEFAULT_READY_SECONDS
+        self._ready = ready
         horizon = s.shrink_after
         while self._arrivals and now - self._arrivals[0] > horizon:
             self._arrivals.popleft()
@@ -273,6 +272,16 @@ class Policy:
         if self.clock() > expected + PERIOD_TOLERANCE * interval:
             return None  # it did not come: plan for nothing, hold what demand says
         return expected, max(x.size for x in b[-3:])
+
+    def _in_lead(self, now: float) -> bool:
+        """Within a planned burst's lead time (or the burst itself)."""
+        period = self._period()
+        if period is None:
+            return False
+        expected_at, size = period
+        lead = math.ceil(size / self.parallelism) * self._ready + self._ready
+        return now >= expected_at - lead or bool(self._bursts
+                                                 and now - self._bursts[-1].last <= BURST_GAP)
 
     def _in_burst(self, t: float) -> bool:
         return any(x.start <= t <= x.last for x in self._bursts)

@@ -260,3 +260,31 @@ def test_a_burst_of_waiting_callers_grows_by_all_of_them() -> None:
     p.arrived(10)
     p.waited(8)
     assert decide(p, waiting=8).target >= 10
+
+
+def test_callers_waiting_outside_a_planned_burst_end_the_plan() -> None:
+    clock = Clock()
+    p = policy(clock, shrink_after=60)
+    p.arrived(10)
+    decide(p)
+    clock.advance(45)
+    p.arrived(10)
+    assert decide(p, ready_now=0).target < 10  # planned: not held
+    clock.advance(5)
+    p.arrived()
+    p.waited()
+    d = decide(p, waiting=1)
+    # The plan is dropped: the bursts' peak holds the pool again.
+    assert d.target >= 10, d.reason
+    assert "expected" not in d.reason
+
+
+def test_a_fast_steady_stream_is_not_taken_for_bursts() -> None:
+    clock = Clock()
+    p = policy(clock, shrink_after=60)
+    for i in range(120):  # 1.2 a second, evenly: never 4 within a second
+        p.arrived()
+        clock.advance(1 / 1.2)
+        if i % 10 == 0:
+            decide(p)
+    assert p._period() is None
