@@ -189,8 +189,8 @@ class Policy:
         candidates: list[tuple[int, str, str]] = []
         # Steady demand: the rate over the last RATE_WINDOW seconds (or the time seen so
         # far, at least 10 s, so that the first requests do not look like a flood), times
-        # the ready time, plus margin. The peak below holds a burst for longer.
-        recent = [t for t in arrivals if now - t <= RATE_WINDOW]
+        # the ready time, plus margin. Bursts are not a rate: the peak below covers them.
+        recent = [t for t in arrivals if now - t <= RATE_WINDOW and not self._in_burst(t)]
         if recent:
             span = max(10.0, min(RATE_WINDOW, now - recent[0]))
             expected = len(recent) / span * ready
