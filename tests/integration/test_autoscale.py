@@ -40,7 +40,7 @@ def test_burst_grows_the_pool_and_idle_shrinks_it(
     snap = snapshot(d)
     assert 3 <= snap["target"] <= 4, snap  # max_ready = 4
     assert snap["target_reason"], snap
-    assert f"pool target 1 -> {snap['target']}: " in d.log()
+    assert "pool target 1 -> " in d.log()
     # The growth is booted, not only decided.
     wait_for(lambda: (s := snapshot(d))["ready"] + s["booting"] >= 3, 10, "the pool to grow")
 
