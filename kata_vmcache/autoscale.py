@@ -19,21 +19,27 @@ The policy, in order of precedence (the first rules win over the later):
 1. the memory budget: never more VMs than `memory_budget_mib` holds;
 2. the bounds: `min_ready <= target <= max_ready`;
 3. demand, the largest of:
-   - steady demand: the recent arrival rate times the time to make a VM ready, plus a
-     Poisson margin (two standard deviations) and one VM, so that a steady stream of
-     requests finds a VM ready while the ones it took are being replaced;
+   - steady demand: the arrival rate over the last RATE_WINDOW seconds (requests outside
+     bursts) times the time to make a VM ready, plus a Poisson margin (two standard
+     deviations) and one VM, so that a steady stream of requests finds a VM ready while
+     the ones it took are being replaced;
    - the peak: the most requests that arrived within one ready time, over the last
      `shrink_after` seconds (a burst is covered for that long after it happened);
-   - after callers waited: the target they found plus the number that waited, held for
-     `shrink_after` seconds ("grow at once when callers wait");
-   - an expected burst: when bursts recur at a regular interval (two bursts so far, the
-     latest interval within a quarter of the one before, if any), the pool is grown to the
-     burst's size just in time for the next one (the time to boot that many VMs, plus one
-     ready time) instead of holding them ready all the way between bursts.
-     A burst that does not come when expected ends the prediction.
+   - after callers waited: the target they found plus the most callers waiting at once,
+     held for `shrink_after` seconds ("grow at once when callers wait"; one more per
+     caller would ratchet the pool up to max_ready whenever boots are slower than
+     arrivals, where no target helps);
+   - an expected burst (BURST_MIN requests or more within BURST_GAP): when bursts recur
+     at a regular interval (two bursts so far, the latest interval within a quarter of
+     the one before, if any), the pool is grown to the burst's size just in time for the
+     next one (the time to boot that many VMs at `boot_parallelism`, plus one ready time)
+     instead of holding them ready all the way between bursts. A burst that does not
+     come when expected, or callers waiting outside a planned burst, end the plan.
 
-Growth is applied at once; a lower target only once nothing above it has been needed for
-`shrink_after` seconds, so a surplus ready VM is stopped only after that idle period.
+Growth is applied at once. A lower target stops refilling at once, but the VMs ready or
+booting are kept until the higher target has not been needed for `shrink_after` seconds
+(the starting target, vm_cache_number, too): a surplus ready VM is stopped only after that
+idle period, and never while callers wait.
 """
 
 from __future__ import annotations
