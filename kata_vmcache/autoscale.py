@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import math
 import statistics
@@ -325,6 +324,7 @@ class Autoscaler:
         self.kind = "fixed"
         #: Changes of target made by autoscaling.
         self.changes = 0
+        self._kick = asyncio.Event()
         self._explain_fixed()
 
     @property
@@ -338,6 +338,7 @@ class Autoscaler:
         if not settings.enabled and self.cache.wanted != fixed:
             self.cache.resize(fixed)
         self.step()
+        self._kick.set()
 
     def _explain_fixed(self) -> None:
         target = self.cache.target
@@ -395,6 +396,15 @@ class Autoscaler:
         due on time, not only on a change)."""
         while True:
             changed = self.cache.change_event()
+            self._kick.clear()
             self.step()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), TICK)
+            # Off, nothing is due on time: no tick (a full, quiet cache stays near 0% CPU);
+            # a reload that turns it on kicks the loop.
+            waits = {asyncio.ensure_future(changed.wait()),
+                     asyncio.ensure_future(self._kick.wait())}
+            try:
+                await asyncio.wait(waits, timeout=TICK if self.enabled else None,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()

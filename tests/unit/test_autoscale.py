@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+from pathlib import Path
 
-from kata_vmcache.autoscale import Decision, Policy
+import pytest
+from test_cache import fake_pool, until
+
+from kata_vmcache.autoscale import Autoscaler, Decision, Policy
 from kata_vmcache.config import AutoscaleSettings
 
 
@@ -288,3 +292,40 @@ def test_a_fast_steady_stream_is_not_taken_for_bursts() -> None:
         if i % 10 == 0:
             decide(p)
     assert p._period() is None
+
+
+# The driver on a pool of fake VMs (tests/unit/test_cache.py): real asyncio, the policy's
+# clock simulated.
+
+
+@pytest.mark.asyncio
+async def test_the_driver_grows_the_pool_on_waits_and_shrinks_it_when_idle(
+        tmp_path: Path) -> None:
+    clock = Clock()
+    async with fake_pool(tmp_path, 2) as (cache, factory):
+        await until(cache, lambda: cache.ready_count == 2)
+        scaler = Autoscaler(cache, AutoscaleSettings(True, 1, 8, 30.0), fixed=2,
+                            parallelism=2, clock=clock)
+        driver = asyncio.create_task(scaler.run())
+        try:
+            factory.gate = asyncio.Event()  # boots hang: the third and fourth callers wait
+            takers = [asyncio.create_task(cache.hand_off()) for _ in range(4)]
+            await until(cache, lambda: cache.waiting_clients == 2)
+            await until(cache, lambda: cache.wanted >= 4)
+            assert scaler.kind in ("waited", "peak", "steady")
+            assert scaler.reason
+            factory.gate.set()
+            factory.gate = None
+            await asyncio.gather(*takers)
+            await until(cache, lambda: cache.ready_count == cache.wanted >= 4)
+            clock.advance(31)  # idle for shrink_after: within a TICK, down to min_ready
+            await until(cache, lambda: cache.wanted == 1 and cache.ready_count == 1)
+            assert "min_ready" in scaler.reason
+            assert scaler.changes >= 2
+            # Reload: autoscale off, vm_cache_number is the fixed target again.
+            scaler.configure(AutoscaleSettings(False, 1, 8, 30.0), fixed=3, parallelism=2)
+            await until(cache, lambda: cache.ready_count == 3)
+            assert (scaler.kind, scaler.reason) == ("fixed", "fixed: vm_cache_number = 3")
+        finally:
+            driver.cancel()
+            await asyncio.gather(driver, return_exceptions=True)
