@@ -112,7 +112,9 @@ class MonitorServicer(vmcache_pb2_grpc.MonitorServicer):
                 config_path=str(self.config.source or ""),
             ),
             target=cache.target,
-            vm_cache_number=cache.wanted,
+            # The configured one (autoscaling's starting target), not what it made of it.
+            vm_cache_number=(self.autoscaler.fixed if self.autoscaler is not None
+                             else cache.wanted),
             memory_budget_mib=cache.memory_budget_mib or 0,
             memory_committed_mib=cache.committed_mib,
             unclaimed=self.unclaimed,
