@@ -113,10 +113,12 @@ class Bench:
         self.samples = samples
         self.out = out
         # The daemon's state (VM records, QMP sockets) lives in /run on a real host: a
-        # tmpfs. Measure on one too when the machine has it (here /run is not one).
-        shm = Path("/dev/shm")
+        # tmpfs. Measure on one too when the machine has it (here /run is not one), but not
+        # /dev/shm: the configuration refuses paths under /dev (config.py).
+        run = Path(os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}"))
         self.tmp = Path(tempfile.mkdtemp(prefix="kvc-bench-",
-                                         dir=shm if mount_type(shm) == "tmpfs" else None))
+                                         dir=run if mount_type(run) == "tmpfs"
+                                         and os.access(run, os.W_OK) else None))
         self.taken: list[dict[str, Any]] = []
         self.daemon: subprocess.Popen[bytes] | None = None
         self.raw: dict[str, list[float]] = {}
@@ -135,6 +137,11 @@ class Bench:
                                              state_dir=self.state, cache_number=CACHE,
                                              accelerator=build.accelerator))
         self.start_daemon(self.config, self.tmp / "daemon.log")
+
+    def start_pool_only(self) -> None:
+        """The paths the pool runs use, without the first daemon."""
+        self.endpoint = self.tmp / "cache.sock"
+        self.state = self.tmp / "state"
 
     def start_daemon(self, config: Path, log_path: Path) -> None:
         self.daemon_log = open(log_path, "wb")  # noqa: SIM115
@@ -263,6 +270,8 @@ class Bench:
         status = json.loads(subprocess.run([*CLI, "--config", str(config), "status", "--json"],
                                            capture_output=True, check=True).stdout)
         pss = smaps_kb(vm["pid"], "Pss") / 1024
+        refill = self.refill()  # each refill VM a clone
+        log(f"templating: refill {refill:.0f} VMs per minute")
         self.stop_daemon()
         clones = boot_seconds(self.tmp / "template-daemon.log")
         self.raw["template_clone_ms"] = [t * 1000 for t in clones]
@@ -272,7 +281,43 @@ class Bench:
             "direct_boot_ms": statistics.median(cold) * 1000 if cold else float("nan"),
             "template_vm_pss_mib": pss,
             "template_mib": (status["template"]["bytes"] or 0) / 2**20,
+            "template_refill_vms_per_min": refill,
         }
+
+    def pool_policies(self, trace_names: list[str],
+                      policy_names: list[str]) -> tuple[list[dict[str, Any]], list[Any]]:
+        """bench/pool.py: each policy against each trace, on a daemon of its own."""
+        import pool
+
+        from kata_vmcache.demo_guest import build_demo, render_config
+
+        if self.daemon is not None:
+            self.stop_daemon()
+        build = build_demo(ROOT / ".demo")
+        traces = pool.traces()
+        rows: list[dict[str, Any]] = []
+        runs: list[Any] = []
+        for name in trace_names:
+            for policy in policy_names:
+                ours = dict(pool.POLICIES[policy])
+                number = int(ours.pop("cache_number"))  # type: ignore[call-overload]
+                config = self.tmp / f"pool-{policy}-{name}.toml"
+                config.write_text(render_config(build.guest, endpoint=self.endpoint,
+                                                state_dir=self.state, cache_number=number,
+                                                accelerator=build.accelerator, **ours))
+                self.start_daemon(config, self.tmp / f"pool-{policy}-{name}.log")
+                wait_for(lambda n=number: len(self.ready()) >= n, 300,  # type: ignore[misc]
+                         f"{number} ready VMs")
+                run = pool.Run(policy, traces[name])
+                asyncio.run(pool.replay(self.endpoint, run, stop_vm))
+                self.stop_daemon()
+                figures = run.figures()
+                rows.append(figures)
+                runs.append(run)
+                log(f"pool: {name} / {policy}: miss {figures['miss_rate']:.0%}, p50 "
+                    f"{figures['p50_ms']:.0f} ms, p99 {figures['p99_ms']:.0f} ms, idle "
+                    f"{figures['idle_vm_seconds']:.0f} VM-s")
+        return rows, runs
 
     def to_guest(self, rounds: int = 5) -> tuple[list[float], list[float]]:
         cached: list[float] = []
@@ -372,9 +417,28 @@ def main() -> int:
                         help="hand-off and floor only, printed, nothing written (for development)")
     parser.add_argument("--no-template", action="store_true",
                         help="skip the templating phase (about 30 s)")
+    parser.add_argument("--pool-only", action="store_true",
+                        help="only the pool policies (bench/pool.py), merged into the "
+                             "existing latest.json")
+    parser.add_argument("--traces", default="steady,bursts,ramp",
+                        help="pool traces to replay (default: steady,bursts,ramp)")
+    parser.add_argument("--policies", default="fixed-2,fixed-8,autoscale",
+                        help="pool policies to compare (default: fixed-2,fixed-8,autoscale)")
+    parser.add_argument("--no-pool", action="store_true",
+                        help="skip the pool policies (about 15 minutes)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(args.samples, args.out)
+    trace_names = [t for t in args.traces.split(",") if t]
+    policy_names = [p for p in args.policies.split(",") if p]
+    if args.pool_only:
+        try:
+            bench.start_pool_only()
+            rows, runs = bench.pool_policies(trace_names, policy_names)
+        finally:
+            bench.stop()
+        write_pool(args.out, rows, runs)
+        return 0
     if args.quick:
         try:
             bench.start()
@@ -406,6 +470,11 @@ def main() -> int:
         if not args.no_template:
             log("phase: templating (clone time, clone PSS)")
             template = bench.template()
+        rows: list[dict[str, Any]] = []
+        runs: list[Any] = []
+        if not args.no_pool:
+            log("phase: pool policies against arrival traces")
+            rows, runs = bench.pool_policies(trace_names, policy_names)
     finally:
         bench.stop()
     from kata_vmcache.config import load
@@ -449,7 +518,31 @@ def main() -> int:
     (args.out / "latest.md").write_text(render_markdown(result))
     chart(raw, args.out / "latency.png")
     print(render_markdown(result))
+    if rows:
+        write_pool(args.out, rows, runs)
     return 0
+
+
+def write_pool(out: Path, rows: list[dict[str, Any]], runs: list[Any]) -> None:
+    """The pool policies into latest.json ("pool_policies", "pool_verdict"), a table in
+    pool.md and one chart per trace (pool-<trace>.png)."""
+    import pool
+
+    path = out / "latest.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result["pool_policies"] = rows
+    result["pool_verdict"] = pool.verdict(rows)
+    result["pool_traces"] = {t.name: t.about for t in {r.trace.name: r.trace
+                                                         for r in runs}.values()}
+    if "template_refill_vms_per_min" in result:
+        result["pool_template_refill_vms_per_min"] = result["template_refill_vms_per_min"]
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    (out / "pool.md").write_text(pool.markdown(rows))
+    for name in dict.fromkeys(r.trace.name for r in runs):
+        pool.chart(next(r.trace for r in runs if r.trace.name == name),
+                   [r for r in runs if r.trace.name == name], out / f"pool-{name}.png")
+    print(pool.markdown(rows))
+    print(json.dumps(result["pool_verdict"], indent=2))
 
 
 if __name__ == "__main__":

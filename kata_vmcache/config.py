@@ -117,7 +117,7 @@ OUR_KEYS = frozenset(
     """
     accelerator ready_timeout state_dir boot_parallelism stop_timeout ready_probe ready_line
     max_memory socket_mode socket_group log_format vm_storage_path guest_agent kata_version
-    memory_budget_mib metrics_address
+    memory_budget_mib metrics_address autoscale min_ready max_ready shrink_after
     """.split()
 )
 KATA_FACTORY_KEYS = frozenset(
@@ -230,6 +230,19 @@ class FactorySettings:
 
 
 @dataclass(frozen=True)
+class AutoscaleSettings:
+    """`[vmcache] autoscale`, `min_ready`, `max_ready`, `shrink_after` (autoscale.py)."""
+
+    #: Size the pool from demand; false: vm_cache_number is the fixed target (Kata's way).
+    enabled: bool = False
+    #: Bounds of the target while autoscaling (the memory budget still wins).
+    min_ready: int = 1
+    max_ready: int = 16
+    #: Seconds without demand for them before surplus ready VMs are stopped.
+    shrink_after: float = 60.0
+
+
+@dataclass(frozen=True)
 class DaemonSettings:
     """`[vmcache]`: what Kata has no key for. Documented in etc/configuration.toml."""
 
@@ -275,6 +288,8 @@ class DaemonSettings:
     kata_version_origin: str = "detected: no [proxy.*] or [shim.*] table"
     #: "host:port" serving Prometheus's /metrics (metrics.py); "" serves none.
     metrics_address: str = ""
+    #: The pool's target from demand (autoscale.py); off by default.
+    autoscale: AutoscaleSettings = AutoscaleSettings()
 
 
 @dataclass(frozen=True)
@@ -656,6 +671,7 @@ class _Validator:
             except ValueError as exc:
                 self.problem(f"{p}.metrics_address", f"{exc} (got {metrics!r}, expected "
                              '"host:port" like "127.0.0.1:9464" or "[::1]:9464", or "")')
+        autoscale = self.autoscale(t, p)
         if state_dir is None or vm_storage is None:
             return None
         return DaemonSettings(
@@ -676,7 +692,22 @@ class _Validator:
             kata_version=version,
             kata_version_origin=origin,
             metrics_address=metrics,
+            autoscale=autoscale,
         )
+
+    def autoscale(self, t: Mapping[str, Any], p: str) -> AutoscaleSettings:
+        d = AutoscaleSettings()
+        enabled = self.get(t, f"{p}.autoscale", bool, d.enabled, "true or false")
+        least = self.get(t, f"{p}.min_ready", int, d.min_ready, "an integer from 1 to 256")
+        most = self.get(t, f"{p}.max_ready", int, d.max_ready, "an integer from 1 to 256")
+        for key, value in ((f"{p}.min_ready", least), (f"{p}.max_ready", most)):
+            if not 1 <= value <= 256:
+                self.problem(key, f"out of range (got {value}, expected 1 to 256)")
+        if 1 <= most < least <= 256:
+            self.problem(f"{p}.max_ready", f"below min_ready (got {most}, expected at least "
+                                           f"min_ready = {least})")
+        idle = self.seconds(t, f"{p}.shrink_after", d.shrink_after, 1, 86400)
+        return AutoscaleSettings(enabled, least, most, idle)
 
     def ready_probe(self, t: Mapping[str, Any], key: str, agent: str) -> Any:
         default = "kata-agent" if agent == "kata" else "serial"
@@ -881,7 +912,14 @@ def describe(config: Config) -> Iterator[tuple[str, str]]:
         for name in obj.__dataclass_fields__:  # type: ignore[attr-defined]
             if name == "kata_version_origin":
                 continue  # how kata_version was chosen, not a setting (check-config shows it)
-            yield f"{prefix}.{name}", fmt(name, getattr(obj, name))
+            value = getattr(obj, name)
+            if isinstance(value, AutoscaleSettings):  # its keys are [vmcache]'s own
+                yield f"{prefix}.autoscale", fmt(name, value.enabled)
+                yield f"{prefix}.min_ready", str(value.min_ready)
+                yield f"{prefix}.max_ready", str(value.max_ready)
+                yield f"{prefix}.shrink_after", f"{value.shrink_after:g}"
+                continue
+            yield f"{prefix}.{name}", fmt(name, value)
 
     def plain(name: str, value: Any) -> str:
         if value is None:

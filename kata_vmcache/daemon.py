@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import preflight
+from .autoscale import Autoscaler
 from .config import Config
 from .errors import EndpointInUse, UsageError
 from .factory import Factory
@@ -252,11 +253,14 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
                         parallelism=config.daemon.boot_parallelism,
                         stop_timeout=config.daemon.stop_timeout,
                         memory_budget_mib=config.memory_budget_mib)
+        autoscaler = Autoscaler(cache, config.daemon.autoscale,
+                                fixed=config.factory.vm_cache_number,
+                                parallelism=config.daemon.boot_parallelism)
         servicer = CacheServicer(cache, config, shutdown.set)
         monitor = MonitorServicer(cache, config, stopping=shutdown,
-                                  unclaimed=recovered.unclaimed)
+                                  unclaimed=recovered.unclaimed, autoscaler=autoscaler)
         if config.daemon.metrics_address:
-            metrics = MetricsServer(registry_for(cache, config))
+            metrics = MetricsServer(registry_for(cache, config, autoscaler))
             await metrics.start(config.daemon.metrics_address)
         server = await start_server(config, servicer, monitor)
         log.info("serving %d %s VMs (%d vCPU, %d MiB) on %s", cache.target,
@@ -264,7 +268,8 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
                  endpoint)
         if note := config.budget_note():
             log.warning("%s", note)
-        duties = _service_duties(config, cache, servicer, notifier, reload_requested)
+        duties = _service_duties(config, cache, servicer, notifier, reload_requested,
+                                 autoscaler)
         pool = asyncio.create_task(cache.run(), name="vm-pool")
         stop = asyncio.create_task(shutdown.wait(), name="shutdown")
         try:
@@ -308,18 +313,19 @@ def make_factory(config: Config) -> Factory:
 
 
 def _service_duties(config: Config, cache: VMCache, servicer: CacheServicer,
-                    notifier: Notifier,
-                    reload_requested: asyncio.Event) -> set[asyncio.Task[None]]:
-    """Once the socket serves: READY=1, the STATUS= line, reloads on SIGHUP, and the
-    watch for running out of file descriptors."""
+                    notifier: Notifier, reload_requested: asyncio.Event,
+                    autoscaler: Autoscaler) -> set[asyncio.Task[None]]:
+    """Once the socket serves: READY=1, the STATUS= line, reloads on SIGHUP, the watch
+    for running out of file descriptors, and the pool's autoscaling."""
     reloader = Reloader(config, cache=cache, servicer=servicer, notifier=notifier,
-                        factory_for=make_factory)
+                        factory_for=make_factory, autoscaler=autoscaler)
     reloader.started()
     line = status_line(cache)
     notifier.ready(line)
     return {asyncio.create_task(publish_status(notifier, cache, sent=line), name="status"),
             asyncio.create_task(reloader.run(reload_requested), name="reload"),
-            asyncio.create_task(DescriptorWatch(cache.retry_now).run(), name="fds")}
+            asyncio.create_task(DescriptorWatch(cache.retry_now).run(), name="fds"),
+            asyncio.create_task(autoscaler.run(), name="autoscale")}
 
 
 async def _cancel(tasks: set[asyncio.Task[None]]) -> None:

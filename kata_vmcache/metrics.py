@@ -39,6 +39,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .autoscale import REASON_KINDS, Autoscaler
 from .config import Config, split_address
 from .errors import UsageError
 from .factory.activity import FAILURE_CLASSES, Histogram
@@ -81,9 +82,11 @@ def _resident_bytes(pid: int) -> int:
 class CacheCollector(Collector):
     """The cache's metrics, built from its current state at each scrape."""
 
-    def __init__(self, cache: VMCache, config: Config) -> None:
+    def __init__(self, cache: VMCache, config: Config,
+                 autoscaler: Autoscaler | None = None) -> None:
         self.cache = cache
         self.config = config
+        self.autoscaler = autoscaler
 
     def collect(self) -> Iterator[Metric]:
         cache, stats, p = self.cache, self.cache.stats, PREFIX
@@ -104,6 +107,21 @@ class CacheCollector(Collector):
         yield gauge("target_vms", "VMs the pool keeps ready (vm_cache_number, or fewer if "
                     "the memory budget holds fewer)", cache.target)
         yield gauge("waiting_clients", "Callers waiting for a VM", cache.waiting_clients)
+        yield counter("waited_requests", "Callers that found no ready VM and waited for one "
+                      "(the pool's misses)", stats.waited)
+        scaler = self.autoscaler
+        if scaler is not None:
+            yield gauge("autoscale_enabled", "1 when the pool sizes itself ([vmcache] "
+                        "autoscale), 0 when vm_cache_number is its fixed target",
+                        int(scaler.enabled))
+            rule = GaugeMetricFamily(f"{p}_target_reason", "Which rule set the target "
+                                       "(1 for the current one; status --json says it in "
+                                       "words)", labels=["reason"])
+            for kind in REASON_KINDS:
+                rule.add_metric([kind], int(kind == scaler.kind))
+            yield rule
+            yield counter("target_changes", "Changes of the target made by autoscaling",
+                          scaler.changes)
         yield counter("handoffs", "VMs handed out to a caller", stats.handed_out)
         takebacks = CounterMetricFamily(f"{p}_takebacks", "Hand-offs whose reply was not "
                                         "written, undone: the VM back in the pool, or stopped "
@@ -139,11 +157,12 @@ class CacheCollector(Collector):
                         budget)
 
 
-def registry_for(cache: VMCache, config: Config) -> CollectorRegistry:
+def registry_for(cache: VMCache, config: Config,
+                 autoscaler: Autoscaler | None = None) -> CollectorRegistry:
     """A registry of our own (not prometheus_client's global one): the cache's metrics and
     this process's."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(CacheCollector(cache, config))
+    registry.register(CacheCollector(cache, config, autoscaler))
     ProcessCollector(registry=registry)
     return registry
 

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from . import __version__
+from .autoscale import Autoscaler
 from .config import Config
 from .factory.cache import VMCache
 from .proto import vmcache_pb2, vmcache_pb2_grpc
@@ -44,8 +45,10 @@ class MonitorServicer(vmcache_pb2_grpc.MonitorServicer):
     def __init__(self, cache: VMCache, config: Config, *,
                  stopping: asyncio.Event, heartbeat: float = HEARTBEAT,
                  min_interval: float = MIN_INTERVAL,
-                 unclaimed: Sequence[Unclaimed] = ()) -> None:
+                 unclaimed: Sequence[Unclaimed] = (),
+                 autoscaler: Autoscaler | None = None) -> None:
         self.cache = cache
+        self.autoscaler = autoscaler
         #: What start-up's recovery left running for an operator (daemon.Unclaimed).
         self.unclaimed = [vmcache_pb2.UnclaimedVM(path=u.path, problem=u.problem, pid=u.pid)
                           for u in unclaimed]
@@ -90,10 +93,14 @@ class MonitorServicer(vmcache_pb2_grpc.MonitorServicer):
                 config_path=str(self.config.source or ""),
             ),
             target=cache.target,
-            vm_cache_number=cache.wanted,
+            # The configured one (autoscaling's starting target), not what it made of it.
+            vm_cache_number=(self.autoscaler.fixed if self.autoscaler is not None
+                             else cache.wanted),
             memory_budget_mib=cache.memory_budget_mib or 0,
             memory_committed_mib=cache.committed_mib,
             unclaimed=self.unclaimed,
+            autoscale=self.autoscaler is not None and self.autoscaler.enabled,
+            target_reason=self.autoscaler.reason if self.autoscaler is not None else "",
             ready=cache.ready_count,
             booting=cache.booting_count,
             clients_waiting=cache.waiting_clients,

@@ -16,6 +16,8 @@ Then, by what changed:
 |                                                     | ready VMs are kept                     |
 | [vmcache] boot_parallelism                          | boots in flight finish; then the new   |
 |                                                     | number applies                         |
+| [vmcache] autoscale, min_ready, max_ready,          | the target is decided again at once    |
+| shrink_after                                        | (autoscale off: vm_cache_number)       |
 | [vmcache] socket_mode, socket_group                 | applied to the socket at once          |
 | [vmcache] log_format                                | applied at once                        |
 | [factory] vm_cache_endpoint, enable_template,       | cannot change while running: the whole |
@@ -51,6 +53,7 @@ from typing import Literal
 
 from . import config as configmod
 from . import preflight
+from .autoscale import Autoscaler
 from .config import Config
 from .errors import ConfigError, VmcacheError
 from .factory import Factory
@@ -78,7 +81,9 @@ VM_PREFIX = "hypervisor.qemu."
 #: How VMs are booted and stopped, not what they are: the factory is rebuilt, VMs are kept.
 BOOT_KEYS = frozenset({"vmcache.ready_timeout", "vmcache.ready_line",
                        "vmcache.stop_timeout"})
-LIVE_KEYS = frozenset({"factory.vm_cache_number", "vmcache.memory_budget_mib",
+AUTOSCALE_KEYS = frozenset({"vmcache.autoscale", "vmcache.min_ready", "vmcache.max_ready",
+                            "vmcache.shrink_after"})
+LIVE_KEYS = AUTOSCALE_KEYS | frozenset({"factory.vm_cache_number", "vmcache.memory_budget_mib",
                        "vmcache.boot_parallelism",
                        "vmcache.socket_mode", "vmcache.socket_group", "vmcache.log_format"})
 
@@ -173,8 +178,10 @@ class Reloader:
     """Applies edits of the configuration file to the running daemon, one at a time."""
 
     def __init__(self, config: Config, *, cache: VMCache, servicer: CacheServicer,
-                 notifier: Notifier, factory_for: Callable[[Config], Factory]) -> None:
+                 notifier: Notifier, factory_for: Callable[[Config], Factory],
+                 autoscaler: Autoscaler | None = None) -> None:
         self.config = config
+        self.autoscaler = autoscaler
         self.cache = cache
         self.servicer = servicer
         self.notifier = notifier
@@ -281,7 +288,14 @@ class Reloader:
             self.cache.set_parallelism(d.boot_parallelism)
         if "vmcache.memory_budget_mib" in keys:
             self.cache.set_memory_budget(new.memory_budget_mib)
-        if "factory.vm_cache_number" in keys:
+        scaler = self.autoscaler
+        if scaler is not None and keys & (AUTOSCALE_KEYS | {"factory.vm_cache_number",
+                                                           "vmcache.boot_parallelism"}):
+            # The autoscaler owns the target: vm_cache_number is its fixed value (autoscale
+            # off) or its starting one.
+            scaler.configure(d.autoscale, fixed=new.factory.vm_cache_number,
+                             parallelism=d.boot_parallelism)
+        elif scaler is None and "factory.vm_cache_number" in keys:
             self.cache.resize(new.factory.vm_cache_number)
         if keys & {"factory.vm_cache_number", "vmcache.memory_budget_mib",
                    "hypervisor.qemu.memory_mib"} and (note := new.budget_note()):

@@ -106,6 +106,9 @@ class Snapshot:
     memory_committed_mib: int = 0
     #: Running VMs whose record could not be believed at start-up, left for an operator.
     unclaimed: tuple[UnclaimedVM, ...] = ()
+    #: [vmcache] autoscale: the pool sizes itself; `target_reason` says why it is `target`.
+    autoscale: bool = False
+    target_reason: str = ""
 
     @classmethod
     def from_proto(cls, m: vmcache_pb2.CacheSnapshot) -> Snapshot:
@@ -132,6 +135,8 @@ class Snapshot:
             memory_budget_mib=m.memory_budget_mib,
             memory_committed_mib=m.memory_committed_mib,
             unclaimed=tuple(UnclaimedVM(u.path, u.problem, u.pid) for u in m.unclaimed),
+            autoscale=m.autoscale,
+            target_reason=m.target_reason,
         )
 
     def as_json(self) -> dict[str, Any]:

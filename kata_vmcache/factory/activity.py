@@ -23,6 +23,8 @@ from ..vm import VM
 @dataclass
 class CacheStats:
     handed_out: int = 0
+    #: GetBaseVM callers that found no ready VM and waited (autoscale.py grows on them).
+    waited: int = 0
     booted: int = 0
     boot_failures: int = 0
     died_in_pool: int = 0

@@ -96,6 +96,7 @@ class HandOut:
                 return vm
         waiter: asyncio.Future[VM] = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
+        pool.stats.waited += 1
         pool.notify()  # watchers show callers waiting
         try:
             vm = await waiter

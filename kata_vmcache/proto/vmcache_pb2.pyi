@@ -15,7 +15,7 @@ class WatchRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CacheSnapshot(_message.Message):
-    __slots__ = ("pid", "endpoint", "version", "started_at", "uptime_seconds", "taken_at", "stopping", "heartbeat_seconds", "config", "target", "ready", "booting", "clients_waiting", "vms", "counters", "handoff_seconds", "boot_seconds", "events", "vm_cache_number", "memory_budget_mib", "memory_committed_mib", "unclaimed")
+    __slots__ = ("pid", "endpoint", "version", "started_at", "uptime_seconds", "taken_at", "stopping", "heartbeat_seconds", "config", "target", "ready", "booting", "clients_waiting", "vms", "counters", "handoff_seconds", "boot_seconds", "events", "vm_cache_number", "memory_budget_mib", "memory_committed_mib", "unclaimed", "autoscale", "target_reason")
     PID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,8 @@ class CacheSnapshot(_message.Message):
     MEMORY_BUDGET_MIB_FIELD_NUMBER: _ClassVar[int]
     MEMORY_COMMITTED_MIB_FIELD_NUMBER: _ClassVar[int]
     UNCLAIMED_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_REASON_FIELD_NUMBER: _ClassVar[int]
     pid: int
     endpoint: str
     version: str
@@ -60,7 +62,9 @@ class CacheSnapshot(_message.Message):
     memory_budget_mib: int
     memory_committed_mib: int
     unclaimed: _containers.RepeatedCompositeFieldContainer[UnclaimedVM]
-    def __init__(self, pid: _Optional[int] = ..., endpoint: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., taken_at: _Optional[float] = ..., stopping: _Optional[bool] = ..., heartbeat_seconds: _Optional[float] = ..., config: _Optional[_Union[ServerConfig, _Mapping]] = ..., target: _Optional[int] = ..., ready: _Optional[int] = ..., booting: _Optional[int] = ..., clients_waiting: _Optional[int] = ..., vms: _Optional[_Iterable[_Union[VMInfo, _Mapping]]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., handoff_seconds: _Optional[_Iterable[float]] = ..., boot_seconds: _Optional[_Iterable[float]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., vm_cache_number: _Optional[int] = ..., memory_budget_mib: _Optional[int] = ..., memory_committed_mib: _Optional[int] = ..., unclaimed: _Optional[_Iterable[_Union[UnclaimedVM, _Mapping]]] = ...) -> None: ...
+    autoscale: bool
+    target_reason: str
+    def __init__(self, pid: _Optional[int] = ..., endpoint: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., taken_at: _Optional[float] = ..., stopping: _Optional[bool] = ..., heartbeat_seconds: _Optional[float] = ..., config: _Optional[_Union[ServerConfig, _Mapping]] = ..., target: _Optional[int] = ..., ready: _Optional[int] = ..., booting: _Optional[int] = ..., clients_waiting: _Optional[int] = ..., vms: _Optional[_Iterable[_Union[VMInfo, _Mapping]]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., handoff_seconds: _Optional[_Iterable[float]] = ..., boot_seconds: _Optional[_Iterable[float]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., vm_cache_number: _Optional[int] = ..., memory_budget_mib: _Optional[int] = ..., memory_committed_mib: _Optional[int] = ..., unclaimed: _Optional[_Iterable[_Union[UnclaimedVM, _Mapping]]] = ..., autoscale: _Optional[bool] = ..., target_reason: _Optional[str] = ...) -> None: ...
 
 class UnclaimedVM(_message.Message):
     __slots__ = ("path", "problem", "pid")

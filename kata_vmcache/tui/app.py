@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
+from rich.markup import escape
 from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
@@ -249,15 +250,22 @@ class VMCacheApp(App[None]):
         # A target held below vm_cache_number by the memory budget says so, on this line:
         # the panel has no room for another.
         limited = (f"  [yellow]({s.vm_cache_number} wanted, memory_budget_mib "
-                   f"{s.memory_budget_mib})[/]" if s.target < s.vm_cache_number else "")
+                   f"{s.memory_budget_mib})[/]" if s.target < s.vm_cache_number
+                   and not s.autoscale else "")
         self.query_one("#pool-label", Static).update(
             f"[b]Ready[/b] [{colour}][b]{s.ready}[/b][/] / {s.target}{limited}")
         self.query_one("#gauge", ProgressBar).update(total=max(1, s.target),
                                                      progress=min(s.ready, s.target))
         waiting = (f"[b yellow]{s.clients_waiting}[/]" if s.clients_waiting
                    else str(s.clients_waiting))
+        # Autoscaling says why the target is what it is, below: the top panels grow by the
+        # two lines that may take (and keep their height without autoscaling).
+        scaled = (f"\n[b]autoscale[/b] [dim]{escape(s.target_reason)}[/]" if s.autoscale
+                  else "")
+        for panel in ("#server", "#pool"):
+            self.query_one(panel).styles.height = 9 if s.autoscale else 7
         self.query_one("#pool-detail", Static).update(
-            f"booting {s.booting} · clients waiting {waiting}")
+            f"booting {s.booting} · clients waiting {waiting}{scaled}")
 
     def _show_empty(self) -> None:
         self.query_one("#server", Static).update(

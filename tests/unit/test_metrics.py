@@ -18,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from servicer_fakes import hand_off, make_config
 from test_cache import FakeFactory, fake_pool, until
 
+from kata_vmcache.autoscale import REASON_KINDS, Autoscaler
+from kata_vmcache.config import AutoscaleSettings
 from kata_vmcache.errors import UsageError
 from kata_vmcache.factory.activity import FAILURE_CLASSES, Histogram, failure_class
 from kata_vmcache.factory.cache import VMCache
@@ -97,6 +99,32 @@ async def server_start_any(server: MetricsServer) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     await server.start(f"127.0.0.1:{port}")
+
+
+@pytest.mark.asyncio
+async def test_autoscaling_is_in_the_metrics(pool: tuple[VMCache, FakeFactory],
+                                             tmp_path: Path) -> None:
+    cache, _ = pool
+    await until(cache, lambda: cache.ready_count == 2)
+    scaler = Autoscaler(cache, AutoscaleSettings(True, 1, 4, 60.0), fixed=2, parallelism=2)
+    await cache.hand_off()
+    decision = scaler.step()
+    assert decision is not None
+    assert decision.kind in REASON_KINDS
+    server = MetricsServer(registry_for(cache, make_config(tmp_path / "s.sock"), scaler))
+    await server_start_any(server)
+    try:
+        _, body = await scrape(server, b"GET /metrics HTTP/1.0\r\n\r\n")
+        got = samples(body)
+        assert got["kata_vmcache_autoscale_enabled"] == 1
+        assert got[f'kata_vmcache_target_reason{{reason="{decision.kind}"}}'] == 1
+        assert sum(v for k, v in got.items()
+                   if k.startswith("kata_vmcache_target_reason{")) == 1
+        assert got["kata_vmcache_target_vms"] == cache.target == decision.target
+        assert got["kata_vmcache_waited_requests_total"] == cache.stats.waited
+        assert got["kata_vmcache_target_changes_total"] == scaler.changes
+    finally:
+        await server.stop()
 
 
 @pytest.mark.asyncio

@@ -74,6 +74,8 @@ def load(text: str) -> cfg.Config:
     ("[vmcache]", "[vmcache]\nboot_parallelism = 4",
      {"vmcache.boot_parallelism"}, False, False, False),
     ("[vmcache]", '[vmcache]\nsocket_mode = "0660"', {"vmcache.socket_mode"}, False, False, False),
+    ("[vmcache]", "[vmcache]\nautoscale = true\nmax_ready = 8",
+     {"vmcache.autoscale", "vmcache.max_ready"}, False, False, False),
     ("[agent.kata]", "[runtime]\nenable_debug = true\n[agent.kata]", set(), False, False, False),
 ])
 def test_plan(base: str, old: str, new: str, keys: set[str], new_vms: bool,

@@ -333,3 +333,20 @@ async def test_no_values_no_sparkline() -> None:
         backend.queue.put_nowait(sample())
         await until(pilot, lambda: app.query_one("#latency", Sparkline).display,
                     "the first latency")
+
+
+@pytest.mark.asyncio
+async def test_autoscaling_shows_why_the_target_is_what_it_is(tmp_path: Path) -> None:
+    backend = ScriptedBackend()
+    app = VMCacheApp(backend)
+    reason = "10 requests within 2.2 s in the last 60 s"
+    async with app.run_test(size=SIZE) as pilot:
+        backend.queue.put_nowait(sample(target=10, vm_cache_number=10, autoscale=True,
+                                        target_reason=reason))
+        await connected(pilot)
+        detail = app.query_one("#pool-detail", Static)
+        await until(pilot, lambda: reason in str(detail.render()), "the reason")
+        assert str(app.query_one("#pool-label", Static).render()) == "Ready 2 / 10"
+        app.save_screenshot(str(tmp_path / "autoscale.svg"))
+        shown = html.unescape(re.sub(r"<[^>]+>", "", (tmp_path / "autoscale.svg").read_text()))
+        assert reason in shown.replace("\xa0", " ")  # on screen, not cut off
