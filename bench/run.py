@@ -309,7 +309,7 @@ class Bench:
                 wait_for(lambda n=number: len(self.ready()) >= n, 300,  # type: ignore[misc]
                          f"{number} ready VMs")
                 run = pool.Run(policy, traces[name])
-                asyncio.run(pool.replay(self.endpoint, run, stop_vm))
+                asyncio.run(pool.replay(self.endpoint, run, lambda vm: stop_vms([vm])))
                 self.stop_daemon()
                 figures = run.figures()
                 rows.append(figures)

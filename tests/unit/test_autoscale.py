@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from servicer_fakes import hand_off
 from test_cache import fake_pool, until
 
 from kata_vmcache.autoscale import Autoscaler, Decision, Policy
@@ -309,7 +310,7 @@ async def test_the_driver_grows_the_pool_on_waits_and_shrinks_it_when_idle(
         driver = asyncio.create_task(scaler.run())
         try:
             factory.gate = asyncio.Event()  # boots hang: the third and fourth callers wait
-            takers = [asyncio.create_task(cache.hand_off()) for _ in range(4)]
+            takers = [asyncio.create_task(hand_off(cache)) for _ in range(4)]
             await until(cache, lambda: cache.waiting_clients == 2)
             await until(cache, lambda: cache.wanted >= 4)
             assert scaler.kind in ("waited", "peak", "steady")

@@ -107,7 +107,7 @@ async def test_autoscaling_is_in_the_metrics(pool: tuple[VMCache, FakeFactory],
     cache, _ = pool
     await until(cache, lambda: cache.ready_count == 2)
     scaler = Autoscaler(cache, AutoscaleSettings(True, 1, 4, 60.0), fixed=2, parallelism=2)
-    await cache.hand_off()
+    await hand_off(cache)
     decision = scaler.step()
     assert decision is not None
     assert decision.kind in REASON_KINDS
