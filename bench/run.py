@@ -126,10 +126,13 @@ class Bench:
         self.samples = samples
         self.out = out
         # The daemon's state (VM records, QMP sockets) lives in /run on a real host: a
-        # tmpfs. Measure on one too when the machine has it (here /run is not one).
-        shm = Path("/dev/shm")
-        self.tmp = Path(tempfile.mkdtemp(prefix="kvc-bench-",
-                                         dir=shm if mount_type(shm) == "tmpfs" else None))
+        # tmpfs. Measure on one too when the machine has it; else in the temp directory
+        # (not /dev/shm: the daemon refuses state under /dev). latest.json names the file
+        # system (machine.state_dir_fs): the hand-off renames a record on it.
+        run = Path("/run")
+        self.tmp = Path(tempfile.mkdtemp(
+            prefix="kvc-bench-",
+            dir=run if mount_type(run) == "tmpfs" and os.access(run, os.W_OK) else None))
         self.taken: list[dict[str, Any]] = []
         self.daemon: subprocess.Popen[bytes] | None = None
         self.raw: dict[str, list[float]] = {}
