@@ -32,6 +32,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = [sys.executable, str(ROOT / "bench" / "worker.py")]
+SYNC_CLIENT = [sys.executable, str(ROOT / "bench" / "sync_client.py")]
 CLI = [sys.executable, "-m", "kata_vmcache"]
 CACHE = 8  # enough for 8 concurrent clients to find a ready VM each
 
@@ -218,6 +219,32 @@ class Bench:
         self.raw["floor_quiet_ms"] = quiet
         self.raw["handoff_ms"] = handoffs
 
+    def handoff_sync(self, samples: int) -> dict[str, Any]:
+        """GetBaseVM against the Status calls right before it, from a plain synchronous
+        grpcio client (bench/sync_client.py), each from a full cache: the client the
+        issue's 2.1x was measured with. The client stops each VM it takes."""
+        self.wait_full()
+        out = subprocess.run([*SYNC_CLIENT, "--endpoint", str(self.endpoint), "--cache",
+                              str(CACHE), "--samples", str(samples)],
+                             capture_output=True, check=True, timeout=600)
+        raw: dict[str, Any] = json.loads(out.stdout)
+        self.raw["sync_status_ms"] = [t for ts in raw["status_ms"] for t in ts]
+        self.raw["sync_handoff_ms"] = raw["handoff_ms"]
+        status, handoff, ratio = raw["status_paired_ms"], raw["handoff_ms"], raw["ratio"]
+        return {
+            "status_p50_ms": pct(self.raw["sync_status_ms"], 50),
+            "status_p95_ms": pct(self.raw["sync_status_ms"], 95),
+            "getbasevm_p50_ms": pct(handoff, 50),
+            "getbasevm_p95_ms": pct(handoff, 95),
+            # Each GetBaseVM over the median of the Status calls right before it.
+            "ratio_paired_p50": pct(ratio, 50),
+            "ratio_paired_p95": pct(ratio, 95),
+            "ratio_of_p50s": pct(handoff, 50) / pct(status, 50),
+            "samples": len(handoff),
+            "status_calls_per_sample": len(raw["status_ms"][0]) if raw["status_ms"] else 0,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+        }
+
     def concurrent(self, clients: int = 8, rounds: int = 4) -> None:
         samples: list[float] = []
         for _ in range(rounds):
@@ -339,6 +366,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         ("one cached VM: RSS / PSS (MiB)", f"{r['vm_rss_mib']:.1f} / {r['vm_pss_mib']:.1f}",
          f"guest memory {r['vm_memory_mib']} MiB"),
     ]
+    if "handoff_sync_client" in r:
+        rows[2:2] = sync_rows(r["handoff_sync_client"])
     if "template_clone_ms" in r:
         rows += [
             ("templating: launch to a ready, checked clone p50 (ms)",
@@ -353,6 +382,19 @@ def render_markdown(r: dict[str, Any]) -> str:
              "| figure | value | against its reference |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines) + "\n"
+
+
+def sync_rows(s: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [
+        ("sync grpcio client: GetBaseVM p50 / p95 (ms), full cache",
+         f"{s['getbasevm_p50_ms']:.2f} / {s['getbasevm_p95_ms']:.2f}",
+         f"{s['ratio_paired_p50']:.2f}x the Status right before it (p95 "
+         f"{s['ratio_paired_p95']:.2f}x; goal <= 1.5x)"),
+        ("sync grpcio client: Status p50 / p95 (ms), right before each GetBaseVM",
+         f"{s['status_p50_ms']:.2f} / {s['status_p95_ms']:.2f}",
+         f"reference ({s['samples']} samples of {s['status_calls_per_sample']} Status + "
+         f"1 GetBaseVM)"),
+    ]
 
 
 def chart(raw: dict[str, list[float]], path: Path) -> None:
@@ -389,9 +431,18 @@ def main() -> int:
                         help="hand-off and floor only, printed, nothing written (for development)")
     parser.add_argument("--no-template", action="store_true",
                         help="skip the templating phase (about 30 s)")
+    parser.add_argument("--sync-samples", type=int, default=40,
+                        help="GetBaseVM samples of the synchronous grpcio client, each from "
+                             "a full cache (default 40, about 2 minutes on TCG)")
+    parser.add_argument("--only-sync", action="store_true",
+                        help="the synchronous client's phase alone: its figures replace "
+                             "handoff_sync_client in latest.json (the rest is kept) and "
+                             "latest.md is rendered again")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(args.samples, args.out)
+    if args.only_sync:
+        return only_sync(bench, args.sync_samples, args.out)
     if args.quick:
         try:
             bench.start()
@@ -408,6 +459,8 @@ def main() -> int:
         bench.start()
         log("phase: hand-off and floor")
         bench.handoff_and_floor()
+        log("phase: hand-off from a synchronous grpcio client")
+        sync = bench.handoff_sync(args.sync_samples)
         log("phase: 8 concurrent clients")
         bench.concurrent()
         log("phase: refill")
@@ -445,6 +498,7 @@ def main() -> int:
         **memory,
         **template,
         "daemon_idle_cpu_percent": idle,
+        "handoff_sync_client": sync,
         "concurrent8_handoff_p50_ms": pct(raw["concurrent8_handoff_ms"], 50),
         "concurrent8_handoff_p99_ms": pct(raw["concurrent8_handoff_ms"], 99),
         "boot_parallelism": config.daemon.boot_parallelism,
@@ -466,6 +520,26 @@ def main() -> int:
     (args.out / "latest.md").write_text(render_markdown(result))
     chart(raw, args.out / "latency.png")
     print(render_markdown(result))
+    return 0
+
+
+def only_sync(bench: Bench, samples: int, out: Path) -> int:
+    try:
+        bench.start()
+        log("phase: hand-off from a synchronous grpcio client")
+        sync = bench.handoff_sync(samples)
+    finally:
+        bench.stop()
+    path = out / "latest.json"
+    result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    result["handoff_sync_client"] = sync
+    raw = result.setdefault("raw", {})
+    raw["sync_status_ms"] = bench.raw["sync_status_ms"]
+    raw["sync_handoff_ms"] = bench.raw["sync_handoff_ms"]
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    if "handoff_p50_ms" in result:
+        (out / "latest.md").write_text(render_markdown(result))
+    print("\n".join(f"| {a} | {b} | {c} |" for a, b, c in sync_rows(sync)))
     return 0
 
 
