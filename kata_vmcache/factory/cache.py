@@ -535,6 +535,7 @@ class VMCache:
         """The hand-off reply was written: the VM is the caller's for good. `asked` is when
         the request arrived (time.monotonic()), for the hand-off latency record."""
         self._release(vm)  # the client's memory now, not the cache's
+        vm.close_replaced_record()  # the record give_now()'s rename replaced
         self.stats.handed_out += 1
         log.info("VM %s handed out (QEMU pid %s)", vm.id, vm.pid)
         if asked is not None:
