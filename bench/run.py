@@ -243,6 +243,8 @@ class Bench:
             "samples": len(handoff),
             "status_calls_per_sample": len(raw["status_ms"][0]) if raw["status_ms"] else 0,
             "date": time.strftime("%Y-%m-%d %H:%M"),
+            "state_dir_fs": mount_type(self.tmp),
+            "load_average": os.getloadavg()[0],
         }
 
     def concurrent(self, clients: int = 8, rounds: int = 4) -> None:
@@ -393,7 +395,7 @@ def sync_rows(s: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("sync grpcio client: Status p50 / p95 (ms), right before each GetBaseVM",
          f"{s['status_p50_ms']:.2f} / {s['status_p95_ms']:.2f}",
          f"reference ({s['samples']} samples of {s['status_calls_per_sample']} Status + "
-         f"1 GetBaseVM)"),
+         f"1 GetBaseVM; {s['date']}, state on {s.get('state_dir_fs', '?')})"),
     ]
 
 
