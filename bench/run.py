@@ -32,6 +32,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = [sys.executable, str(ROOT / "bench" / "worker.py")]
+SYNC_CLIENT = [sys.executable, str(ROOT / "bench" / "sync_client.py")]
 CLI = [sys.executable, "-m", "kata_vmcache"]
 CACHE = 8  # enough for 8 concurrent clients to find a ready VM each
 
@@ -79,6 +80,11 @@ def stop_vms(records: list[dict[str, Any]]) -> None:
         asyncio.run(stop_all())
 
 
+def stop_vm(record: dict[str, Any]) -> None:
+    """Stop one VM the bench took (its hypervisor record), as its owner would."""
+    stop_vms([record])
+
+
 def status_kb(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -113,12 +119,13 @@ class Bench:
         self.samples = samples
         self.out = out
         # The daemon's state (VM records, QMP sockets) lives in /run on a real host: a
-        # tmpfs. Measure on one too when the machine has it (here /run is not one), but not
-        # /dev/shm: the configuration refuses paths under /dev (config.py).
-        run = Path(os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}"))
-        self.tmp = Path(tempfile.mkdtemp(prefix="kvc-bench-",
-                                         dir=run if mount_type(run) == "tmpfs"
-                                         and os.access(run, os.W_OK) else None))
+        # tmpfs. Measure on one too when the machine has it; else in the temp directory
+        # (not /dev/shm: the daemon refuses state under /dev). latest.json names the file
+        # system (machine.state_dir_fs): the hand-off renames a record on it.
+        run = Path("/run")
+        self.tmp = Path(tempfile.mkdtemp(
+            prefix="kvc-bench-",
+            dir=run if mount_type(run) == "tmpfs" and os.access(run, os.W_OK) else None))
         self.taken: list[dict[str, Any]] = []
         self.daemon: subprocess.Popen[bytes] | None = None
         self.raw: dict[str, list[float]] = {}
@@ -207,6 +214,34 @@ class Bench:
         self.raw["floor_ms"] = floors
         self.raw["floor_quiet_ms"] = quiet
         self.raw["handoff_ms"] = handoffs
+
+    def handoff_sync(self, samples: int) -> dict[str, Any]:
+        """GetBaseVM against the Status calls right before it, from a plain synchronous
+        grpcio client (bench/sync_client.py), each from a full cache: the client the
+        issue's 2.1x was measured with. The client stops each VM it takes."""
+        self.wait_full()
+        out = subprocess.run([*SYNC_CLIENT, "--endpoint", str(self.endpoint), "--cache",
+                              str(CACHE), "--samples", str(samples)],
+                             capture_output=True, check=True, timeout=600)
+        raw: dict[str, Any] = json.loads(out.stdout)
+        self.raw["sync_status_ms"] = [t for ts in raw["status_ms"] for t in ts]
+        self.raw["sync_handoff_ms"] = raw["handoff_ms"]
+        status, handoff, ratio = raw["status_paired_ms"], raw["handoff_ms"], raw["ratio"]
+        return {
+            "status_p50_ms": pct(self.raw["sync_status_ms"], 50),
+            "status_p95_ms": pct(self.raw["sync_status_ms"], 95),
+            "getbasevm_p50_ms": pct(handoff, 50),
+            "getbasevm_p95_ms": pct(handoff, 95),
+            # Each GetBaseVM over the median of the Status calls right before it.
+            "ratio_paired_p50": pct(ratio, 50),
+            "ratio_paired_p95": pct(ratio, 95),
+            "ratio_of_p50s": pct(handoff, 50) / pct(status, 50),
+            "samples": len(handoff),
+            "status_calls_per_sample": len(raw["status_ms"][0]) if raw["status_ms"] else 0,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "state_dir_fs": mount_type(self.tmp),
+            "load_average": os.getloadavg()[0],
+        }
 
     def concurrent(self, clients: int = 8, rounds: int = 4) -> None:
         samples: list[float] = []
@@ -309,7 +344,7 @@ class Bench:
                 wait_for(lambda n=number: len(self.ready()) >= n, 300,  # type: ignore[misc]
                          f"{number} ready VMs")
                 run = pool.Run(policy, traces[name])
-                asyncio.run(pool.replay(self.endpoint, run, lambda vm: stop_vms([vm])))
+                asyncio.run(pool.replay(self.endpoint, run, stop_vm))
                 self.stop_daemon()
                 figures = run.figures()
                 rows.append(figures)
@@ -367,6 +402,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         ("one cached VM: RSS / PSS (MiB)", f"{r['vm_rss_mib']:.1f} / {r['vm_pss_mib']:.1f}",
          f"guest memory {r['vm_memory_mib']} MiB"),
     ]
+    if "handoff_sync_client" in r:
+        rows[2:2] = sync_rows(r["handoff_sync_client"])
     if "template_clone_ms" in r:
         rows += [
             ("templating: launch to a ready, checked clone p50 (ms)",
@@ -381,6 +418,19 @@ def render_markdown(r: dict[str, Any]) -> str:
              "| figure | value | against its reference |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines) + "\n"
+
+
+def sync_rows(s: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [
+        ("sync grpcio client: GetBaseVM p50 / p95 (ms), full cache",
+         f"{s['getbasevm_p50_ms']:.2f} / {s['getbasevm_p95_ms']:.2f}",
+         f"{s['ratio_paired_p50']:.2f}x the Status right before it (p95 "
+         f"{s['ratio_paired_p95']:.2f}x; goal <= 1.5x)"),
+        ("sync grpcio client: Status p50 / p95 (ms), right before each GetBaseVM",
+         f"{s['status_p50_ms']:.2f} / {s['status_p95_ms']:.2f}",
+         f"reference ({s['samples']} samples of {s['status_calls_per_sample']} Status + "
+         f"1 GetBaseVM; {s['date']}, state on {s.get('state_dir_fs', '?')})"),
+    ]
 
 
 def chart(raw: dict[str, list[float]], path: Path) -> None:
@@ -426,11 +476,20 @@ def main() -> int:
                         help="pool policies to compare (default: fixed-2,fixed-8,autoscale)")
     parser.add_argument("--no-pool", action="store_true",
                         help="skip the pool policies (about 15 minutes)")
+    parser.add_argument("--sync-samples", type=int, default=40,
+                        help="GetBaseVM samples of the synchronous grpcio client, each from "
+                             "a full cache (default 40, about 2 minutes on TCG)")
+    parser.add_argument("--only-sync", action="store_true",
+                        help="the synchronous client's phase alone: its figures replace "
+                             "handoff_sync_client in latest.json (the rest is kept) and "
+                             "latest.md is rendered again")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(args.samples, args.out)
     trace_names = [t for t in args.traces.split(",") if t]
     policy_names = [p for p in args.policies.split(",") if p]
+    if args.only_sync:
+        return only_sync(bench, args.sync_samples, args.out)
     if args.pool_only:
         try:
             bench.start_pool_only()
@@ -455,6 +514,8 @@ def main() -> int:
         bench.start()
         log("phase: hand-off and floor")
         bench.handoff_and_floor()
+        log("phase: hand-off from a synchronous grpcio client")
+        sync = bench.handoff_sync(args.sync_samples)
         log("phase: 8 concurrent clients")
         bench.concurrent()
         log("phase: refill")
@@ -497,6 +558,7 @@ def main() -> int:
         **memory,
         **template,
         "daemon_idle_cpu_percent": idle,
+        "handoff_sync_client": sync,
         "concurrent8_handoff_p50_ms": pct(raw["concurrent8_handoff_ms"], 50),
         "concurrent8_handoff_p99_ms": pct(raw["concurrent8_handoff_ms"], 99),
         "boot_parallelism": config.daemon.boot_parallelism,
@@ -543,6 +605,26 @@ def write_pool(out: Path, rows: list[dict[str, Any]], runs: list[Any]) -> None:
                    [r for r in runs if r.trace.name == name], out / f"pool-{name}.png")
     print(pool.markdown(rows))
     print(json.dumps(result["pool_verdict"], indent=2))
+
+
+def only_sync(bench: Bench, samples: int, out: Path) -> int:
+    try:
+        bench.start()
+        log("phase: hand-off from a synchronous grpcio client")
+        sync = bench.handoff_sync(samples)
+    finally:
+        bench.stop()
+    path = out / "latest.json"
+    result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    result["handoff_sync_client"] = sync
+    raw = result.setdefault("raw", {})
+    raw["sync_status_ms"] = bench.raw["sync_status_ms"]
+    raw["sync_handoff_ms"] = bench.raw["sync_handoff_ms"]
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    if "handoff_p50_ms" in result:
+        (out / "latest.md").write_text(render_markdown(result))
+    print("\n".join(f"| {a} | {b} | {c} |" for a, b, c in sync_rows(sync)))
+    return 0
 
 
 if __name__ == "__main__":

@@ -192,6 +192,7 @@ class HandOut:
         the request arrived (time.monotonic()), for the hand-off latency record."""
         pool = self.pool
         pool.release(vm)  # the client's memory now, not the cache's
+        vm.close_replaced_record()  # the record give_now()'s rename replaced
         pool.stats.handed_out += 1
         log.info("VM %s handed out (QEMU pid %s)", vm.id, vm.pid)
         if asked is not None:

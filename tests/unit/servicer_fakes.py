@@ -4,7 +4,6 @@ only fake. Pool tests take their VMs this way, not through a shortcut of the cac
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +52,16 @@ class FakeContext:
         self.written: list[cache_pb2.GrpcVM] = []
         self.trailing: tuple[tuple[str, str], ...] = ()
         self.aborted: Aborted | None = None
+        self._done: list[Callable[[FakeContext], object]] = []
+
+    def add_done_callback(self, callback: Callable[[FakeContext], object]) -> None:
+        self._done.append(callback)
+
+    def end(self) -> None:
+        """The call is over (its status sent, or it failed): grpc runs the done callbacks."""
+        callbacks, self._done = self._done, []
+        for callback in callbacks:
+            callback(self)
 
     def time_remaining(self) -> float | None:
         return self.deadline
@@ -77,10 +86,12 @@ def servicer_for(cache: VMCache) -> CacheServicer:
 
 
 async def get_base_vm(servicer: CacheServicer, context: FakeContext) -> None:
-    """One GetBaseVM call, then one loop turn: the servicer books the delivery with
-    call_soon, after its handler returns (when grpc sends the status)."""
-    await servicer.GetBaseVM(empty_pb2.Empty(), context)  # type: ignore[arg-type]
-    await asyncio.sleep(0)
+    """One GetBaseVM call, ended as grpc ends it: the done callbacks (where the servicer
+    books the delivery) run once the handler is over, however it ended."""
+    try:
+        await servicer.GetBaseVM(empty_pb2.Empty(), context)  # type: ignore[arg-type]
+    finally:
+        context.end()
 
 
 async def hand_off(cache: VMCache) -> VM:
