@@ -119,13 +119,19 @@ class Bench:
         self.samples = samples
         self.out = out
         # The daemon's state (VM records, QMP sockets) lives in /run on a real host: a
-        # tmpfs. Measure on one too when the machine has it; else in the temp directory
-        # (not /dev/shm: the daemon refuses state under /dev). latest.json names the file
-        # system (machine.state_dir_fs): the hand-off renames a record on it.
+        # tmpfs. Measure on one too: /run when it is one; else, as root, a tmpfs of our own
+        # mounted on the bench's temp directory (and unmounted by stop()); else the temp
+        # directory as it is (not /dev/shm: the daemon refuses state under /dev).
+        # latest.json names the file system (machine.state_dir_fs): the hand-off renames a
+        # record on it.
         run = Path("/run")
-        self.tmp = Path(tempfile.mkdtemp(
-            prefix="kvc-bench-",
-            dir=run if mount_type(run) == "tmpfs" and os.access(run, os.W_OK) else None))
+        on_run = mount_type(run) == "tmpfs" and os.access(run, os.W_OK)
+        self.tmp = Path(tempfile.mkdtemp(prefix="kvc-bench-", dir=run if on_run else None))
+        self.mounted = False
+        if not on_run and os.geteuid() == 0 and shutil.which("mount"):
+            self.mounted = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=256m,mode=0700", "kvc-bench",
+                 str(self.tmp)], capture_output=True).returncode == 0
         self.taken: list[dict[str, Any]] = []
         self.daemon: subprocess.Popen[bytes] | None = None
         self.raw: dict[str, list[float]] = {}
@@ -191,6 +197,9 @@ class Bench:
         if self.daemon is not None:
             self.stop_daemon()
         self.release_taken()
+        if self.mounted:
+            subprocess.run(["umount", str(self.tmp)], check=False)
+            self.mounted = False
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # phases
