@@ -132,6 +132,8 @@ class Bench:
             self.mounted = subprocess.run(
                 ["mount", "-t", "tmpfs", "-o", "size=256m,mode=0700", "kvc-bench",
                  str(self.tmp)], capture_output=True).returncode == 0
+        #: Read now: stop() unmounts our tmpfs before the results are written.
+        self.state_fs = mount_type(self.tmp)
         self.taken: list[dict[str, Any]] = []
         self.daemon: subprocess.Popen[bytes] | None = None
         self.raw: dict[str, list[float]] = {}
@@ -248,7 +250,7 @@ class Bench:
             "samples": len(handoff),
             "status_calls_per_sample": len(raw["status_ms"][0]) if raw["status_ms"] else 0,
             "date": time.strftime("%Y-%m-%d %H:%M"),
-            "state_dir_fs": mount_type(self.tmp),
+            "state_dir_fs": self.state_fs,
             "load_average": os.getloadavg()[0],
         }
 
@@ -579,7 +581,7 @@ def main() -> int:
             "accelerator": bench.accelerator,
             "qemu": qemu_version(),
             "kernel": platform.release(),
-            "state_dir_fs": mount_type(bench.tmp),
+            "state_dir_fs": bench.state_fs,
             "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d"),
         },
