@@ -21,6 +21,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -143,3 +144,19 @@ async def _no_leaked_tasks() -> AsyncIterator[None]:
 def _check_asyncio_tasks(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("asyncio") is not None:
         request.getfixturevalue("_no_leaked_tasks")
+
+
+#: The user_properties name under which tests/integration's `report` fixture records a
+#: measurement. The summary hook lives here, in the root conftest: under pytest-xdist the
+#: controller process collects nothing, so it never loads tests/integration/conftest.py.
+MEASURED = "measured"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    lines = [line for reports in terminalreporter.stats.values() for rep in reports
+             if getattr(rep, "when", None) == "call"
+             for name, line in getattr(rep, "user_properties", ()) if name == MEASURED]
+    if lines:
+        terminalreporter.section("measured")
+        for line in lines:
+            terminalreporter.write_line(line)

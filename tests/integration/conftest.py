@@ -81,7 +81,7 @@ def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
 # travel as the test report's user_properties, so a run on several workers (pytest-xdist)
 # prints them too.
 
-_MEASURED = "measured"
+_MEASURED = "measured"  # read by the summary hook in tests/conftest.py
 
 
 @pytest.fixture
@@ -90,13 +90,3 @@ def report(request: pytest.FixtureRequest) -> Callable[[str, object], None]:
         request.node.user_properties.append(
             (_MEASURED, f"{request.node.name}: {what} = {value}"))
     return record
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    lines = [line for reports in terminalreporter.stats.values() for rep in reports
-             if getattr(rep, "when", None) == "call"
-             for name, line in getattr(rep, "user_properties", ()) if name == _MEASURED]
-    if lines:
-        terminalreporter.section("measured")
-        for line in lines:
-            terminalreporter.write_line(line)
