@@ -169,10 +169,16 @@ class VMCacheApp(App[None]):
             reason = "the server ended the stream"
             try:
                 async for snapshot in self.backend.watch():
+                    # The app may have begun shutting down while we awaited: its screen's
+                    # widgets are being removed (seen once, as a NoMatches on #banner).
+                    if not self.is_running:
+                        return
                     self.show_snapshot(snapshot)
                     delay = self.retry_start
             except VmcacheError as exc:
                 reason = str(exc)
+            if not self.is_running:
+                return
             self.show_disconnected(reason, delay)
             await self._retry_after(delay)
             delay = min(delay * 2, self.retry_cap)
