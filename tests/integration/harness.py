@@ -194,6 +194,13 @@ class Daemon:
         return subprocess.run([*CLI, "--config", str(self.config), *args],
                               capture_output=True, text=True, timeout=timeout)
 
+    def snapshot(self) -> dict[str, Any]:
+        """The pool as `status --json` shows it."""
+        result = self.cli("status", "--json")
+        assert result.returncode == 0, result.stderr
+        snap: dict[str, Any] = json.loads(result.stdout)["snapshot"]
+        return snap
+
     def get(self) -> dict[str, Any]:
         result = self.cli("get")
         assert result.returncode == 0, result.stderr

@@ -4,10 +4,8 @@ than [vmcache] memory_budget_mib are not all booted; check-config, the start-up 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -17,13 +15,6 @@ pytestmark = pytest.mark.qemu
 
 NOTE = ("keeping 2 VMs ready, not vm_cache_number = 3: memory_budget_mib = 600 holds 2 of "
         "256 MiB (3 would need 768 MiB)")
-
-
-def snapshot(d: Daemon) -> dict[str, Any]:
-    result = d.cli("status", "--json")
-    assert result.returncode == 0, result.stderr
-    snap: dict[str, Any] = json.loads(result.stdout)["snapshot"]
-    return snap
 
 
 def test_vm_cache_number_is_held_to_what_the_budget_holds(
@@ -37,11 +28,11 @@ def test_vm_cache_number_is_held_to_what_the_budget_holds(
     d = make_daemon(cache_number=3, memory_budget_mib=600)
     d.wait_ready(2)
     assert NOTE in d.log()
-    snap = snapshot(d)
+    snap = d.snapshot()
     assert (snap["target"], snap["vm_cache_number"], snap["memory_budget_mib"]) == (2, 3, 600)
-    wait_for(lambda: snapshot(d)["memory_committed_mib"] == 512, 10, "512 MiB committed")
+    wait_for(lambda: d.snapshot()["memory_committed_mib"] == 512, 10, "512 MiB committed")
     assert len(d.records()) == 2  # no third VM, not even booting
-    assert snapshot(d)["booting"] == 0
+    assert d.snapshot()["booting"] == 0
 
     # Reload: a larger budget lets the third VM boot; a smaller one stops the surplus.
     d.config.write_text(d.config.read_text().replace("memory_budget_mib = 600",
@@ -50,13 +41,13 @@ def test_vm_cache_number_is_held_to_what_the_budget_holds(
     assert (result.returncode, result.stdout) == (
         0, "reload applied: vmcache.memory_budget_mib 600 -> 800\n"), result.stderr
     d.wait_ready(3)
-    assert snapshot(d)["target"] == 3
+    assert d.snapshot()["target"] == 3
     d.config.write_text(d.config.read_text().replace("memory_budget_mib = 800",
                                                      "memory_budget_mib = 300"))
     assert d.cli("reload").returncode == 0
-    wait_for(lambda: len(d.records()) == 1 and snapshot(d)["memory_committed_mib"] == 256,
+    wait_for(lambda: len(d.records()) == 1 and d.snapshot()["memory_committed_mib"] == 256,
              30, "the pool to shrink to one VM")
-    assert snapshot(d)["target"] == 1
+    assert d.snapshot()["target"] == 1
     assert ("keeping 1 VM ready, not vm_cache_number = 3: memory_budget_mib = 300 holds 1 of "
             "256 MiB (3 would need 768 MiB)") in d.log()
 
