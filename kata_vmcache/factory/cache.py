@@ -224,12 +224,20 @@ class VMCache:
 
     # reload (and the autoscaler: resize)
 
-    def resize(self, target: int) -> None:
+    @property
+    def keep(self) -> int:
+        """Ready VMs are stopped only above this many (at least `wanted`)."""
+        return max(self.pool.wanted, self.pool.keep)
+
+    def resize(self, target: int, *, keep: int | None = None) -> None:
         """Grow or shrink the pool to `target` (vm_cache_number; fewer if the memory budget
-        says so); surplus ready VMs are stopped."""
+        says so). Ready VMs above `keep` (default and at least `target`; fewer if the budget
+        says so) are stopped: a target lowered with a higher `keep` stops refilling at
+        once, and boots queued beyond it do not start, but the ready VMs stay."""
         pool = self.pool
         pool.wanted = target
-        surplus = len(pool.ready) - pool.target
+        pool.keep = max(target, keep if keep is not None else target)
+        surplus = len(pool.ready) - pool.kept
         for _ in range(max(0, surplus)):
             pool.background(pool.stop(pool.ready.pop()))
         pool.changed()
@@ -237,7 +245,7 @@ class VMCache:
     def set_memory_budget(self, mib: int | None) -> None:
         """A new memory budget: the pool grows or shrinks to what it holds."""
         self.pool.memory_budget_mib = mib
-        self.resize(self.pool.wanted)
+        self.resize(self.pool.wanted, keep=self.pool.keep)
 
     def replace_factory(self, factory: Factory) -> int:
         """Boot from `factory` from now on, and retire what the old one built: ready VMs

@@ -15,8 +15,9 @@ handed-off record written ahead), counted, watched for exit (supervise.py) and o
 (handout.py); a failure is counted by class and sets the backoff.
 
 Invariants:
-- `boot_tasks + len(ready) <= target` when a boot starts; never more than `parallelism`
-  boots hold a slot;
+- `boot_tasks + len(ready) <= target` when a boot is queued, and `len(booting) +
+  len(ready) < target` when it takes a slot (a target lowered meanwhile cancels it);
+  never more than `parallelism` boots hold a slot;
 - a boot that fails has already stopped its VM and removed its files (the factory's
   contract); a boot cancelled while settling stops its VM;
 - the backoff's delay is BACKOFF_START * 2**(failures - 1), at most BACKOFF_CAP; a success,
@@ -91,6 +92,10 @@ class Filler:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._retry.wait(), delay)  # retry_now()
                 if pool.closed:
+                    return
+                if len(pool.ready) + len(pool.booting) >= pool.target:
+                    # The target was lowered while this boot waited for a slot (a burst
+                    # planned for has been met, the pool shrinks): not wanted any more.
                     return
                 factory = pool.factory
                 vm = factory.create()

@@ -45,6 +45,9 @@ class Pool:
         self.factory = factory
         #: vm_cache_number: the VMs wanted ready (`target` is what the budget allows of it).
         self.wanted = wanted
+        #: Ready VMs are stopped only above this many (at least `wanted`): the autoscaler
+        #: lowers the target at once and stops ready VMs only once idle.
+        self.keep = wanted
         #: The most guest memory the pool commits (None: no limit).
         self.memory_budget_mib = memory_budget_mib
         self.stop_timeout = stop_timeout
@@ -76,6 +79,15 @@ class Pool:
         if self.memory_budget_mib is None or memory <= 0:
             return self.wanted
         return min(self.wanted, self.memory_budget_mib // memory)
+
+    @property
+    def kept(self) -> int:
+        """Ready VMs not stopped: `keep`, or as many as memory_budget_mib holds if fewer."""
+        memory = self.vm_memory_mib
+        keep = max(self.wanted, self.keep)
+        if self.memory_budget_mib is None or memory <= 0:
+            return keep
+        return min(keep, self.memory_budget_mib // memory)
 
     @property
     def committed_mib(self) -> int:

@@ -347,6 +347,35 @@ async def test_resize(pool: tuple[VMCache, FakeFactory]) -> None:
     await until(cache, lambda: cache.ready_count == 4)
 
 
+@pytest.mark.asyncio
+async def test_resize_with_keep_stops_refilling_but_not_the_ready_vms(tmp_path: Path) -> None:
+    async with fake_pool(tmp_path, 6) as (cache, factory):
+        await until(cache, lambda: cache.ready_count == 6)
+        # The autoscaler's "hold": the target is 1, the six ready VMs stay.
+        cache.resize(1, keep=6)
+        assert (cache.wanted, cache.keep, cache.ready_count) == (1, 6, 6)
+        booted = len(factory.created)
+        for _ in range(4):  # taken: not replaced while more than the target are ready
+            await hand_off(cache)
+        await until(cache, lambda: cache.ready_count == 2)
+        cache.resize(1, keep=1)  # idle long enough: the surplus is stopped
+        await until(cache, lambda: cache.ready_count == 1)
+        assert len(factory.created) == booted
+
+
+@pytest.mark.asyncio
+async def test_boots_queued_beyond_a_lowered_target_do_not_start(tmp_path: Path) -> None:
+    factory = FakeFactory(tmp_path)
+    factory.gate = asyncio.Event()  # the first two boots hold both slots
+    cache = VMCache(factory, 8, parallelism=2)
+    async with pool_running(cache):
+        await until(cache, lambda: factory.in_flight == 2 and cache.booting_count == 8)
+        cache.resize(3)  # six boots wait for a slot: one of them is still wanted
+        factory.gate.set()
+        await until(cache, lambda: cache.ready_count == 3 and cache.booting_count == 0)
+        assert len(factory.created) == 3
+
+
 class SizedFactory(FakeFactory):
     """A fake factory whose VMs have 256 MiB (SPEC's), as its spec says."""
 
