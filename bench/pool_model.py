@@ -61,11 +61,12 @@ def simulate(trace: pool.Trace, policy: str, boot: float,
                 scaler.arrived(came)
             if waited:
                 scaler.waited(waited)
-            target = scaler.decide(ready_seconds=boot, budget_vms=None,
-                                   ready_now=ready + len(booting),
-                                   waiting=len(waiters)).target
-            ready = min(ready, target)
-        while ready + len(booting) < target + len(waiters) and len(booting) < parallelism:
+            decision = scaler.decide(ready_seconds=boot, budget_vms=None, ready_now=ready,
+                                     booting=len(booting), waiting=len(waiters))
+            target = decision.target
+            ready = min(ready, decision.keep if decision.keep is not None else target)
+        # As the filler does: boots up to the target, a finished one to a waiting caller first.
+        while ready + len(booting) < target and len(booting) < parallelism:
             booting.append(now + boot)
         if now < trace.duration:
             idle += ready * STEP

@@ -31,15 +31,18 @@ The policy, in order of precedence (the first rules win over the later):
      arrivals, where no target helps);
    - an expected burst (BURST_MIN requests or more within BURST_GAP): when bursts recur
      at a regular interval (two bursts so far, the latest interval within a quarter of
-     the one before, if any), the pool is grown to the burst's size just in time for the
-     next one (the time to boot that many VMs at `boot_parallelism`, plus one ready time)
-     instead of holding them ready all the way between bursts. A burst that does not
-     come when expected, or callers waiting outside a planned burst, end the plan.
+     the one before, if any), the pool is not refilled between bursts beyond the rules
+     above, and grows to the burst's size just in time for the next one: when the boots
+     still needed (the VMs ready or booting count), `boot_parallelism` at a time, plus
+     half a ready time, would just end. Once that many are ready they are held without
+     refilling, so that the burst starts no boot of its own. A burst that does not come
+     when expected, or callers waiting outside a planned burst, end the plan.
 
-Growth is applied at once. A lower target stops refilling at once, but the VMs ready or
-booting are kept until the higher target has not been needed for `shrink_after` seconds
-(the starting target, vm_cache_number, too): a surplus ready VM is stopped only after that
-idle period, and never while callers wait.
+Growth is applied at once. A lower target stops refilling at once (boots still queued for
+a slot do not start), but ready VMs are kept (`Decision.keep`) until the higher level has
+not been needed for `shrink_after` seconds (the starting target, vm_cache_number, too), and
+under a plan as long as the next burst will take them: a surplus ready VM is stopped only
+after that idle period, and never while callers wait.
 """
 
 from __future__ import annotations
@@ -70,6 +73,10 @@ BURST_MIN = 4
 #: Bursts recur "regularly" when the latest interval is within this share of the one
 #: before; a predicted burst later than this share of its interval is not coming.
 PERIOD_TOLERANCE = 0.25
+#: Growth for a planned burst ends this many ready times before it is due (boots under
+#: load vary: the median boot is not the slowest). Each VM ready early is held idle for
+#: that long: half a ready time is the compromise measured with bench/pool.py.
+LEAD_MARGIN = 0.5
 #: The driver looks at the pool at least this often (shrinking is due on time, not only on
 #: a change of the pool).
 TICK = 1.0
@@ -82,6 +89,9 @@ class Decision:
     reason: str
     #: Which rule decided, one of REASON_KINDS (a metric label: no numbers in it).
     kind: str = "fixed"
+    #: Ready VMs are stopped only above this many (at least `target`): a lower target stops
+    #: refilling at once, its ready VMs only once idle (None: `target`).
+    keep: int | None = None
 
 
 #: Every `Decision.kind` (metrics export each, 1 for the current one).
@@ -117,6 +127,12 @@ class Policy:
         self._held = (max(settings.min_ready, min(initial, settings.max_ready)), clock())
         self.current = self._held[0]
         self._initial = True
+        #: VMs ready or booting at the last decision.
+        self._have = 0
+        #: The planned burst (when it is due) whose growth has begun, and the one for which
+        #: the pool has been full since.
+        self._lead_for: float | None = None
+        self._full_for: float | None = None
 
     def configure(self, settings: AutoscaleSettings, *, parallelism: int) -> None:
         """New bounds or idle period (a reload): the demand seen so far is kept."""
@@ -172,16 +188,16 @@ class Policy:
     # the decision
 
     def decide(self, *, ready_seconds: float | None, budget_vms: int | None,
-               ready_now: int = 0, waiting: int = 0) -> Decision:
+               ready_now: int = 0, booting: int = 0, waiting: int = 0) -> Decision:
         """The target now. `ready_seconds`: the measured time to make a VM ready (None:
         not measured yet); `budget_vms`: how many VMs the memory budget holds (None: no
-        limit); `ready_now`: VMs ready or booting for the pool (kept until idle as long as
-        shrink_after: a lower target stops refilling, not these);
+        limit); `ready_now`, `booting`: the pool's VMs ready, and booting or queued to boot;
         `waiting`: callers waiting for a VM now (no shrinking while there are any)."""
         now = self.clock()
         s = self.settings
         ready = ready_seconds if ready_seconds and ready_seconds > 0 else DEFAULT_READY_SECONDS
         self._ready = ready
+        self._have = ready_now + booting
         horizon = s.shrink_after
         while self._arrivals and now - self._arrivals[0] > horizon:
             self._arrivals.popleft()
@@ -208,13 +224,6 @@ class Policy:
                                      f"{horizon:.0f} s"))
         if now < self._raised[1] and period is None:
             candidates.append((self._raised[0], "waited", "callers waited for a VM"))
-        if period is not None:
-            expected_at, size = period
-            lead = math.ceil(size / self.parallelism) * ready + ready
-            if expected_at - lead <= now:
-                candidates.append((size, "burst_expected", f"a burst of {size} expected in "
-                                         f"{max(0.0, expected_at - now):.0f} s (every "
-                                         f"{self._interval():.0f} s)"))
         demand, kind, why = max(candidates, default=(0, "idle", "no recent requests"),
                                 key=lambda c: c[0])
         bounded = max(s.min_ready, min(s.max_ready, demand))
@@ -222,38 +231,77 @@ class Policy:
             kind = "min_ready" if bounded > demand else "max_ready"
             why = (f"{why}; min_ready = {s.min_ready}" if bounded > demand
                    else f"{why}; max_ready = {s.max_ready}")
-        # Shrink slowly. Demand itself is held: arrivals count for shrink_after seconds,
-        # callers that waited too. A level is held for shrink_after seconds from when it
-        # was first needed (the starting target too); between planned bursts the pool is not
-        # refilled beyond steady demand, but a ready VM is still kept for that idle time.
+        if period is None:
+            target, keep, why, kind = self._hold(now, bounded, demand, why, kind, waiting)
+        else:
+            target, keep, why, kind = self._plan(now, period, bounded, why, kind, ready_now)
+        if waiting > target:
+            # Callers waiting are served by boots as many at a time as there are callers.
+            target = max(target, min(s.max_ready, waiting))
+            keep = max(keep, target)
+            why, kind = f"{why}; {waiting} waiting for a VM", "held"
+        if budget_vms is not None and budget_vms < max(target, keep):
+            target, keep = min(target, max(0, budget_vms)), max(0, budget_vms)
+            why = f"{why}; memory_budget_mib holds {keep}"
+            kind = "memory_budget"
+        self.current = target
+        return Decision(target, why, kind, keep=max(target, keep))
+
+    def _hold(self, now: float, bounded: int, demand: int, why: str, kind: str,
+              waiting: int) -> tuple[int, int, str, str]:
+        """(target, keep, reason, kind) without a plan. A level is held for shrink_after
+        seconds from when it was last needed (the starting target too): the pool is not
+        refilled above demand, but its ready VMs are stopped only after that idle time."""
+        horizon = self.settings.shrink_after
         held, since = self._held
-        held = min(held, s.max_ready)  # a reload may have lowered the bound
+        held = min(held, self.settings.max_ready)  # a reload may have lowered the bound
         if waiting and bounded < held:
             # A caller still waits (boots are slow): the level is still needed.
             self._held = (held, now)
-            why, kind, bounded = f"keeping {held}: {waiting} waiting for a VM", "held", held
-        elif bounded > held or now - since >= horizon:
+            return held, held, f"keeping {held}: {waiting} waiting for a VM", "held"
+        if bounded > held or now - since >= horizon:
             self._initial = False
-            if bounded < held and period is None:
+            if bounded < held:
                 why = f"{why} (no demand for {held} for {now - since:.0f} s)"
             self._held = (bounded, now if bounded != held else since)
-        elif bounded < held:
-            # Not refilled above demand, but not stopped before the idle period either
-            # (vm_cache_number, the starting target, is kept for that long as it is).
-            keep = held if self._initial else max(bounded, min(held, ready_now))
-            self._held = (keep, since)
-            if keep > bounded:
-                why = (f"keeping {keep}: needed {now - since:.0f} s ago, stopped once idle "
-                       f"{horizon:.0f} s")
-            bounded = keep
-            kind = "held" if keep > demand else kind
-        target = bounded
-        if budget_vms is not None and budget_vms < target:
-            target = max(0, budget_vms)
-            why = f"{why}; memory_budget_mib holds {target}"
-            kind = "memory_budget"
-        self.current = target
-        return Decision(target, why, kind)
+            return bounded, bounded, why, kind
+        if bounded == held:
+            return bounded, bounded, why, kind
+        if self._initial:
+            # vm_cache_number, the starting target, is kept as it is for the idle time.
+            return held, held, (f"keeping {held}: vm_cache_number, until idle "
+                                f"{horizon:.0f} s"), "held"
+        if now - since < min(RATE_WINDOW, horizon):
+            # A rate measured lower within its own window is noise as much as news: the
+            # level is still refilled for that long.
+            return held, held, (f"{why}; keeping {held} (needed {now - since:.0f} s ago) "
+                                f"until idle {horizon:.0f} s"), "held"
+        return bounded, held, (f"{why}; keeping up to {held} ready (needed "
+                               f"{now - since:.0f} s ago) until idle {horizon:.0f} s"), "held"
+
+    def _plan(self, now: float, period: tuple[float, int], bounded: int, why: str, kind: str,
+              ready_now: int) -> tuple[int, int, str, str]:
+        """(target, keep, reason, kind) when bursts recur. Between bursts the pool is not
+        refilled above steady demand, and VMs still ready are kept for the next burst (they
+        count against its lead). The pool grows to the burst's size when the boots still
+        needed, `parallelism` at a time, would just end in time; once that many are ready
+        they are held without refilling, so that the burst itself starts no boot."""
+        expected_at, size = period
+        size = min(size, self.settings.max_ready)
+        # Held from now on if the plan ends (a burst that does not come): stopped once idle.
+        self._held = (max(bounded, min(size, ready_now)), now)
+        self._initial = False
+        when = (f"a burst of {size} expected in {max(0.0, expected_at - now):.0f} s "
+                f"(every {self._interval():.0f} s)")
+        if not self._lead_began(now, expected_at, size):
+            lead = self._lead(size)
+            return bounded, max(bounded, size), (f"{why}; {when}: growing {lead:.0f} s "
+                                                 f"before"), kind
+        if ready_now >= size:
+            self._full_for = expected_at
+        if self._full_for == expected_at:
+            return bounded, max(bounded, size), f"{when}: {size} ready", "burst_expected"
+        return max(bounded, size), max(bounded, size), when, "burst_expected"
 
     # bursts that recur
 
@@ -278,15 +326,27 @@ class Policy:
             return None  # it did not come: plan for nothing, hold what demand says
         return expected, max(x.size for x in b[-3:])
 
+    def _lead(self, size: int) -> float:
+        """How long before a burst of `size` to grow for it: the boots still needed (the
+        VMs ready or booting count), `parallelism` at a time, plus LEAD_MARGIN ready times
+        (boots under load vary)."""
+        missing = max(0, size - self._have)
+        return (math.ceil(missing / self.parallelism) + LEAD_MARGIN) * self._ready
+
+    def _lead_began(self, now: float, expected_at: float, size: int) -> bool:
+        """Whether the growth for the burst expected at `expected_at` has begun. Once begun
+        it goes on (the boots it started count against the lead, which would end it)."""
+        if self._lead_for != expected_at and now >= expected_at - self._lead(size):
+            self._lead_for = expected_at
+        return self._lead_for == expected_at
+
     def _in_lead(self, now: float) -> bool:
         """Within a planned burst's lead time (or the burst itself)."""
         period = self._period()
         if period is None:
             return False
-        expected_at, size = period
-        lead = math.ceil(size / self.parallelism) * self._ready + self._ready
-        return now >= expected_at - lead or bool(self._bursts
-                                                 and now - self._bursts[-1].last <= BURST_GAP)
+        return (self._lead_began(now, *period)
+                or bool(self._bursts and now - self._bursts[-1].last <= BURST_GAP))
 
     def _in_burst(self, t: float) -> bool:
         return any(x.start <= t <= x.last for x in self._bursts)
@@ -335,7 +395,7 @@ class Autoscaler:
         """A reload: the new settings apply at once (autoscale off: vm_cache_number)."""
         self.settings, self.fixed = settings, fixed
         self.policy.configure(settings, parallelism=parallelism)
-        if not settings.enabled and self.cache.wanted != fixed:
+        if not settings.enabled and (self.cache.wanted, self.cache.keep) != (fixed, fixed):
             self.cache.resize(fixed)
         self.step()
         self._kick.set()
@@ -380,14 +440,15 @@ class Autoscaler:
             return None
         decision = self.policy.decide(ready_seconds=self._ready_seconds(),
                                       budget_vms=self._budget_vms(),
-                                      ready_now=self.cache.ready_count
-                                      + self.cache.booting_count,
+                                      ready_now=self.cache.ready_count,
+                                      booting=self.cache.booting_count,
                                       waiting=self.cache.waiting_clients)
         if decision.target != self.cache.wanted:
             log.info("pool target %d -> %d: %s", self.cache.wanted, decision.target,
                      decision.reason)
             self.changes += 1
-            self.cache.resize(decision.target)
+        if (decision.target, decision.keep) != (self.cache.wanted, self.cache.keep):
+            self.cache.resize(decision.target, keep=decision.keep)
         self.reason, self.kind = decision.reason, decision.kind
         return decision
 

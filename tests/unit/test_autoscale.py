@@ -33,10 +33,21 @@ def policy(clock: Clock, *, min_ready: int = 1, max_ready: int = 16,
                   initial=initial, parallelism=2, clock=clock)
 
 
-def decide(p: Policy, *, budget: int | None = None, ready_now: int = 0,
+def decide(p: Policy, *, budget: int | None = None, ready_now: int = 0, booting: int = 0,
            waiting: int = 0) -> Decision:
     return p.decide(ready_seconds=READY, budget_vms=budget, ready_now=ready_now,
-                    waiting=waiting)
+                    booting=booting, waiting=waiting)
+
+
+def two_bursts(clock: Clock) -> Policy:
+    """A policy that has seen two bursts of 10, 45 s apart (the second just now): the next
+    is planned for in 45 s."""
+    p = policy(clock, shrink_after=60)
+    p.arrived(10)
+    decide(p)
+    clock.advance(45)
+    p.arrived(10)
+    return p
 
 
 def test_starts_at_vm_cache_number_within_bounds() -> None:
@@ -131,7 +142,7 @@ def test_memory_budget_wins_over_everything() -> None:
 def test_regular_bursts_are_planned_for_not_held_between() -> None:
     """Bursts of 10 every 45 s: after two, the pool drops to steady demand between bursts
     (the burst took every ready VM, so none is stopped) and grows back in time for the
-    next: the time to boot 10 two at a time (5 ready times) plus one ready time."""
+    next: the time to boot 10 two at a time (5 ready times) plus half a ready time."""
     clock = Clock()
     p = policy(clock, shrink_after=60)
     p.arrived(10)
@@ -141,13 +152,39 @@ def test_regular_bursts_are_planned_for_not_held_between() -> None:
     p.arrived(10)
     d = decide(p, ready_now=0)
     assert d.target < 10, d.reason
-    lead = 5 * READY + READY
+    lead = 5 * READY + 0.5 * READY
     clock.advance(45 - lead - 1)
     assert decide(p).target < 10
     clock.advance(1)
     d = decide(p)
     assert d.target == 10, d.reason
     assert "burst of 10 expected" in d.reason
+
+
+def test_a_planned_burst_counts_the_vms_ready_and_is_not_refilled_once_met() -> None:
+    clock = Clock()
+    p = two_bursts(clock)
+    decide(p)
+    # Four VMs are still ready: six to boot, three rounds of two, plus half a ready time.
+    clock.advance(45 - 3.5 * READY - 0.5)
+    d = decide(p, ready_now=4)
+    assert d.target < 10, d
+    assert d.keep >= 4, d
+    clock.advance(0.5)
+    assert decide(p, ready_now=4).target == 10
+    # The boots it started count against the lead: the growth goes on all the same.
+    assert decide(p, ready_now=4, booting=6).target == 10
+    clock.advance(3 * READY)
+    d = decide(p, ready_now=10)
+    assert d.target < 10, d
+    assert d.keep == 10, d
+    assert "10 ready" in d.reason
+    # The burst begins (not yet told apart from single requests): taken VMs are not
+    # replaced, so the burst starts no boot of its own.
+    p.arrived(3)
+    d = decide(p, ready_now=7)
+    assert d.target < 10, d
+    assert d.keep == 10, d
 
 
 def test_a_planned_burst_that_does_not_come_ends_the_plan() -> None:
@@ -181,11 +218,11 @@ def test_ready_vms_are_not_stopped_before_their_idle_time_between_planned_bursts
     assert decide(p).target == 4
     clock.advance(30)
     p.arrived(4)
-    # Three VMs are still ready (refilled meanwhile): planned for, but not stopped yet.
+    # Three VMs are still ready (refilled meanwhile): kept for the next burst, not stopped,
+    # and not replaced when taken until that burst is near.
     d = decide(p, ready_now=3)
-    assert d.target == 3, d.reason
-    assert "keeping 3" in d.reason
-    # Once taken, they are not replaced until the next burst is near.
+    assert d.target < 3 <= d.keep, d
+    assert "burst of 4 expected" in d.reason
     d = decide(p, ready_now=0)
     assert d.target < 3, d.reason
 
@@ -237,13 +274,14 @@ def test_a_lower_target_stops_refilling_at_once_but_stops_ready_vms_only_when_id
         assert decide(p, ready_now=6).target <= 6
     assert decide(p, ready_now=6).target == 6
     clock.advance(25)  # the rate is forgotten after 20 s; the peak (2 in 2 s) is not
-    # Two were taken meanwhile: four are ready, not refilled to six, not stopped either.
+    # Demand is lower now: the pool is not refilled to six, but its ready VMs are kept.
     d = decide(p, ready_now=4)
-    assert d.target == 4, d.reason
-    assert "keeping 4" in d.reason
-    assert decide(p, ready_now=3).target == 3
+    assert d.target < 4, d
+    assert d.keep == 6, d
+    assert "keeping up to 6" in d.reason
     clock.advance(60)
-    assert decide(p, ready_now=3).target == 1  # idle for shrink_after: down to min_ready
+    d = decide(p, ready_now=3)  # idle for shrink_after: down to min_ready
+    assert (d.target, d.keep) == (1, 1), d
 
 
 def test_callers_waiting_on_slow_boots_do_not_ratchet_the_target_up() -> None:
@@ -269,11 +307,7 @@ def test_a_burst_of_waiting_callers_grows_by_all_of_them() -> None:
 
 def test_callers_waiting_outside_a_planned_burst_end_the_plan() -> None:
     clock = Clock()
-    p = policy(clock, shrink_after=60)
-    p.arrived(10)
-    decide(p)
-    clock.advance(45)
-    p.arrived(10)
+    p = two_bursts(clock)
     assert decide(p, ready_now=0).target < 10  # planned: not held
     clock.advance(5)
     p.arrived()
