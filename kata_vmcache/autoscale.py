@@ -25,18 +25,20 @@ The policy, in order of precedence (the first rules win over the later):
      the ones it took are being replaced;
    - the peak: the most requests that arrived within one ready time, over the last
      `shrink_after` seconds (a burst is covered for that long after it happened);
-   - after callers waited: the target they found plus the most callers waiting at once,
-     held for `shrink_after` seconds ("grow at once when callers wait"; one more per
+   - after callers waited: the target they found (when their cluster of requests began:
+     the steady estimate grows with its first requests) plus the most callers waiting at
+     once, held for `shrink_after` seconds ("grow at once when callers wait"; one more per
      caller would ratchet the pool up to max_ready whenever boots are slower than
      arrivals, where no target helps);
    - an expected burst (BURST_MIN requests or more within BURST_GAP): when bursts recur
      at a regular interval (two bursts so far, the latest interval within a quarter of
      the one before, if any), the pool is not refilled between bursts beyond the rules
      above, and grows to the burst's size just in time for the next one: when the boots
-     still needed (the VMs ready or booting count), `boot_parallelism` at a time, plus
-     half a ready time, would just end. Once that many are ready they are held without
-     refilling, so that the burst starts no boot of its own. A burst that does not come
-     when expected, or callers waiting outside a planned burst, end the plan.
+     still needed (the VMs ready or booting count), `boot_parallelism` at a time and each
+     as slow as the third quartile of the latest, plus half a ready time, would just
+     end. Once that many are ready they are held without refilling, so that the burst
+     starts no boot of its own. A burst that does not come when expected, or callers
+     waiting outside a planned burst, end the plan.
 
 Growth is applied at once. A lower target stops refilling at once (boots still queued for
 a slot do not start), but ready VMs are kept (`Decision.keep`) until the higher level has
@@ -129,6 +131,10 @@ class Policy:
         self._initial = True
         #: VMs ready or booting at the last decision.
         self._have = 0
+        #: The target when the latest cluster of arrivals began (see arrived()).
+        self._found = self.current
+        #: A slow boot among the latest (a planned burst's lead counts its boots at this).
+        self._slow = DEFAULT_READY_SECONDS
         #: The planned burst (when it is due) whose growth has begun, and the one for which
         #: the pool has been full since.
         self._lead_for: float | None = None
@@ -144,6 +150,10 @@ class Policy:
     def arrived(self, count: int = 1) -> None:
         """`count` GetBaseVM requests were served (or are waiting) now."""
         now = self.clock()
+        if not self._arrivals or now - self._arrivals[-1] > BURST_GAP:
+            # The target callers find: rules that grow with each arrival of a cluster
+            # (steady demand) raise it before its later callers wait, too late to help them.
+            self._found = self.current
         for _ in range(count):
             self._arrivals.append(now)
         burst = self._bursts[-1] if self._bursts else None
@@ -173,7 +183,7 @@ class Policy:
             self._episode = None
             return
         if self._episode is None:
-            self._episode = self.current
+            self._episode = min(self.current, self._found)
             if self._period() is not None and not self._in_lead(now):
                 # Callers waited outside a planned burst: the plan is wrong (bursts that
                 # looked regular were not), so forget it and hold demand again.
@@ -188,15 +198,18 @@ class Policy:
     # the decision
 
     def decide(self, *, ready_seconds: float | None, budget_vms: int | None,
-               ready_now: int = 0, booting: int = 0, waiting: int = 0) -> Decision:
+               ready_now: int = 0, booting: int = 0, waiting: int = 0,
+               slow_seconds: float | None = None) -> Decision:
         """The target now. `ready_seconds`: the measured time to make a VM ready (None:
-        not measured yet); `budget_vms`: how many VMs the memory budget holds (None: no
+        not measured yet); `slow_seconds`: a slow one of the latest (default: the same);
+        `budget_vms`: how many VMs the memory budget holds (None: no
         limit); `ready_now`, `booting`: the pool's VMs ready, and booting or queued to boot;
         `waiting`: callers waiting for a VM now (no shrinking while there are any)."""
         now = self.clock()
         s = self.settings
         ready = ready_seconds if ready_seconds and ready_seconds > 0 else DEFAULT_READY_SECONDS
         self._ready = ready
+        self._slow = max(ready, slow_seconds or 0.0)
         self._have = ready_now + booting
         horizon = s.shrink_after
         while self._arrivals and now - self._arrivals[0] > horizon:
@@ -328,10 +341,10 @@ class Policy:
 
     def _lead(self, size: int) -> float:
         """How long before a burst of `size` to grow for it: the boots still needed (the
-        VMs ready or booting count), `parallelism` at a time, plus LEAD_MARGIN ready times
-        (boots under load vary)."""
+        VMs ready or booting count), `parallelism` at a time, each as slow as a slow one of
+        the latest, plus LEAD_MARGIN ready times."""
         missing = max(0, size - self._have)
-        return (math.ceil(missing / self.parallelism) + LEAD_MARGIN) * self._ready
+        return math.ceil(missing / self.parallelism) * self._slow + LEAD_MARGIN * self._ready
 
     def _lead_began(self, now: float, expected_at: float, size: int) -> bool:
         """Whether the growth for the burst expected at `expected_at` has begun. Once begun
@@ -409,11 +422,15 @@ class Autoscaler:
                            f"{target}")
             self.kind = "memory_budget"
 
-    def _ready_seconds(self) -> float | None:
-        """The measured time to make a VM ready: the median of the latest boots (under
-        the same contention as the next ones: they ran while others booted too)."""
+    def _ready_seconds(self) -> tuple[float | None, float | None]:
+        """The measured time to make a VM ready, the median of the latest boots (under the
+        same contention as the next ones: they ran while others booted too), and a slow
+        one: their third quartile."""
         times = list(self.cache.stats.boot_times)[-16:]
-        return statistics.median(times) if times else None
+        if not times:
+            return None, None
+        slow = statistics.quantiles(times, n=4)[2] if len(times) >= 2 else times[0]
+        return statistics.median(times), slow
 
     def _budget_vms(self) -> int | None:
         memory, budget = self.cache.vm_memory_mib, self.cache.memory_budget_mib
@@ -438,7 +455,8 @@ class Autoscaler:
         if not self.settings.enabled:
             self._explain_fixed()
             return None
-        decision = self.policy.decide(ready_seconds=self._ready_seconds(),
+        ready, slow = self._ready_seconds()
+        decision = self.policy.decide(ready_seconds=ready, slow_seconds=slow,
                                       budget_vms=self._budget_vms(),
                                       ready_now=self.cache.ready_count,
                                       booting=self.cache.booting_count,

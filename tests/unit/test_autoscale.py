@@ -187,6 +187,19 @@ def test_a_planned_burst_counts_the_vms_ready_and_is_not_refilled_once_met() -> 
     assert d.keep == 10, d
 
 
+def test_a_planned_burst_is_led_by_slow_boots() -> None:
+    """Boots vary: the lead counts each round of boots at a slow one of the latest (the
+    driver gives their third quartile), plus half a median one."""
+    clock = Clock()
+    p = two_bursts(clock)
+    decide(p)
+    lead = 5 * 3.0 + 0.5 * READY
+    clock.advance(45 - lead - 0.5)
+    assert p.decide(ready_seconds=READY, slow_seconds=3.0, budget_vms=None).target < 10
+    clock.advance(0.5)
+    assert p.decide(ready_seconds=READY, slow_seconds=3.0, budget_vms=None).target == 10
+
+
 def test_a_planned_burst_that_does_not_come_ends_the_plan() -> None:
     clock = Clock()
     p = policy(clock, shrink_after=60)
@@ -303,6 +316,20 @@ def test_a_burst_of_waiting_callers_grows_by_all_of_them() -> None:
     p.arrived(10)
     p.waited(8)
     assert decide(p, waiting=8).target >= 10
+
+
+def test_the_waited_floor_counts_from_the_target_callers_found() -> None:
+    """A burst of 10 on 2 ready VMs, decided upon request by request (as the driver does):
+    its first requests raise the steady estimate, but the 8 callers that wait found 2."""
+    clock = Clock()
+    p = policy(clock, shrink_after=60)
+    for waiting in (0, 0, 1, 2, 3, 4, 5, 6, 7, 8):
+        p.arrived()
+        if waiting:
+            p.waited()
+        d = decide(p, waiting=waiting)
+        clock.advance(0.01)
+    assert d.target == 10, d
 
 
 def test_callers_waiting_outside_a_planned_burst_end_the_plan() -> None:
