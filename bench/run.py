@@ -37,8 +37,13 @@ CLI = [sys.executable, "-m", "kata_vmcache"]
 CACHE = 8  # enough for 8 concurrent clients to find a ready VM each
 
 
+STARTED = time.monotonic()
+
+
 def log(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
+    """A progress line, with the minutes and seconds since the bench started."""
+    minutes, seconds = divmod(int(time.monotonic() - STARTED), 60)
+    print(f"bench [{minutes:2d}:{seconds:02d}]: {message}", file=sys.stderr, flush=True)
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -254,7 +259,7 @@ class Bench:
             "load_average": os.getloadavg()[0],
         }
 
-    def concurrent(self, clients: int = 8, rounds: int = 4) -> None:
+    def concurrent(self, clients: int = 8, rounds: int = 2) -> None:
         samples: list[float] = []
         for _ in range(rounds):
             self.wait_full()
@@ -472,7 +477,7 @@ def chart(raw: dict[str, list[float]], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=96, help="hand-off samples (default 96)")
+    parser.add_argument("--samples", type=int, default=56, help="hand-off samples (default 56)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--quick", action="store_true",
                         help="hand-off and floor only, printed, nothing written (for development)")
@@ -486,10 +491,10 @@ def main() -> int:
     parser.add_argument("--policies", default="fixed-2,fixed-8,autoscale",
                         help="pool policies to compare (default: fixed-2,fixed-8,autoscale)")
     parser.add_argument("--no-pool", action="store_true",
-                        help="skip the pool policies (about 15 minutes)")
-    parser.add_argument("--sync-samples", type=int, default=40,
+                        help="skip the pool policies (about 20 minutes of the run)")
+    parser.add_argument("--sync-samples", type=int, default=24,
                         help="GetBaseVM samples of the synchronous grpcio client, each from "
-                             "a full cache (default 40, about 2 minutes on TCG)")
+                             "a full cache (default 24, 1-2 minutes on TCG)")
     parser.add_argument("--only-sync", action="store_true",
                         help="the synchronous client's phase alone: its figures replace "
                              "handoff_sync_client in latest.json (the rest is kept) and "
