@@ -108,6 +108,9 @@ async def test_snapshot_describes_the_pool(pool: tuple[VMCache, FakeFactory],
     cache, _ = pool
     await until(cache, lambda: cache.ready_count == 2)
     await hand_off(cache)
+    # Refilled before the snapshot: a boot ending between the snapshot and the asserts
+    # below would make them compare two different moments (seen under a loaded make test).
+    await until(cache, lambda: cache.ready_count == 2 and cache.booting_count == 0)
     endpoint = sockdir / "s.sock"
     server, _ = await serve(cache, endpoint)
     try:
