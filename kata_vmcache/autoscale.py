@@ -263,8 +263,8 @@ class Policy:
     def _hold(self, now: float, bounded: int, demand: int, why: str, kind: str,
               waiting: int) -> tuple[int, int, str, str]:
         """(target, keep, reason, kind) without a plan. A level is held for shrink_after
-        seconds from when it was last needed (the starting target too): the pool is not
-        refilled above demand, but its ready VMs are stopped only after that idle time."""
+        seconds from when it was last needed (the starting target from the start): it is
+        refilled for RATE_WINDOW of them, and its ready VMs are stopped only after all."""
         horizon = self.settings.shrink_after
         held, since = self._held
         held = min(held, self.settings.max_ready)  # a reload may have lowered the bound
@@ -272,11 +272,18 @@ class Policy:
             # A caller still waits (boots are slow): the level is still needed.
             self._held = (held, now)
             return held, held, f"keeping {held}: {waiting} waiting for a VM", "held"
-        if bounded > held or now - since >= horizon:
+        if bounded > held or (bounded == held and kind == "steady"):
+            # Needed now: its idle time starts again. (Steady demand remembers RATE_WINDOW
+            # seconds; the peak and the waited floor hold their level for shrink_after by
+            # themselves, and are not held twice as long.)
+            self._initial = False
+            self._held = (bounded, now)
+            return bounded, bounded, why, kind
+        if now - since >= horizon:
             self._initial = False
             if bounded < held:
                 why = f"{why} (no demand for {held} for {now - since:.0f} s)"
-            self._held = (bounded, now if bounded != held else since)
+            self._held = (bounded, now)
             return bounded, bounded, why, kind
         if bounded == held:
             return bounded, bounded, why, kind

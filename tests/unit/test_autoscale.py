@@ -102,6 +102,24 @@ def test_shrinks_only_after_the_idle_period() -> None:
     assert "min_ready" in d.reason
 
 
+def test_a_steady_level_is_idle_from_when_it_was_last_needed() -> None:
+    """Steady demand at one level for longer than shrink_after, then an estimate one
+    lower (Poisson noise as often as news): the surplus ready VM is kept, not stopped."""
+    clock = Clock()
+    p = policy(clock, shrink_after=30)
+    levels = set()
+    for _ in range(90):  # one a second for 90 s: the steady level, 6
+        p.arrived()
+        clock.advance(1.0)
+        levels.add(decide(p, ready_now=6).target)
+    assert 6 in levels
+    clock.advance(8)  # a gap: the rate over the window says 5
+    d = decide(p, ready_now=6)
+    assert d.keep == 6, d
+    clock.advance(30)  # then idle for shrink_after: stopped
+    assert decide(p, ready_now=6).keep < 6
+
+
 def test_steady_demand_keeps_rate_times_ready_time_plus_margin() -> None:
     clock = Clock()
     p = policy(clock, shrink_after=60)
