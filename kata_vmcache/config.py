@@ -698,11 +698,13 @@ class _Validator:
     def autoscale(self, t: Mapping[str, Any], p: str) -> AutoscaleSettings:
         d = AutoscaleSettings()
         enabled = self.get(t, f"{p}.autoscale", bool, d.enabled, "true or false")
-        least = self.get(t, f"{p}.min_ready", int, d.min_ready, "an integer from 1 to 256")
+        # min_ready = 0: no VM is held without demand (scale to zero; the first request
+        # after an idle period waits for a boot). max_ready = 0 would be no cache at all.
+        least = self.get(t, f"{p}.min_ready", int, d.min_ready, "an integer from 0 to 256")
         most = self.get(t, f"{p}.max_ready", int, d.max_ready, "an integer from 1 to 256")
-        for key, value in ((f"{p}.min_ready", least), (f"{p}.max_ready", most)):
-            if not 1 <= value <= 256:
-                self.problem(key, f"out of range (got {value}, expected 1 to 256)")
+        for key, value, low in ((f"{p}.min_ready", least, 0), (f"{p}.max_ready", most, 1)):
+            if not low <= value <= 256:
+                self.problem(key, f"out of range (got {value}, expected {low} to 256)")
         if 1 <= most < least <= 256:
             self.problem(f"{p}.max_ready", f"below min_ready (got {most}, expected at least "
                                            f"min_ready = {least})")

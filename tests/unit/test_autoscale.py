@@ -64,6 +64,17 @@ def test_starts_at_vm_cache_number_within_bounds() -> None:
     assert decide(policy(clock, initial=1, min_ready=3)).target == 3
 
 
+def test_min_ready_zero_holds_nothing_without_demand_and_boots_for_a_caller() -> None:
+    clock = Clock()
+    p = policy(clock, min_ready=0, initial=2, shrink_after=30)
+    clock.advance(30)
+    d = decide(p, ready_now=2)
+    assert (d.target, d.keep) == (0, 0), d  # idle: scaled to zero
+    p.arrived()
+    p.waited()
+    assert decide(p, waiting=1).target >= 1  # a caller waits: a boot for it
+
+
 def test_burst_grows_at_once_to_its_size() -> None:
     clock = Clock()
     p = policy(clock)
