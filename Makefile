@@ -38,10 +38,13 @@ run: setup
 # Two workers (pytest-xdist): a real-QEMU test mostly waits (boots, backoffs, idle
 # periods), and each worker is its own child subreaper, so the leak guard still sees only
 # its own QEMUs. TEST_JOBS=0 runs the suite in this process, one test at a time.
+# --dist worksteal: an idle worker takes tests queued for the other, so the few long
+# integration tests do not leave one worker running alone at the end (the default
+# schedule measured 10:02 for the suite, worksteal 7:16, same clone, same machine).
 TEST_JOBS ?= 2
 
 test: setup
-	$(BIN)/python -m pytest -n $(TEST_JOBS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) $(if $(filter 0,$(TEST_JOBS)),,--dist worksteal)
 
 test-unit: venv
 	$(BIN)/python -m pytest tests/unit
