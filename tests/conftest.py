@@ -19,7 +19,7 @@ import contextlib
 import ctypes
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,16 +146,27 @@ def _check_asyncio_tasks(request: pytest.FixtureRequest) -> None:
         request.getfixturevalue("_no_leaked_tasks")
 
 
-#: The user_properties name under which tests/integration's `report` fixture records a
-#: measurement. The summary hook lives here, in the root conftest: under pytest-xdist the
-#: controller process collects nothing, so it never loads tests/integration/conftest.py.
-MEASURED = "measured"
+# Measurements: tests report what they measured (latencies, CPU, RSS, fds); the numbers
+# are printed at the end of the run, never asserted beyond generous sanity bounds. They
+# travel as the test report's user_properties, so a run on several workers (pytest-xdist)
+# prints them too. The summary hook lives here, in the root conftest: under pytest-xdist
+# the controller process collects nothing, so it never loads tests/integration/conftest.py.
+
+_MEASURED = "measured"
+
+
+@pytest.fixture
+def report(request: pytest.FixtureRequest) -> Callable[[str, object], None]:
+    def record(what: str, value: object) -> None:
+        request.node.user_properties.append(
+            (_MEASURED, f"{request.node.name}: {what} = {value}"))
+    return record
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     lines = [line for reports in terminalreporter.stats.values() for rep in reports
              if getattr(rep, "when", None) == "call"
-             for name, line in getattr(rep, "user_properties", ()) if name == MEASURED]
+             for name, line in getattr(rep, "user_properties", ()) if name == _MEASURED]
     if lines:
         terminalreporter.section("measured")
         for line in lines:

@@ -227,7 +227,7 @@ class VMCache:
     @property
     def keep(self) -> int:
         """Ready VMs are stopped only above this many (at least `wanted`)."""
-        return max(self.pool.wanted, self.pool.keep)
+        return self.pool.keep
 
     def resize(self, target: int, *, keep: int | None = None) -> None:
         """Grow or shrink the pool to `target` (vm_cache_number; fewer if the memory budget

@@ -45,8 +45,8 @@ class Pool:
         self.factory = factory
         #: vm_cache_number: the VMs wanted ready (`target` is what the budget allows of it).
         self.wanted = wanted
-        #: Ready VMs are stopped only above this many (at least `wanted`): the autoscaler
-        #: lowers the target at once and stops ready VMs only once idle.
+        #: Ready VMs are stopped only above this many, at least `wanted` (VMCache.resize()
+        #: sets both): the autoscaler lowers the target at once, stops ready VMs once idle.
         self.keep = wanted
         #: The most guest memory the pool commits (None: no limit).
         self.memory_budget_mib = memory_budget_mib
@@ -72,22 +72,22 @@ class Pool:
         """The configured memory of the VMs the factory boots now."""
         return self.factory.spec.memory_mib
 
+    def _within_budget(self, vms: int) -> int:
+        """`vms`, or as many as memory_budget_mib holds if fewer."""
+        memory = self.vm_memory_mib
+        if self.memory_budget_mib is None or memory <= 0:
+            return vms
+        return min(vms, self.memory_budget_mib // memory)
+
     @property
     def target(self) -> int:
         """VMs kept ready: vm_cache_number, or as many as memory_budget_mib holds if fewer."""
-        memory = self.vm_memory_mib
-        if self.memory_budget_mib is None or memory <= 0:
-            return self.wanted
-        return min(self.wanted, self.memory_budget_mib // memory)
+        return self._within_budget(self.wanted)
 
     @property
     def kept(self) -> int:
         """Ready VMs not stopped: `keep`, or as many as memory_budget_mib holds if fewer."""
-        memory = self.vm_memory_mib
-        keep = max(self.wanted, self.keep)
-        if self.memory_budget_mib is None or memory <= 0:
-            return keep
-        return min(keep, self.memory_budget_mib // memory)
+        return self._within_budget(self.keep)
 
     @property
     def committed_mib(self) -> int:

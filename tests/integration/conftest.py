@@ -74,19 +74,3 @@ def make_daemon(make_config: ConfigFactory, workdir: Path) -> Iterator[Callable[
 @pytest.fixture
 def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
     return make_daemon()
-
-
-# Measurements: tests report what they measured (latencies, CPU, RSS, fds); the numbers
-# are printed at the end of the run, never asserted beyond generous sanity bounds. They
-# travel as the test report's user_properties, so a run on several workers (pytest-xdist)
-# prints them too.
-
-_MEASURED = "measured"  # read by the summary hook in tests/conftest.py
-
-
-@pytest.fixture
-def report(request: pytest.FixtureRequest) -> Callable[[str, object], None]:
-    def record(what: str, value: object) -> None:
-        request.node.user_properties.append(
-            (_MEASURED, f"{request.node.name}: {what} = {value}"))
-    return record
