@@ -52,6 +52,9 @@ MemoryBackend = Literal["ram", "template", "clone"]
 SHARED_TAG = "kataShared"
 #: hypervisor.go defaultSocketChannelName / DeviceID / ID (the agent's serial channel).
 AGENT_CHANNEL_NAME = "agent.channel.0"
+#: The QEMU device id of that port (Kata 1.x's qemu.go: `channel0`); QMP names it in
+#: VSERPORT_CHANGE when the guest opens or closes the port.
+AGENT_PORT_ID = "channel0"
 #: hypervisor.go vSockPort: where the agent listens over vsock.
 AGENT_VSOCK_PORT = 1024
 #: qemu_arch_base.go bridgePCIStartAddr: slots 0 and 1 belong to the platform on x86.
@@ -328,7 +331,7 @@ class VMSpec:
                                                f"chassis=0,slot={i},multifunction=off")]
         if self.agent_channel == "serial":
             devices += [
-                "-device", f"virtserialport,chardev=charch0,id=channel0,"
+                "-device", f"virtserialport,chardev=charch0,id={AGENT_PORT_ID},"
                            f"name={AGENT_CHANNEL_NAME}",
                 "-chardev", f"socket,id=charch0,path={opt_value(paths.agent)},"
                             "server=on,wait=off",

@@ -47,7 +47,8 @@ from typing import Any
 from ..config import Config
 from ..errors import GuestNotReady, TemplateError
 from ..guest_channel import SEED_BYTES, GuestChannel
-from ..machine import Accelerator, VMSpec
+from ..machine import AGENT_PORT_ID, Accelerator, VMSpec
+from ..priority import Level
 from ..vm import VM, VMState
 from .direct import DirectFactory, abandon, booted
 
@@ -67,6 +68,9 @@ TMPFS_HEADROOM_MIB = 64
 TEMPLATE_FORMAT = 1
 #: The clone check's guest-side sleep: any sleep needs running timers.
 CHECK_SLEEP_MS = 10
+#: Kata's templateWaitForAgent (template.go): the agent's time to listen again after the
+#: factory disconnects, where nothing tells us when it does (vsock).
+TEMPLATE_WAIT_FOR_AGENT = 2.0
 
 
 def _unescape_mountinfo(field: str) -> str:
@@ -187,8 +191,9 @@ class TemplateFactory:
 
     # the template
 
-    async def ensure_template(self) -> None:
-        """Reuse the template on disk if it matches the settings, else build it."""
+    async def ensure_template(self, priority: Level = "normal") -> None:
+        """Reuse the template on disk if it matches the settings, else build it (at
+        `priority`: the clone's that needs it)."""
         async with self._lock:
             digest = self.digest()
             if self._built == digest:
@@ -202,7 +207,7 @@ class TemplateFactory:
                 log.info("the VM template in %s was built from other settings; rebuilding",
                          self.path)
                 await self._mount(fresh=True)  # the guest's memory size may have changed
-            await self._build(digest)
+            await self._build(digest, priority)
 
     async def _mount(self, *, fresh: bool) -> None:
         """A tmpfs on template_path; `fresh`: replace one we mounted (sized for the old
@@ -252,15 +257,17 @@ class TemplateFactory:
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
 
-    async def _build(self, digest: str) -> None:
+    async def _build(self, digest: str, priority: Level) -> None:
         started = time.monotonic()
         self._claim()
         spec = self.direct.spec
         # Kata's BootToBeTemplate: its RAM is the shared file the clones map.
         vm = self.direct.create(memory="template", memory_path=self.memory)
+        vm.priority = priority
         vm.log.info("booting the template VM (%d MiB in %s)", spec.memory_mib, self.memory)
         await self.direct.boot(vm)  # ready and paused; stopped and removed on failure
         try:
+            await self._release_agent(vm)
             tmp = self.state.with_suffix(".tmp")
             await self._set_capabilities(vm)
             await self._migrate(vm, "migrate", f"exec:cat > {shlex.quote(str(tmp))}")
@@ -280,6 +287,55 @@ class TemplateFactory:
         self.build_seconds = time.monotonic() - started
         log.info("VM template built in %.2f s (state %d bytes)", self.build_seconds,
                  self.state.stat().st_size)
+
+    async def _release_agent(self, vm: VM) -> None:
+        """End our session with the template's agent and let it listen again before the save,
+        as Kata's createTemplateVM does (kata-containers/runtime, virtcontainers/factory/
+        template/template.go: `vm.Disconnect()`, then `templateWaitForAgent`, then pause and
+        save). Saved inside a session, every clone would restore it: the first request
+        through a clone's new kata-proxy then meets `yamux: duplicate stream declared` and
+        the agent restarts its gRPC server, seconds the clone's user waits for.
+
+        With a kata-proxy (Kata 1.x, serial channel) we wait for what Kata sleeps 2 s for.
+        The proxy is stopped while the guest runs, as Kata's is (a host side that closes
+        while the guest is paused was not seen by the agent after `cont` here, QEMU 7.2).
+        The agent then reads EOF on its port, ends its yamux session, closes the port and
+        opens it again to wait for the next host (kata-containers/agent agent.go
+        `startGRPC`, channel.go `serialChannel`). QEMU reports the port's state in
+        VSERPORT_CHANGE events, at most one a second per port (a close and a reopen within
+        the second come as the latest state): the port reported open after the proxy has
+        gone is the agent listening again. A guest without an agent holds no session;
+        over vsock there is no such signal, so Kata's own wait."""
+        if self.config.daemon.ready_probe != "kata-agent":
+            return
+        if vm.proxy is None:
+            await vm.process.execute("cont")
+            await asyncio.sleep(TEMPLATE_WAIT_FOR_AGENT)
+            await vm.process.execute("stop")
+            return
+        qmp = vm.process.qmp
+        if qmp is None:
+            raise TemplateError(f"VM {vm.id}: no QMP session to follow its agent's port")
+        timeout = self.config.daemon.ready_timeout
+        with qmp.listener("VSERPORT_CHANGE") as events:
+            await vm.process.execute("cont")
+            started = time.monotonic()
+            await vm.proxy.stop(self.config.daemon.stop_timeout)
+            try:
+                async with asyncio.timeout(timeout):
+                    while True:
+                        data = (await events.get()).get("data")
+                        if (isinstance(data, dict) and data.get("id") == AGENT_PORT_ID
+                                and data.get("open")):
+                            break
+            except TimeoutError:
+                raise TemplateError(
+                    f"template VM {vm.id}: its agent did not open its port again within "
+                    f"{timeout:g} s of its kata-proxy's exit; a template saved now would give "
+                    "every clone a dead session, so none is saved") from None
+            await vm.process.execute("stop")
+        vm.log.info("the template's agent listens again %.0f ms after its proxy stopped",
+                    (time.monotonic() - started) * 1000)
 
     async def _set_capabilities(self, vm: VM) -> None:
         await vm.process.execute("migrate-set-capabilities", {"capabilities": [
@@ -323,7 +379,7 @@ class TemplateFactory:
         """booting -> ready: restore from the template, check the timers, stay paused."""
         vm.require(VMState.BOOTING)
         try:
-            await self.ensure_template()
+            await self.ensure_template(vm.priority)
         except BaseException as exc:
             vm.transition(VMState.FAILED, str(exc) or type(exc).__name__)
             raise
