@@ -29,10 +29,24 @@ from .machine import VMPaths
 from .proto import agent_health_pb2, agent_health_pb2_grpc
 from .ttrpc import Address, TtrpcClient
 
-#: One health check's deadline; the probe asks again until the caller's bound.
+#: Kata 3.x over ttrpc: one health check's deadline; the probe asks again until the
+#: caller's bound.
 AGENT_CHECK_TIMEOUT = 1.0
-#: Pause between checks while the agent is not up yet.
+#: Kata 3.x over ttrpc: pause between checks while the agent is not up yet.
 AGENT_RETRY_INTERVAL = 0.1
+#: Kata 1.x over gRPC: the deadline of the one blocking health check, when the caller sets
+#: none (the daemon passes its ready_timeout).
+AGENT_WAIT_TIMEOUT = 30.0
+#: The agent probe's gRPC channel. gRPC's reconnect backoff (1 s, growing to 120 s) is made
+#: for servers far away; here the proxy's socket appears milliseconds after its launch and an
+#: agent that restarted its session listens again at once, so a failed connection is tried
+#: again within 10 to 100 ms. Kata's own dialer retries at once, bypassing gRPC's backoff
+#: (kata-containers/agent protocols/client/client.go, commonDialer). The connect timeout
+#: (grpc.min_reconnect_backoff_ms, 20 s) stays: a connection through kata-proxy waits in
+#: its handshake until the agent reads the serial port, and cutting that short would only
+#: open one yamux stream after another while the guest boots.
+AGENT_CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 10),
+                         ("grpc.max_reconnect_backoff_ms", 100))
 
 
 class ReadinessProbe(Protocol):
@@ -74,31 +88,51 @@ class SerialLineProbe:
 
 class KataAgentProbe:
     """Ready when the Kata agent answers `Health.Check` at `url` (Kata's agent.check()
-    treats any answer as alive; the status it gave is kept for the log). `seen` holds the
-    last failure, which the boot's timeout error shows."""
+    treats any answer as alive; the status it gave is kept for the log).
 
-    def __init__(self, url: str) -> None:
+    One request that blocks until the agent answers, as Kata's `NewVM` asks it (kata_agent.go
+    `check` on a connection dialled with `grpc.WithBlock()`): `wait_for_ready` holds the call
+    through the channel's connection attempts, so no check runs every few ms while the guest
+    boots on the CPU a sandbox may need. A call that fails anyway (the agent restarted its
+    session under it) is asked again at once. `timeout` bounds the call (the caller may
+    cancel it sooner). `seen` says where the wait stands, which a boot's timeout shows."""
+
+    def __init__(self, url: str, timeout: float = AGENT_WAIT_TIMEOUT) -> None:
         self.url = url
-        self.seen: list[bytes] = []
+        self.timeout = timeout
         self.answer = ""
+        self._failure = ""
         self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def seen(self) -> list[bytes]:
+        if self._failure:
+            return [self._failure.encode()]
+        if self._channel is not None and not self.answer:
+            state = self._channel.get_state().name
+            return [f"the agent at {self.url} did not answer yet (channel {state})".encode()]
+        return []
 
     async def attach(self, paths: VMPaths) -> None:
         # Nothing to catch early: the agent answers when asked, whenever it is up.
-        self._channel = grpc.aio.insecure_channel(self.url)
+        self._channel = grpc.aio.insecure_channel(self.url, options=AGENT_CHANNEL_OPTIONS)
 
     async def wait(self) -> None:
         assert self._channel is not None, "attach() first"
         stub = agent_health_pb2_grpc.HealthStub(self._channel)
+        deadline = asyncio.get_running_loop().time() + self.timeout
         while True:
+            left = deadline - asyncio.get_running_loop().time()
             try:
-                reply = await stub.Check(agent_health_pb2.CheckRequest(),
-                                         timeout=AGENT_CHECK_TIMEOUT)
+                reply = await stub.Check(agent_health_pb2.CheckRequest(), timeout=max(left, 0),
+                                         wait_for_ready=True)
             except grpc.aio.AioRpcError as exc:
-                detail = f"{exc.code().name}: {exc.details()}"
-                self.seen = [f"the agent at {self.url} did not answer ({detail})".encode()]
-                await asyncio.sleep(AGENT_RETRY_INTERVAL)
-                continue
+                self._failure = (f"the agent at {self.url} did not answer "
+                                 f"({exc.code().name}: {exc.details()})")
+                if exc.code() is grpc.StatusCode.UNAVAILABLE and left > 0:
+                    continue  # the connection broke under the call: ask again at once
+                raise
+            self._failure = ""
             self.answer = agent_health_pb2.HealthCheckResponse.ServingStatus.Name(
                 reply.status)
             return

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 #: QEMU opens it for a vhost-vsock-pci device (utils.VHostVSockDevicePath).
 VHOST_VSOCK = kata.VHOST_VSOCK_DEVICE
+#: The agent probe's own deadline is past ready_timeout: the boot's bound decides, and
+#: says so as a boot that timed out, not as a failed call.
+PROBE_DEADLINE_MARGIN = 1.0
 
 
 def kvm_usable() -> bool:
@@ -413,8 +416,9 @@ class DirectFactory:
     def probe_for(self, vm: VM) -> ReadinessProbe:
         if self.config.daemon.ready_probe == "serial":
             return SerialLineProbe(self.config.daemon.ready_line)
+        timeout = self.config.daemon.ready_timeout
         if vm.proxy is not None:
-            return KataAgentProbe(vm.proxy.url)
+            return KataAgentProbe(vm.proxy.url, timeout + PROBE_DEADLINE_MARGIN)
         if self.config.daemon.kata_version == "3.x":
             # Kata 3.x's agent speaks ttrpc on its vsock port (kata_agent.go agentURL:
             # vsock://<cid>:1024); check_host refuses a 3.x agent on a host without vsock.
@@ -424,7 +428,8 @@ class DirectFactory:
             return KataTtrpcProbe(VsockAddress(vm.cid, AGENT_VSOCK_PORT))
         # Kata 1.x's agent URL over vsock (kata_agent.go agentURL: vsock://<cid>:<port>),
         # in gRPC's own spelling of a vsock target.
-        return KataAgentProbe(f"vsock:{vm.cid}:{AGENT_VSOCK_PORT}")
+        return KataAgentProbe(f"vsock:{vm.cid}:{AGENT_VSOCK_PORT}",
+                              timeout + PROBE_DEADLINE_MARGIN)
 
     def start_proxy(self, vm: VM) -> None:
         """Kata 1.x's setupProxy: once QEMU has created kata.sock, before the agent check."""
@@ -433,7 +438,7 @@ class DirectFactory:
         kata_proxy = kata.vm_config(self.config.document)["ProxyConfig"]
         vm.proxy = KataProxy(self.proxy, vm.id, vm.paths, debug=bool(kata_proxy["Debug"]),
                              log=vm.log)
-        vm.proxy.start()
+        vm.proxy.start(vm.priority)
         vm.write_record()
 
     async def boot(self, vm: VM) -> None:

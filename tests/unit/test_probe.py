@@ -74,10 +74,10 @@ async def test_the_probe_asks_until_the_agent_is_up(serve: object, tmp_path: Pat
     await probe.attach(PATHS)
     try:
         waiting = asyncio.ensure_future(probe.wait())
-        # Nobody there yet: the probe keeps asking, and says what it got.
+        # Nobody there yet: the one request waits, and the probe says where it stands.
         done, _ = await asyncio.wait({waiting}, timeout=1.0)
         assert not done
-        assert b"UNAVAILABLE" in probe.seen[-1]
+        assert b"did not answer yet (channel TRANSIENT_FAILURE)" in probe.seen[-1]
         assert str(path).encode() in probe.seen[-1]
         agent = Agent(Status.SERVING)
         await serve(agent, path)  # type: ignore[operator]
@@ -85,3 +85,34 @@ async def test_the_probe_asks_until_the_agent_is_up(serve: object, tmp_path: Pat
     finally:
         await probe.close()
     assert probe.answer == "SERVING"
+
+
+@pytest.mark.asyncio
+async def test_one_request_waits_for_the_agent(serve: object, tmp_path: Path) -> None:
+    """Kata's check is one request on a blocking dial, not a check every few ms: however
+    long the agent takes to appear, it is asked once."""
+    path = tmp_path / "proxy.sock"
+    probe = KataAgentProbe(f"unix://{path}")
+    await probe.attach(PATHS)
+    try:
+        waiting = asyncio.ensure_future(probe.wait())
+        await asyncio.sleep(1.5)
+        agent = Agent(Status.SERVING)
+        await serve(agent, path)  # type: ignore[operator]
+        await asyncio.wait_for(waiting, 10)
+    finally:
+        await probe.close()
+    assert agent.checks == 1
+
+
+@pytest.mark.asyncio
+async def test_the_wait_has_a_deadline(tmp_path: Path) -> None:
+    probe = KataAgentProbe(f"unix://{tmp_path}/proxy.sock", timeout=0.5)
+    await probe.attach(PATHS)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(probe.wait(), 10)
+    finally:
+        await probe.close()
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert b"DEADLINE_EXCEEDED" in probe.seen[-1]
