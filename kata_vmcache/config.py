@@ -80,6 +80,7 @@ ReadyProbe = Literal["kata-agent", "serial"]
 GuestAgent = Literal["kata", "none"]
 KataVersion = Literal["1.x", "3.x"]
 LogFormat = Literal["text", "json"]
+BootPriority = Literal["idle", "normal"]
 
 # Keys Kata reads in [hypervisor.qemu] (1.x and 2.x). We use a few; the others are Kata's
 # business and must not produce warnings on a stock Kata file.
@@ -115,7 +116,8 @@ KATA_QEMU_KEYS = frozenset(
 )
 OUR_KEYS = frozenset(
     """
-    accelerator ready_timeout state_dir boot_parallelism stop_timeout ready_probe ready_line
+    accelerator ready_timeout state_dir boot_parallelism boot_priority stop_timeout ready_probe
+    ready_line
     max_memory socket_mode socket_group log_format vm_storage_path guest_agent kata_version
     memory_budget_mib metrics_address autoscale min_ready max_ready shrink_after
     """.split()
@@ -254,6 +256,10 @@ class DaemonSettings:
     state_dir: Path = Path("/run/kata-vmcache")
     #: VMs booting at the same time.
     boot_parallelism: int = 2
+    #: CPU priority of boots made ahead of demand: "idle" (SCHED_IDLE: they never take a
+    #: core a sandbox wants) or "normal". A boot a caller waits for, and every handed-out
+    #: VM, runs at normal priority either way (priority.py).
+    boot_priority: BootPriority = "idle"
     #: Seconds QEMU gets to exit after QMP `quit` before it is killed.
     stop_timeout: float = 3.0
     #: How readiness is decided: "kata-agent" (the agent answers its health check, as
@@ -621,6 +627,8 @@ class _Validator:
         if not 1 <= parallel <= 64:
             self.problem(f"{p}.boot_parallelism", f"out of range (got {parallel}, "
                          "expected 1 to 64)")
+        boot_priority = self.choice(t, f"{p}.boot_priority", ("idle", "normal"),
+                                    d.boot_priority)
         agent = self.choice(t, f"{p}.guest_agent", ("kata", "none"), d.guest_agent)
         probe = self.ready_probe(t, f"{p}.ready_probe", agent)
         ready_line = self.get(t, f"{p}.ready_line", str, d.ready_line, "a string")
@@ -679,6 +687,7 @@ class _Validator:
             ready_timeout=ready_timeout,
             state_dir=state_dir,
             boot_parallelism=parallel,
+            boot_priority=boot_priority,
             stop_timeout=stop_timeout,
             ready_probe=probe,
             ready_line=ready_line,

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .errors import LaunchError
 from .machine import VMPaths
+from .priority import Level, launching
 from .procs import cmdline, pid_alive
 from .qmp import Pidfd, stop_process
 
@@ -82,12 +83,13 @@ class KataProxy:
     def running(self) -> bool:
         return self._proc is not None and not self._exited.is_set()
 
-    def start(self) -> None:
-        """Launch the proxy (it creates its socket itself); LaunchError when it cannot run."""
+    def start(self, priority: Level = "normal") -> None:
+        """Launch the proxy (it creates its socket itself) at `priority` (its VM's);
+        LaunchError when it cannot run."""
         # qemu.go setup() creates <run storage>/<id> for the sandbox's files: the proxy's
         # socket goes there.
         self.paths.sandbox.mkdir(mode=0o750, parents=True, exist_ok=True)
-        with open(self.paths.own / "proxy.log", "ab") as logfile:
+        with open(self.paths.own / "proxy.log", "ab") as logfile, launching(priority):
             try:
                 self._proc = subprocess.Popen(
                     self.argv, stdin=subprocess.DEVNULL, stdout=logfile,

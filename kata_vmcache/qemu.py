@@ -68,6 +68,7 @@ from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from .errors import LaunchError, VMDead, VMStateError
 from .machine import VMPaths, VMSpec, opt_value, qemu_name
+from .priority import Level, launching
 from .procs import cmdline, pid_alive
 from .qmp import (
     KILL_WAIT,
@@ -145,6 +146,8 @@ class QemuProcess:
         self.probing: asyncio.Future[str] | None = None
         #: The qemu.qmp session, in SESSION (None in every other state).
         self.qmp: QMPClient | None = None
+        #: The CPU priority QEMU is launched at (priority.py); set before start().
+        self.priority: Level = "normal"
 
     def __repr__(self) -> str:
         return f"<QemuProcess pid={self.pid} {self._state.value}>"
@@ -193,7 +196,7 @@ class QemuProcess:
         # Kata's DirMode (0750) for its VM directory; the shared directory must exist
         # before QEMU starts (its 9p device exports it).
         self.paths.shared.mkdir(mode=0o750, parents=True, exist_ok=True)
-        with open(self.paths.log, "wb") as logfile:
+        with open(self.paths.log, "wb") as logfile, launching(self.priority):
             try:
                 self._proc = subprocess.Popen(
                     self.argv,

@@ -16,6 +16,8 @@ Then, by what changed:
 |                                                     | ready VMs are kept                     |
 | [vmcache] boot_parallelism                          | boots in flight finish; then the new   |
 |                                                     | number applies                         |
+| [vmcache] boot_priority                             | the next boots; "normal" also promotes |
+|                                                     | the boots in flight                    |
 | [vmcache] autoscale, min_ready, max_ready,          | the target is decided again at once    |
 | shrink_after                                        | (autoscale off: vm_cache_number)       |
 | [vmcache] socket_mode, socket_group                 | applied to the socket at once          |
@@ -84,7 +86,7 @@ BOOT_KEYS = frozenset({"vmcache.ready_timeout", "vmcache.ready_line",
 AUTOSCALE_KEYS = frozenset({"vmcache.autoscale", "vmcache.min_ready", "vmcache.max_ready",
                             "vmcache.shrink_after"})
 LIVE_KEYS = AUTOSCALE_KEYS | frozenset({"factory.vm_cache_number", "vmcache.memory_budget_mib",
-                       "vmcache.boot_parallelism",
+                       "vmcache.boot_parallelism", "vmcache.boot_priority",
                        "vmcache.socket_mode", "vmcache.socket_group", "vmcache.log_format"})
 
 Result = Literal["started", "applied", "refused"]
@@ -286,6 +288,8 @@ class Reloader:
         self.cache.stop_timeout = d.stop_timeout
         if "vmcache.boot_parallelism" in keys:
             self.cache.set_parallelism(d.boot_parallelism)
+        if "vmcache.boot_priority" in keys:
+            self.cache.set_boot_priority(d.boot_priority)
         if "vmcache.memory_budget_mib" in keys:
             self.cache.set_memory_budget(new.memory_budget_mib)
         scaler = self.autoscaler

@@ -39,6 +39,7 @@ from typing import Any
 from .errors import VMStateError
 from .handoff import HandOff
 from .machine import BRIDGE_CAPACITY, BRIDGE_START_ADDR, MemoryBackend, VMPaths, VMSpec
+from .priority import Level, promote
 from .qemu import QemuProcess
 
 
@@ -167,6 +168,25 @@ class VM:
         if problem is None and self.proxy is not None:
             problem = self.proxy.problem_now()
         return problem
+
+    @property
+    def priority(self) -> Level:
+        """The CPU priority its processes are launched at (priority.py): set before the
+        boot, "idle" for a VM booted ahead of demand."""
+        return self.process.priority
+
+    @priority.setter
+    def priority(self, level: Level) -> None:
+        self.process.priority = level
+
+    def promote(self) -> None:
+        """Normal priority for every thread of its QEMU and proxy, and for what it launches
+        from now on (a caller waits for it, or it is being handed out)."""
+        if self.process.priority == "normal":
+            return
+        self.process.priority = "normal"
+        promote(self.process.pid if self.process.running else None,
+                self.proxy.pid if self.proxy is not None and self.proxy.running else None)
 
     def release_idle(self) -> None:
         """Hand out QEMU and its proxy: neither is signalled by us again."""

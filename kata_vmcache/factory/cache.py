@@ -12,7 +12,8 @@ one concern (each module's docstring says what it owns and its invariants):
 | supervise.py  | the supervisor task, exits, discarding a VM that fails a check          |
 | activity.py   | counters, failure classes, histograms, recent events                    |
 | cache.py      | this facade; shut-down (`refuse_new`, `close`) and reload (`resize`,    |
-|               | `set_memory_budget`, `replace_factory`, `set_parallelism`)              |
+|               | `set_memory_budget`, `replace_factory`, `set_parallelism`,              |
+|               | `set_boot_priority`)                                                    |
 
 Memory admission: the pool commits at most `memory_budget_mib` of guest memory, counting
 the configured memory of every VM from the moment its boot starts until its QEMU has exited
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 
+from ..priority import Level
 from ..vm import VM
 from . import Factory
 from .activity import CacheActivity, CacheStats
@@ -51,13 +53,14 @@ from .takeback import take_back
 
 class VMCache:
     def __init__(self, factory: Factory, target: int, *, parallelism: int,
-                 stop_timeout: float = 3.0, memory_budget_mib: int | None = None) -> None:
+                 stop_timeout: float = 3.0, memory_budget_mib: int | None = None,
+                 boot_priority: Level = "idle") -> None:
         self.pool = Pool(factory, target, stop_timeout=stop_timeout,
                          memory_budget_mib=memory_budget_mib)
         self.supervisor = Supervisor(self.pool)
         self.handout = HandOut(self.pool, self.supervisor)
         self.filler = Filler(self.pool, self.handout, self.supervisor,
-                             parallelism=parallelism)
+                             parallelism=parallelism, boot_priority=boot_priority)
 
     # settings (a reload changes them)
 
@@ -267,3 +270,11 @@ class VMCache:
     def set_parallelism(self, parallelism: int) -> None:
         """Change how many VMs boot at once; boots in flight finish as they are."""
         self.filler.set_parallelism(parallelism)
+
+    @property
+    def boot_priority(self) -> Level:
+        return self.filler.boot_priority
+
+    def set_boot_priority(self, level: Level) -> None:
+        """The CPU priority of boots ahead of demand ("normal" promotes those in flight)."""
+        self.filler.set_boot_priority(level)

@@ -33,6 +33,7 @@ import time
 
 from .. import fds
 from ..errors import VmcacheError
+from ..priority import Level
 from ..vm import VM
 from .activity import failure_class
 from .handout import HandOut
@@ -47,11 +48,13 @@ BACKOFF_CAP = 60.0
 
 class Filler:
     def __init__(self, pool: Pool, handout: HandOut, supervisor: Supervisor, *,
-                 parallelism: int) -> None:
+                 parallelism: int, boot_priority: Level = "idle") -> None:
         self.pool = pool
         self.handout = handout
         self.supervisor = supervisor
         self.parallelism = parallelism
+        #: [vmcache] boot_priority: the CPU priority of boots made ahead of demand.
+        self.boot_priority: Level = boot_priority
         #: No boot starts before this time.monotonic() (the backoff).
         self.not_before = 0.0
         self._retry = asyncio.Event()
@@ -99,6 +102,9 @@ class Filler:
                     return
                 factory = pool.factory
                 vm = factory.create()
+                # Ahead of demand, a boot yields the CPU to running sandboxes; one a
+                # caller already waits for does not (priority.py).
+                vm.priority = "normal" if self.handout.waiting_clients else self.boot_priority
                 pool.booting.add(vm)
                 pool.notify()
                 try:
@@ -185,6 +191,12 @@ class Filler:
         self.not_before = 0.0
         self._retry.set()
         self.pool.wake.set()
+
+    def set_boot_priority(self, level: Level) -> None:
+        """The priority of the next boots; "normal" also promotes the boots in flight."""
+        self.boot_priority = level
+        if level == "normal":
+            self.handout.promote_booting()
 
     def set_parallelism(self, parallelism: int) -> None:
         """Change how many VMs boot at once; boots in flight finish as they are."""

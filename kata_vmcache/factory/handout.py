@@ -96,6 +96,7 @@ class HandOut:
                 return vm
         waiter: asyncio.Future[VM] = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
+        self.promote_booting()  # a caller waits for one of them: no longer background work
         pool.stats.waited += 1
         pool.notify()  # watchers show callers waiting
         try:
@@ -110,6 +111,11 @@ class HandOut:
         if vm.state is not VMState.READY or not vm.process.running:
             return await self.take()  # died between being offered and our turn
         return vm
+
+    def promote_booting(self) -> None:
+        """Normal CPU priority for every VM booting now (priority.py)."""
+        for vm in self.pool.booting:
+            vm.promote()
 
     def put_back(self, vm: VM) -> None:
         """Return a reserved VM: to the pool, or, when the cache is closing or the VM is no
@@ -183,7 +189,9 @@ class HandOut:
     def give_now(vm: VM) -> None:
         """Release a reserved VM that holds no QMP session (every pooled VM): no await, so
         nothing can come between the check and the reply. State handed_off on disk before
-        the reply goes: a daemon killed right after must not take the VM back."""
+        the reply goes: a daemon killed right after must not take the VM back. Its QEMU and
+        proxy run at normal priority from here on: the sandbox starts on them."""
+        vm.promote()
         vm.release_idle()
         vm.transition(VMState.HANDED_OFF)
 

@@ -27,7 +27,10 @@ SPEC = VMSpec(qemu=Path("/bin/true"), kernel=Path("/k"), initrd=Path("/i"), imag
 
 
 class FakeProcess:
-    _next_pid = 100000
+    # Above any pid_max (2**22): a fake pid never names a real process, whose threads
+    # priority.promote() would otherwise touch.
+    _next_pid = 5_000_000
+    priority = "normal"
 
     def __init__(self, vm: VM) -> None:
         self.vm = vm

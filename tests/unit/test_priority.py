@@ -1,0 +1,144 @@
+"""CPU priority of what the daemon launches (priority.py), on real processes and the real
+scheduler: a child forked under `launching("idle")` and every thread it makes run at
+SCHED_IDLE, `promote()` brings each of them back, and the pool decides who boots at which
+level (fakes for the VMs: the decision is logic; test_priority in integration proves it on
+QEMU)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_cache import FakeFactory, pool_running, until
+
+from kata_vmcache import priority
+from kata_vmcache.factory.cache import VMCache
+
+needs_nice = pytest.mark.skipif(not priority.can_lower(),
+                                reason="needs CAP_SYS_NICE to leave SCHED_IDLE")
+
+# A child that starts three threads, says so, and waits to be told to exit.
+THREADS = """
+import sys, threading
+stop = threading.Event()
+for _ in range(3):
+    threading.Thread(target=stop.wait, daemon=True).start()
+print("up", flush=True)
+sys.stdin.readline()
+"""
+
+
+def policies(pid: int) -> set[int]:
+    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.fixture
+def spawn() -> Iterator[object]:
+    children: list[subprocess.Popen[str]] = []
+
+    def start(level: priority.Level) -> subprocess.Popen[str]:
+        with priority.launching(level):
+            child = subprocess.Popen([sys.executable, "-c", THREADS], text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        children.append(child)
+        assert child.stdout is not None
+        assert child.stdout.readline() == "up\n"
+        return child
+
+    yield start
+    for child in children:
+        child.kill()
+        child.wait()
+
+
+@needs_nice
+def test_a_child_launched_idle_and_all_its_threads_are_idle(spawn: object) -> None:
+    before = os.sched_getscheduler(0)
+    child = spawn("idle")  # type: ignore[operator]
+    assert len(os.listdir(f"/proc/{child.pid}/task")) == 4
+    assert policies(child.pid) == {os.SCHED_IDLE}
+    assert priority.level_of(child.pid) == "idle"
+    # The launching thread is back to what it was.
+    assert os.sched_getscheduler(0) == before
+
+
+@needs_nice
+def test_normal_launches_change_nothing(spawn: object) -> None:
+    child = spawn("normal")  # type: ignore[operator]
+    assert policies(child.pid) == {os.SCHED_OTHER}
+    assert priority.promote(child.pid) == 0
+
+
+@needs_nice
+def test_promote_brings_every_thread_back(spawn: object) -> None:
+    child = spawn("idle")  # type: ignore[operator]
+    assert priority.promote(child.pid, None) == 4
+    assert policies(child.pid) == {os.SCHED_OTHER}
+    assert priority.level_of(child.pid) == "normal"
+
+
+@needs_nice
+def test_promote_of_a_process_that_is_gone_is_nothing(tmp_path: Path) -> None:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    assert priority.promote(child.pid) == 0
+
+
+# The pool's decisions (fake VMs: FakeProcess records the level it was launched at).
+
+
+@pytest.mark.asyncio
+async def test_boots_ahead_of_demand_are_idle_and_a_hand_off_promotes(tmp_path: Path) -> None:
+    factory = FakeFactory(tmp_path)
+    async with pool_running(VMCache(factory, 1, parallelism=1)) as cache:
+        await until(cache, lambda: cache.ready_count == 1)
+        vm = cache.reserve_nowait()
+        assert vm is not None
+        assert vm.priority == "idle"
+        cache.give_now(vm)
+        assert vm.priority == "normal"
+        cache.delivered(vm)
+
+
+@pytest.mark.asyncio
+async def test_boot_priority_normal(tmp_path: Path) -> None:
+    factory = FakeFactory(tmp_path)
+    async with pool_running(VMCache(factory, 1, parallelism=1,
+                                    boot_priority="normal")) as cache:
+        await until(cache, lambda: cache.ready_count == 1)
+        assert all(vm.priority == "normal" for vm in cache.owned())
+
+
+@pytest.mark.asyncio
+async def test_a_waiting_caller_promotes_the_boots_it_waits_for(tmp_path: Path) -> None:
+    factory = FakeFactory(tmp_path)
+    factory.gate = asyncio.Event()
+    async with pool_running(VMCache(factory, 1, parallelism=1)) as cache:
+        await until(cache, lambda: cache.pool.booting)
+        booting, = cache.pool.booting
+        assert booting.priority == "idle"
+        waiting = asyncio.ensure_future(cache.reserve())
+        await until(cache, lambda: cache.waiting_clients == 1)
+        assert booting.priority == "normal"
+        factory.gate.set()
+        vm = await asyncio.wait_for(waiting, 10)
+        assert vm is booting
+        assert vm.priority == "normal"
+        cache.put_back(vm)
+
+
+@pytest.mark.asyncio
+async def test_reload_to_normal_promotes_the_boots_in_flight(tmp_path: Path) -> None:
+    factory = FakeFactory(tmp_path)
+    factory.gate = asyncio.Event()
+    async with pool_running(VMCache(factory, 1, parallelism=1)) as cache:
+        await until(cache, lambda: cache.pool.booting)
+        booting, = cache.pool.booting
+        cache.set_boot_priority("normal")
+        assert booting.priority == "normal"
+        assert cache.boot_priority == "normal"
