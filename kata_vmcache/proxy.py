@@ -111,6 +111,23 @@ class KataProxy:
         if self._pidfd is not None:
             self._pidfd.close()
 
+    async def wait(self) -> None:
+        """Until the proxy has exited (and been reaped)."""
+        await self._exited.wait()
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc is not None else None
+
+    def last_words(self) -> str:
+        """The proxy's last log line (why it exited, e.g. `unable to setup logger`: Kata
+        1.x's proxy needs a syslog listening on /dev/log)."""
+        try:
+            lines = (self.paths.own / "proxy.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return next((line.strip() for line in reversed(lines) if line.strip()), "")
+
     def problem_now(self) -> str | None:
         """Why the VM cannot be handed out because of its proxy, or None (synchronous)."""
         pidfd = self._pidfd.fd if self._pidfd is not None else None

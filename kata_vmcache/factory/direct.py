@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import socket
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -292,9 +293,24 @@ def check_host(config: Config) -> list[ConfigProblem]:
             "false reaches the agent only through a kata-proxy per VM (install Kata 1.x's "
             'kata-proxy, or set [vmcache] guest_agent = "none" for a guest without an agent)',
             source))
+    elif proxy is not None and not syslog_listens():
+        warnings.append(ConfigProblem(
+            "proxy.kata.path", "nothing listens on /dev/log: Kata 1.x's kata-proxy logs to "
+            "syslog and exits at once without it, so no VM can boot until a syslog (journald) "
+            "listens there", source))
     if problems:
         raise ConfigError(problems)
     return warnings
+
+
+def syslog_listens(path: str = "/dev/log") -> bool:
+    """Whether a syslog daemon receives datagrams on `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 def _qemu_table(config: Config) -> Any:
@@ -470,16 +486,21 @@ class DirectFactory:
     async def _wait_ready(self, vm: VM, probe: ReadinessProbe, timeout: float) -> None:
         ready = asyncio.ensure_future(probe.wait())
         exited = asyncio.ensure_future(vm.process.wait())
+        # A kata-proxy that exits leaves the agent unreachable: the boot fails now, not
+        # at its timeout.
+        proxy_gone = asyncio.ensure_future(vm.proxy.wait()) if vm.proxy is not None else None
+        watched = {ready, exited} | ({proxy_gone} if proxy_gone is not None else set())
         try:
-            done, _ = await asyncio.wait({ready, exited}, timeout=timeout,
+            done, _ = await asyncio.wait(watched, timeout=timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (ready, exited):
+            for task in watched:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await ready
-            with contextlib.suppress(asyncio.CancelledError):
-                await exited
+            for task in watched - {ready}:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if ready in done and not ready.cancelled() and ready.exception() is None:
             return
         if ready in done:
@@ -490,6 +511,10 @@ class DirectFactory:
             raise LaunchError("QEMU exited before the guest was ready", argv=vm.process.argv,
                               returncode=vm.process.returncode,
                               log_tail=vm.process.log_tail())
+        if proxy_gone is not None and proxy_gone in done:
+            said = vm.proxy.last_words()
+            raise LaunchError(f"kata-proxy exited with {vm.proxy.returncode} before the agent "
+                              f"answered{': ' + said if said else ''}", argv=vm.proxy.argv)
         if ready in done:
             raise LaunchError(f"guest readiness probe failed: {ready.exception()}",
                               argv=vm.process.argv)
