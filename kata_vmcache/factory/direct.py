@@ -457,8 +457,10 @@ class DirectFactory:
         vm.proxy.start(vm.priority)
         vm.write_record()
 
-    async def boot(self, vm: VM) -> None:
-        """booting -> ready (paused, guest ready); on failure the VM is stopped and removed."""
+    async def boot(self, vm: VM, *, pause: bool = True) -> None:
+        """booting -> ready (paused, guest ready; still running with `pause=False`, for
+        the template, which disconnects from its agent first); on failure the VM is stopped
+        and removed."""
         vm.require(VMState.BOOTING)
         started = time.monotonic()
         timeout = self.config.daemon.ready_timeout
@@ -472,7 +474,8 @@ class DirectFactory:
             await probe.attach(vm.paths)
             await vm.process.execute("cont")
             await self._wait_ready(vm, probe, timeout)
-            await vm.process.execute("stop")
+            if pause:
+                await vm.process.execute("stop")
             booted(vm, started)
         except BaseException as exc:
             await abandon(vm, exc, self.config.daemon.stop_timeout)

@@ -71,6 +71,16 @@ CHECK_SLEEP_MS = 10
 #: Kata's templateWaitForAgent (template.go): the agent's time to listen again after the
 #: factory disconnects, where nothing tells us when it does (vsock).
 TEMPLATE_WAIT_FOR_AGENT = 2.0
+#: How long the agent gets to open its port again once its proxy has gone: it takes about
+#: 0.9 s here, most of it QEMU's one-second throttle of VSERPORT_CHANGE events.
+AGENT_REOPEN_TIMEOUT = 5.0
+#: Template VMs booted in a row before the build fails (each one whose agent did not
+#: listen again is discarded).
+TEMPLATE_ATTEMPTS = 3
+
+
+class AgentNotListening(TemplateError):
+    """The template VM's agent did not listen again after its proxy stopped."""
 
 
 def _unescape_mountinfo(field: str) -> str:
@@ -259,13 +269,33 @@ class TemplateFactory:
 
     async def _build(self, digest: str, priority: Level) -> None:
         started = time.monotonic()
+        for attempt in range(1, TEMPLATE_ATTEMPTS + 1):
+            try:
+                await self._build_once(priority)
+                break
+            except AgentNotListening as exc:
+                if attempt == TEMPLATE_ATTEMPTS:
+                    raise TemplateError(f"{exc} ({attempt} template VMs in a row)") from None
+                log.warning("%s; booting another template VM (attempt %d of %d)", exc,
+                            attempt + 1, TEMPLATE_ATTEMPTS)
+        self.settings_file.write_text(json.dumps({"digest": digest,
+                                                  "settings": self.settings()}, indent=1))
+        self._built, self.origin = digest, "built"
+        self.build_seconds = time.monotonic() - started
+        log.info("VM template built in %.2f s (state %d bytes)", self.build_seconds,
+                 self.state.stat().st_size)
+
+    async def _build_once(self, priority: Level) -> None:
+        """Boot one template VM, release its agent, save it; on failure nothing is left."""
         self._claim()
         spec = self.direct.spec
         # Kata's BootToBeTemplate: its RAM is the shared file the clones map.
         vm = self.direct.create(memory="template", memory_path=self.memory)
         vm.priority = priority
         vm.log.info("booting the template VM (%d MiB in %s)", spec.memory_mib, self.memory)
-        await self.direct.boot(vm)  # ready and paused; stopped and removed on failure
+        # Ready and still running (stopped and removed on failure): paused now, a kata-proxy
+        # that stops would go unseen by the agent (_release_agent).
+        await self.direct.boot(vm, pause=False)
         try:
             await self._release_agent(vm)
             tmp = self.state.with_suffix(".tmp")
@@ -281,12 +311,6 @@ class TemplateFactory:
             if vm.state is VMState.READY:
                 vm.transition(VMState.DEAD, "template saved")
             vm.remove_dirs()
-        self.settings_file.write_text(json.dumps({"digest": digest,
-                                                  "settings": self.settings()}, indent=1))
-        self._built, self.origin = digest, "built"
-        self.build_seconds = time.monotonic() - started
-        log.info("VM template built in %.2f s (state %d bytes)", self.build_seconds,
-                 self.state.stat().st_size)
 
     async def _release_agent(self, vm: VM) -> None:
         """End our session with the template's agent and let it listen again before the save,
@@ -297,28 +321,34 @@ class TemplateFactory:
         the agent restarts its gRPC server, seconds the clone's user waits for.
 
         With a kata-proxy (Kata 1.x, serial channel) we wait for what Kata sleeps 2 s for.
-        The proxy is stopped while the guest runs, as Kata's is (a host side that closes
-        while the guest is paused was not seen by the agent after `cont` here, QEMU 7.2).
-        The agent then reads EOF on its port, ends its yamux session, closes the port and
-        opens it again to wait for the next host (kata-containers/agent agent.go
-        `startGRPC`, channel.go `serialChannel`). QEMU reports the port's state in
+        The proxy is stopped while the guest runs, as Kata's is, and the guest has not been
+        paused since its agent answered: a host side that closed while the guest was paused
+        went unseen by the agent after `cont` (QEMU 7.2, TCG), and so did one that closed
+        right after a `cont`. The agent reads EOF on its port, ends its yamux session, closes
+        the port and opens it again to wait for the next host (kata-containers/agent
+        agent.go `startGRPC`, channel.go `serialChannel`). QEMU reports the port's state in
         VSERPORT_CHANGE events, at most one a second per port (a close and a reopen within
         the second come as the latest state): the port reported open after the proxy has
-        gone is the agent listening again. A guest without an agent holds no session;
-        over vsock there is no such signal, so Kata's own wait."""
+        gone is the agent listening again.
+
+        About one time in five here the reopening races the close (`open /dev/vport0p1:
+        device or resource busy`) and the agent's gRPC loop gives up for good. Kata's own
+        factory saves such a template after its 2 s, and every clone of it fails; we see no
+        reopening, save nothing, and boot another template VM (`AgentNotListening`,
+        TEMPLATE_ATTEMPTS). A guest without an agent holds no session; over vsock there is
+        no such signal, so Kata's own wait. Returns with the template paused."""
         if self.config.daemon.ready_probe != "kata-agent":
+            await vm.process.execute("stop")
             return
         if vm.proxy is None:
-            await vm.process.execute("cont")
             await asyncio.sleep(TEMPLATE_WAIT_FOR_AGENT)
             await vm.process.execute("stop")
             return
         qmp = vm.process.qmp
         if qmp is None:
             raise TemplateError(f"VM {vm.id}: no QMP session to follow its agent's port")
-        timeout = self.config.daemon.ready_timeout
+        timeout = AGENT_REOPEN_TIMEOUT
         with qmp.listener("VSERPORT_CHANGE") as events:
-            await vm.process.execute("cont")
             started = time.monotonic()
             await vm.proxy.stop(self.config.daemon.stop_timeout)
             try:
@@ -329,10 +359,11 @@ class TemplateFactory:
                                 and data.get("open")):
                             break
             except TimeoutError:
-                raise TemplateError(
+                raise AgentNotListening(
                     f"template VM {vm.id}: its agent did not open its port again within "
-                    f"{timeout:g} s of its kata-proxy's exit; a template saved now would give "
-                    "every clone a dead session, so none is saved") from None
+                    f"{timeout:g} s of its kata-proxy's exit (Kata 1.x's agent sometimes "
+                    "fails to: 'Failed to setup agent grpc channel: device or resource busy', "
+                    "then serves nobody); it is not saved, its clones would be dead") from None
             await vm.process.execute("stop")
         vm.log.info("the template's agent listens again %.0f ms after its proxy stopped",
                     (time.monotonic() - started) * 1000)
