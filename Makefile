@@ -13,8 +13,8 @@ CONFIG := $(DEMO)/configuration.toml
 PREFIX  ?= /opt/kata-vmcache
 UNITDIR ?= /etc/systemd/system
 
-.PHONY: setup system venv demo run test test-unit lint proto bench clean install uninstall \
-        kata-compare
+.PHONY: setup system venv demo run test test-unit lint proto bench bench-kata clean install \
+        uninstall kata-compare
 
 setup: system venv demo
 
@@ -65,6 +65,13 @@ kata-compare: venv
 # BENCH_ARGS="--no-pool" or "--pool-only --traces steady" for shorter runs (README).
 bench: setup
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Real Kata 1.x containers on Kata's own VM cache and on ours, side by side (bench/kata_e2e.py):
+# needs an installed Kata 1.x, named by KATA1_RUNTIME, KATA1_PROXY, KATA1_SHIM, KATA1_KERNEL
+# and KATA1_INITRD (bench/kata1.py); without it, one line says what is missing. Not part of
+# `make bench`. Writes bench/results/kata-e2e.{json,md}. BENCH_KATA_ARGS="--rounds 2" etc.
+bench-kata: setup
+	$(BIN)/python bench/kata_e2e.py $(BENCH_KATA_ARGS)
 
 proto: venv
 	$(BIN)/python scripts/gen_proto.py
