@@ -139,11 +139,14 @@ class Filler:
 
     async def _settle(self, vm: VM) -> None:
         """Put a VM that just booted into the shape of the pool: no QMP session (a hand-off
-        then has none to close, and the receiver finds QEMU's one QMP slot free), and its
-        handed-off record written ahead. Cancelled meanwhile (shut-down), it is stopped:
-        it is in no set the cache's close() would find it in."""
+        then has none to close, and the receiver finds QEMU's one QMP slot free), normal
+        CPU priority, and its handed-off record written ahead. Cancelled meanwhile
+        (shut-down), it is stopped: it is in no set the cache's close() would find it in."""
         try:
             await vm.process.idle()
+            # Paused, it needs no CPU: back at normal priority now, so that the hand-off has
+            # nothing to do for it (priority.py).
+            vm.promote()
             await asyncio.to_thread(vm.prepare_handed_off_record)
         except BaseException:
             await self.pool.stop(vm)

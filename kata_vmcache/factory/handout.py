@@ -190,7 +190,8 @@ class HandOut:
         """Release a reserved VM that holds no QMP session (every pooled VM): no await, so
         nothing can come between the check and the reply. State handed_off on disk before
         the reply goes: a daemon killed right after must not take the VM back. Its QEMU and
-        proxy run at normal priority from here on: the sandbox starts on them."""
+        proxy run at normal priority from here on, the sandbox starts on them: settled in the
+        pool, a VM is promoted already (filling.py), and this check costs nothing."""
         vm.promote()
         vm.release_idle()
         vm.transition(VMState.HANDED_OFF)

@@ -1,7 +1,7 @@
 """Background boots never compete with running sandboxes, on real QEMU and a real daemon:
-a VM booted ahead of demand runs every QEMU thread at SCHED_IDLE, the VM a client takes
-has every thread back at normal priority by the time GetBaseVM answers, and
-`boot_priority = "normal"` (live on reload) boots at normal priority."""
+a VM booted ahead of demand runs every QEMU thread at SCHED_IDLE while it boots, every
+thread is back at normal priority once it is paused in the cache (and so when a client
+takes it), and `boot_priority = "normal"` (live on reload) boots at normal priority."""
 
 from __future__ import annotations
 
@@ -25,26 +25,34 @@ def thread_policies(pid: int) -> set[str]:
             for tid in os.listdir(f"/proc/{pid}/task")}
 
 
-def test_cached_vms_idle_and_the_taken_one_normal(make_daemon: Callable[..., Daemon]) -> None:
+def booting_pid(daemon: Daemon) -> int:
+    def find() -> int | None:
+        return next((r["pid"] for r in daemon.records("booting") if r.get("pid")), None)
+    pid: int = wait_for(find, 60, "a booting VM with its QEMU launched")
+    return pid
+
+
+def test_boots_idle_cached_and_taken_vms_normal(make_daemon: Callable[..., Daemon]) -> None:
     daemon = make_daemon(cache_number=1)
-    ready, = daemon.wait_ready(1)
+    pid = booting_pid(daemon)
     # QEMU's vCPU, RCU and worker threads were all born at the level of its launch.
-    assert len(os.listdir(f"/proc/{ready['pid']}/task")) > 1
-    assert thread_policies(ready["pid"]) == {"idle"}
+    assert len(os.listdir(f"/proc/{pid}/task")) > 1
+    assert thread_policies(pid) == {"idle"}
+    ready, = daemon.wait_ready(1)
+    assert ready["pid"] == pid
+    # Paused in the cache it needs no CPU: every thread is back at normal priority.
+    assert thread_policies(pid) == {"normal"}
     taken = daemon.get()
-    pid = taken["hypervisor"]["Pid"]
-    assert pid == ready["pid"]
+    assert taken["hypervisor"]["Pid"] == pid
     assert thread_policies(pid) == {"normal"}
     # The refill is background work again.
-    refill = wait_for(lambda: [r for r in daemon.records("ready") if r["pid"] != pid],
-                      90, "the refill")
-    assert thread_policies(refill[0]["pid"]) == {"idle"}
+    assert thread_policies(booting_pid(daemon)) == {"idle"}
 
 
 def test_boot_priority_normal_and_its_reload(make_daemon: Callable[..., Daemon]) -> None:
     daemon = make_daemon(cache_number=1, boot_priority="normal")
-    ready, = daemon.wait_ready(1)
-    assert thread_policies(ready["pid"]) == {"normal"}
+    assert thread_policies(booting_pid(daemon)) == {"normal"}
+    daemon.wait_ready(1)
     result = daemon.cli("check-config")
     assert "vmcache.boot_priority" in result.stdout
     # Back to idle on a reload: the next boot (the refill of a taken VM) is idle.
@@ -52,7 +60,5 @@ def test_boot_priority_normal_and_its_reload(make_daemon: Callable[..., Daemon])
         'boot_priority = "normal"', 'boot_priority = "idle"'))
     reload = daemon.cli("reload")
     assert reload.returncode == 0, reload.stderr
-    taken = daemon.get()
-    refill = wait_for(lambda: [r for r in daemon.records("ready")
-                               if r["pid"] != taken["hypervisor"]["Pid"]], 90, "the refill")
-    assert thread_policies(refill[0]["pid"]) == {"idle"}
+    daemon.get()
+    assert thread_policies(booting_pid(daemon)) == {"idle"}

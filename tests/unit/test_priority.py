@@ -93,13 +93,19 @@ def test_promote_of_a_process_that_is_gone_is_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_boots_ahead_of_demand_are_idle_and_a_hand_off_promotes(tmp_path: Path) -> None:
+async def test_boots_ahead_of_demand_are_idle_and_paused_vms_normal(tmp_path: Path) -> None:
     factory = FakeFactory(tmp_path)
+    factory.gate = asyncio.Event()
     async with pool_running(VMCache(factory, 1, parallelism=1)) as cache:
+        await until(cache, lambda: cache.pool.booting)
+        booting, = cache.pool.booting
+        assert booting.priority == "idle"
+        factory.gate.set()
         await until(cache, lambda: cache.ready_count == 1)
+        # Paused in the pool it needs no CPU: promoted already, the hand-off does nothing.
+        assert booting.priority == "normal"
         vm = cache.reserve_nowait()
-        assert vm is not None
-        assert vm.priority == "idle"
+        assert vm is booting
         cache.give_now(vm)
         assert vm.priority == "normal"
         cache.delivered(vm)
