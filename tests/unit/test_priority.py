@@ -7,17 +7,20 @@ QEMU)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_cache import FakeFactory, pool_running, until
 
 from kata_vmcache import priority
 from kata_vmcache.factory.cache import VMCache
+from kata_vmcache.vm import VM
 
 needs_nice = pytest.mark.skipif(not priority.can_lower(),
                                 reason="needs CAP_SYS_NICE to leave SCHED_IDLE")
@@ -92,13 +95,21 @@ def test_promote_of_a_process_that_is_gone_is_nothing(tmp_path: Path) -> None:
 # The pool's decisions (fake VMs: FakeProcess records the level it was launched at).
 
 
-@pytest.mark.asyncio
-async def test_boots_ahead_of_demand_are_idle_and_paused_vms_normal(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def held_boot(tmp_path: Path, **cache_args: Any) -> AsyncIterator[tuple[VMCache,
+                                                                         FakeFactory, VM]]:
+    """A pool of one whose first boot is held (the factory's gate) until the test opens it."""
     factory = FakeFactory(tmp_path)
     factory.gate = asyncio.Event()
-    async with pool_running(VMCache(factory, 1, parallelism=1)) as cache:
+    async with pool_running(VMCache(factory, 1, parallelism=1, **cache_args)) as cache:
         await until(cache, lambda: cache.pool.booting)
         booting, = cache.pool.booting
+        yield cache, factory, booting
+
+
+@pytest.mark.asyncio
+async def test_boots_ahead_of_demand_are_idle_and_paused_vms_normal(tmp_path: Path) -> None:
+    async with held_boot(tmp_path) as (cache, factory, booting):
         assert booting.priority == "idle"
         factory.gate.set()
         await until(cache, lambda: cache.ready_count == 1)
@@ -113,20 +124,13 @@ async def test_boots_ahead_of_demand_are_idle_and_paused_vms_normal(tmp_path: Pa
 
 @pytest.mark.asyncio
 async def test_boot_priority_normal(tmp_path: Path) -> None:
-    factory = FakeFactory(tmp_path)
-    async with pool_running(VMCache(factory, 1, parallelism=1,
-                                    boot_priority="normal")) as cache:
-        await until(cache, lambda: cache.ready_count == 1)
-        assert all(vm.priority == "normal" for vm in cache.owned())
+    async with held_boot(tmp_path, boot_priority="normal") as (_, _, booting):
+        assert booting.priority == "normal"
 
 
 @pytest.mark.asyncio
 async def test_a_waiting_caller_promotes_the_boots_it_waits_for(tmp_path: Path) -> None:
-    factory = FakeFactory(tmp_path)
-    factory.gate = asyncio.Event()
-    async with pool_running(VMCache(factory, 1, parallelism=1)) as cache:
-        await until(cache, lambda: cache.pool.booting)
-        booting, = cache.pool.booting
+    async with held_boot(tmp_path) as (cache, factory, booting):
         assert booting.priority == "idle"
         waiting = asyncio.ensure_future(cache.reserve())
         await until(cache, lambda: cache.waiting_clients == 1)
@@ -134,17 +138,13 @@ async def test_a_waiting_caller_promotes_the_boots_it_waits_for(tmp_path: Path) 
         factory.gate.set()
         vm = await asyncio.wait_for(waiting, 10)
         assert vm is booting
-        assert vm.priority == "normal"
         cache.put_back(vm)
 
 
 @pytest.mark.asyncio
 async def test_reload_to_normal_promotes_the_boots_in_flight(tmp_path: Path) -> None:
-    factory = FakeFactory(tmp_path)
-    factory.gate = asyncio.Event()
-    async with pool_running(VMCache(factory, 1, parallelism=1)) as cache:
-        await until(cache, lambda: cache.pool.booting)
-        booting, = cache.pool.booting
+    async with held_boot(tmp_path) as (cache, _, booting):
+        assert booting.priority == "idle"
         cache.set_boot_priority("normal")
         assert booting.priority == "normal"
         assert cache.boot_priority == "normal"
