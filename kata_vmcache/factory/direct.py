@@ -473,7 +473,7 @@ class DirectFactory:
             probe = self.probe_for(vm)
             await probe.attach(vm.paths)
             await vm.process.execute("cont")
-            await self._wait_ready(vm, probe, timeout)
+            await self.wait_ready(vm, probe, timeout)
             if pause:
                 await vm.process.execute("stop")
             booted(vm, started)
@@ -486,7 +486,9 @@ class DirectFactory:
         if isinstance(probe, KataAgentProbe | KataTtrpcProbe):
             vm.log.info("the agent answered its health check (%s)", probe.answer)
 
-    async def _wait_ready(self, vm: VM, probe: ReadinessProbe, timeout: float) -> None:
+    async def wait_ready(self, vm: VM, probe: ReadinessProbe, timeout: float) -> None:
+        """The guest's signal (`probe`) within `timeout`; LaunchError as soon as QEMU or the
+        VM's kata-proxy exits, GuestNotReady at the timeout."""
         ready = asyncio.ensure_future(probe.wait())
         exited = asyncio.ensure_future(vm.process.wait())
         # A kata-proxy that exits leaves the agent unreachable: the boot fails now, not

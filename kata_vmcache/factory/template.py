@@ -438,8 +438,9 @@ class TemplateFactory:
             await probe.attach(vm.paths)
             try:
                 await vm.process.execute("cont")
-                await asyncio.wait_for(probe.wait(), timeout)
-            except TimeoutError as exc:
+                # Its QEMU or kata-proxy exiting fails the check at once (LaunchError).
+                await self.direct.wait_ready(vm, probe, timeout)
+            except GuestNotReady as exc:
                 raise GuestNotReady(f"clone {vm.id} restored from the template in {self.path}: "
                                     f"the agent did not answer within {timeout:g} s, so it is "
                                     "not cached", argv=vm.process.argv) from exc

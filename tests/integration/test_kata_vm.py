@@ -215,6 +215,30 @@ def test_a_missing_kata_proxy_is_one_line_at_start(demo_guest: DemoGuest,
     assert not (workdir / "vm").exists()
 
 
+def test_a_kata_proxy_that_exits_fails_its_boot_at_once(
+        demo_guest: DemoGuest, workdir: Path, make_daemon: Callable[..., Daemon]) -> None:
+    """Kata 1.x's proxy exits 1 at once without a syslog on /dev/log: the boot fails then,
+    with the proxy's own last line, not at ready_timeout (60 s here); no QEMU is left."""
+    proxy = workdir / "kata-proxy"
+    proxy.write_text('#!/bin/sh\necho \'level=fatal msg="unable to setup logger" '
+                     'error="Unix syslog delivery error"\'\nexit 1\n')
+    proxy.chmod(0o755)
+    config = one_x_config(demo_guest, workdir, proxy, cache_number=1)
+    daemon = Daemon(config, workdir / "cache.sock", workdir / "state")
+    try:
+        daemon.start()
+        line = wait_for(lambda: next((x for x in daemon.log().splitlines()
+                                      if "VM boot failed" in x), None),
+                        20, "the first failed boot")
+        assert "kata-proxy exited with 1 before the agent answered" in line
+        assert 'unable to setup logger' in line
+        assert daemon.serving()
+    finally:
+        daemon.stop()
+    assert not [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                if str(workdir) in " ".join(cmdline(pid))]
+
+
 def test_check_config_names_generation_paths_and_agent_channel(
         demo_guest: DemoGuest, workdir: Path) -> None:
     proxy = stand_in_proxy(workdir)
