@@ -116,3 +116,30 @@ async def test_the_wait_has_a_deadline(tmp_path: Path) -> None:
         await probe.close()
     assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     assert b"DEADLINE_EXCEEDED" in probe.seen[-1]
+
+
+class RestartingAgent(Agent):
+    """Fails its first check as an agent restarting its server under the call would."""
+
+    async def Check(self, request: agent_health_pb2.CheckRequest,
+                    context: grpc.aio.ServicerContext) -> agent_health_pb2.HealthCheckResponse:
+        self.checks += 1
+        if self.checks == 1:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "agent grpc server quits")
+        return Status(status=self.status)
+
+
+@pytest.mark.asyncio
+async def test_a_call_broken_by_a_restarting_agent_is_asked_again(serve: object,
+                                                                 tmp_path: Path) -> None:
+    agent = RestartingAgent(Status.SERVING)
+    await serve(agent, tmp_path / "proxy.sock")  # type: ignore[operator]
+    probe = KataAgentProbe(f"unix://{tmp_path}/proxy.sock")
+    await probe.attach(PATHS)
+    try:
+        await asyncio.wait_for(probe.wait(), 10)
+    finally:
+        await probe.close()
+    assert agent.checks == 2
+    assert probe.answer == "SERVING"
+    assert probe.seen == []
