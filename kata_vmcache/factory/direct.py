@@ -345,9 +345,13 @@ def describe_vm(config: Config) -> list[tuple[str, str]]:
     ]
 
 
-def booted(vm: VM, started: float) -> None:
-    """The end of a successful boot (paused, guest ready): ready, with its hand-off data."""
+def booted(vm: VM, started: float, *, paused: bool = True) -> None:
+    """The end of a successful boot (guest ready; paused unless `paused` says otherwise):
+    ready, with its hand-off data. Paused, it needs no CPU: back at normal priority before
+    its record says ready (priority.py)."""
     vm.boot_seconds = time.monotonic() - started
+    if paused:
+        vm.promote()
     vm.prepare_handoff()
     vm.transition(VMState.READY)
 
@@ -476,7 +480,7 @@ class DirectFactory:
             await self.wait_ready(vm, probe, timeout)
             if pause:
                 await vm.process.execute("stop")
-            booted(vm, started)
+            booted(vm, started, paused=pause)
         except BaseException as exc:
             await abandon(vm, exc, self.config.daemon.stop_timeout)
             raise

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 from kata_vmcache.demo_guest import KERNEL_PARAMS, DemoGuest
 from kata_vmcache.guest_channel import GuestChannel, GuestInfo
@@ -86,7 +86,13 @@ class DemoVM:
                 if self.proc.returncode is not None:
                     raise AssertionError(f"QEMU exited ({self.proc.returncode}): {self.log()}")
             client = QMPClient("demo-test")
-            await client.connect(str(path))
+            while True:
+                try:
+                    await client.connect(str(path))
+                    break
+                except ConnectError:
+                    # The socket is bound a moment before QEMU listens on it.
+                    await asyncio.sleep(0.01)
         self.qmp = client
         return client
 
