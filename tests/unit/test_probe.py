@@ -45,6 +45,17 @@ async def serve(tmp_path: Path) -> AsyncIterator[object]:
         await server.stop(0)
 
 
+async def probed(url: str) -> KataAgentProbe:
+    """A probe that has waited for the agent at `url` (10 s at most) and is closed."""
+    probe = KataAgentProbe(url)
+    await probe.attach(PATHS)
+    try:
+        await asyncio.wait_for(probe.wait(), 10)
+    finally:
+        await probe.close()
+    return probe
+
+
 PATHS = VMPaths(dir=Path("/nonexistent/vm"), own=Path("/nonexistent/own"),
                 sandbox=Path("/nonexistent/sbs"))
 
@@ -57,12 +68,7 @@ async def test_any_answer_is_an_agent_that_is_up(serve: object, tmp_path: Path, 
     """Kata's agent.check() only asks for an answer; the status is kept for the log."""
     agent = Agent(status)
     await serve(agent, tmp_path / "proxy.sock")  # type: ignore[operator]
-    probe = KataAgentProbe(f"unix://{tmp_path}/proxy.sock")
-    await probe.attach(PATHS)
-    try:
-        await asyncio.wait_for(probe.wait(), 10)
-    finally:
-        await probe.close()
+    probe = await probed(f"unix://{tmp_path}/proxy.sock")
     assert probe.answer == name
     assert agent.checks == 1
 
@@ -134,12 +140,7 @@ async def test_a_call_broken_by_a_restarting_agent_is_asked_again(serve: object,
                                                                  tmp_path: Path) -> None:
     agent = RestartingAgent(Status.SERVING)
     await serve(agent, tmp_path / "proxy.sock")  # type: ignore[operator]
-    probe = KataAgentProbe(f"unix://{tmp_path}/proxy.sock")
-    await probe.attach(PATHS)
-    try:
-        await asyncio.wait_for(probe.wait(), 10)
-    finally:
-        await probe.close()
+    probe = await probed(f"unix://{tmp_path}/proxy.sock")
     assert agent.checks == 2
     assert probe.answer == "SERVING"
     assert probe.seen == []
