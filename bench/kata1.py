@@ -463,9 +463,8 @@ def run_container(tools: Tools, config: Path, bundle: Path, cid: str, *,
 def sandbox_pss(cid: str) -> int | None:
     """PSS of the QEMU a running sandbox is on: its pid file, in the VM directory Kata
     links the sandbox id to (vm.go assignSandbox), or the QEMU named after it."""
-    for pid_file in (Path("/run/vc/vm") / cid / "pid",):
-        with contextlib.suppress(OSError, ValueError):
-            return pss_kib(int(pid_file.read_text().strip()))
+    with contextlib.suppress(OSError, ValueError):
+        return pss_kib(int((Path("/run/vc/vm") / cid / "pid").read_text().strip()))
     for pid in pids_naming(cid):
         if comm(pid).startswith("qemu"):
             return pss_kib(pid)

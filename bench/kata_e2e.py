@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -262,7 +263,7 @@ def main() -> int:
     servers = [s for s in a.servers.split(",") if s]
     modes = [m for m in a.modes.split(",") if m]
     report: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M"), "host": f"{_cores()} cores",
+        "date": time.strftime("%Y-%m-%d %H:%M"), "host": f"{os.cpu_count()} cores",
         "rounds": a.rounds, "runs_per_round": a.runs, "shared_fs": a.shared_fs,
         "cache_number": a.cache_number, "tools": {k: str(v) for k, v in vars(tools).items()},
         "modes": {}, "sessions": {}}
@@ -303,12 +304,6 @@ def main() -> int:
     (a.out / f"{a.name}.md").write_text(markdown + "\n")
     print(markdown)
     return 0
-
-
-def _cores() -> int:
-    import os
-
-    return os.cpu_count() or 0
 
 
 if __name__ == "__main__":

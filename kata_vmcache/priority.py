@@ -105,7 +105,7 @@ def promote(*pids: int | None) -> int:
 
 
 def level_of(pid: int) -> Level | None:
-    """The level of a process's main thread (for tests, status and the bench)."""
+    """The level of a process's main thread (None once it is gone)."""
     try:
         policy = os.sched_getscheduler(pid)
     except OSError:
