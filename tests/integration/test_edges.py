@@ -139,16 +139,25 @@ def test_a_full_disk_fails_refills_clearly_leaks_no_qemu_and_recovers(
         failure = next(line for line in d.log().splitlines() if "VM boot failed:" in line)
         assert "No space left on device" in failure
         assert str(small_disk) in failure
-        # Three inodes back: a boot now makes its directory and first record, launches
-        # QEMU (its log is the third), and cannot write the next record. That QEMU must
-        # be stopped, whatever can no longer be written.
+        # Back, the inodes a boot needs to launch QEMU: its directory and what a booted
+        # VM holds in it (record, QEMU log, the sockets QEMU binds), less the hand-off
+        # record written ahead once booted. The record written once QEMU runs then cannot
+        # be: that QEMU must be stopped, whatever can no longer be written. (It lives for
+        # ~0.1 s: the log line naming that record shows it ran, not a poll of the
+        # process table.)
+        kept = next(r for r in ready if r["pid"] != taken["Pid"])
+        needed = 1 + sum(1 for f in (small_disk / "vms" / kept["id"]).iterdir()
+                         if f.suffix != ".handed_off")
         filler += fill(small_disk, more=True)  # what the hand-off's rename gave back
-        for path in filler[-3:]:
+        mark = len(d.log())
+        for path in filler[-needed:]:
             path.unlink()
-        # The next attempt comes after the backoff, which reaches BACKOFF_CAP (60 s) while
-        # the disk is full.
-        launched = wait_for(lambda: our_qemus() - known, 90, "a boot to launch QEMU")
-        wait_for(lambda: not (our_qemus() & launched), 15, "the failed boot's QEMU to stop")
+        # The next attempt comes after the backoff (a few seconds by now).
+        failed = wait_for(lambda: "VM boot failed" in d.log()[mark:] and d.log()[mark:], 90,
+                          "the next boot to fail")
+        assert "QEMU exited during start-up" not in failed, (needed, failed)
+        assert "vm.tmp)" in failed, failed  # the record after QEMU's launch
+        wait_for(lambda: not (our_qemus() - known), 15, "the failed boot's QEMU to stop")
         assert len(d.records("ready")) == 1
         assert "Traceback" not in d.log()
         shutil.rmtree(small_disk / "filler")
