@@ -6,7 +6,15 @@
 - `dest/initrd.img`: a gzip'd newc cpio archive, written here in pure Python, holding
   `/bin/busybox` (static, from busybox-static), a symlink per busybox applet, `/init`
   (`kata_vmcache/guest/init`, which also documents the agent protocol), `/dev/console` and
-  the empty directories the init mounts over.
+  the empty directories the init mounts over;
+- in the same archive, the kernel modules the guest needs to mount a virtio-fs share (its
+  `share` command): `virtiofs` and `virtio_pci` with everything they depend on, taken from
+  `/lib/modules/<version>/` of the chosen kernel (the version is the file's
+  `vmlinuz-<version>` name). They go to `/lib/modules/<name>.ko`, with
+  `/lib/modules/share.load` naming them in load order. A kernel whose version cannot be
+  told, or whose modules are missing or compressed (busybox's insmod takes plain `.ko`
+  files), gets none, and the guest answers `share` with an error; modules built into the
+  kernel (`modules.builtin`) need nothing.
 
 The archive is deterministic (sorted entries, fixed inode numbers, owners and mtimes, a
 gzip header without time or name): the same inputs give the same bytes. A stamp in `dest`
@@ -33,7 +41,7 @@ import stat
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,10 +74,18 @@ CONFIG_NAME = "configuration.toml"
 STAMP_NAME = ".demo-guest.json"
 DEFAULT_BOOT_DIR = Path("/boot")
 DEFAULT_BUSYBOX = Path("/bin/busybox")
+DEFAULT_MODULES_ROOT = Path("/lib/modules")
 GUEST_INIT = Path(__file__).with_name("guest") / "init"
+#: What the guest's `share` command needs: the virtio-fs file system and the PCI transport
+#: its device sits on (Debian's cloud kernel has both as modules); dependencies follow.
+SHARE_MODULES = ("virtio_pci", "virtiofs")
+#: In the archive: the modules' directory, and the list of them in load order (read by
+#: the guest's init).
+GUEST_MODULES_DIR = "lib/modules"
+GUEST_MODULES_LOAD = f"{GUEST_MODULES_DIR}/share.load"
 
 # Bump when the archive layout changes, so existing builds are redone.
-BUILD_FORMAT = 1
+BUILD_FORMAT = 2
 # Every entry of the archive gets this mtime (2020-01-01T00:00:00Z): reproducible bytes.
 FIXED_MTIME = 1577836800
 
@@ -92,8 +108,10 @@ def init_script() -> bytes:
 
 
 def build_demo_guest(dest: Path, *, kernel: Path | None = None,
-                     busybox: Path | None = None) -> DemoGuest:
-    """Build (or find up to date) the demo guest in `dest`; see the module docstring."""
+                     busybox: Path | None = None,
+                     modules_root: Path = DEFAULT_MODULES_ROOT) -> DemoGuest:
+    """Build (or find up to date) the demo guest in `dest`; see the module docstring.
+    `modules_root` is where the kernel's modules are looked for (`<root>/<version>/`)."""
     kernel = find_kernel() if kernel is None else kernel
     busybox = DEFAULT_BUSYBOX if busybox is None else busybox
     kernel_bytes = _read_input(kernel, "kernel")
@@ -101,19 +119,21 @@ def build_demo_guest(dest: Path, *, kernel: Path | None = None,
     busybox_bytes = _read_input(busybox, "busybox")
     check_static_busybox(busybox, busybox_bytes)
     init = init_script()
+    modules = share_modules(kernel_version(kernel), modules_root)
 
     guest = DemoGuest(kernel=dest / KERNEL_NAME, initrd=dest / INITRD_NAME,
                       config=dest / CONFIG_NAME)
     inputs = hashlib.sha256()
-    for part in (str(BUILD_FORMAT).encode(), kernel_bytes, busybox_bytes, init):
+    for part in (str(BUILD_FORMAT).encode(), kernel_bytes, busybox_bytes, init,
+                 *(p for m in modules for p in (m.name.encode(), m.data))):
         inputs.update(hashlib.sha256(part).digest())
     inputs_digest = inputs.hexdigest()
     if _up_to_date(dest, guest, inputs_digest):
         return guest
 
     applets = busybox_applets(busybox)
-    initrd = gzip.compress(initramfs(busybox_bytes, init, applets), compresslevel=9,
-                           mtime=0)
+    initrd = gzip.compress(initramfs(busybox_bytes, init, applets, modules),
+                           compresslevel=9, mtime=0)
     dest.mkdir(parents=True, exist_ok=True)
     _write_atomically(guest.kernel, kernel_bytes)
     _write_atomically(guest.initrd, initrd)
@@ -122,6 +142,7 @@ def build_demo_guest(dest: Path, *, kernel: Path | None = None,
         "inputs": inputs_digest,
         "kernel_source": str(kernel),
         "busybox_source": str(busybox),
+        "modules": [m.name for m in modules],
         KERNEL_NAME: hashlib.sha256(kernel_bytes).hexdigest(),
         INITRD_NAME: hashlib.sha256(initrd).hexdigest(),
     }
@@ -137,6 +158,87 @@ def find_kernel(boot: Path = DEFAULT_BOOT_DIR) -> Path:
     if not candidates:
         raise DemoGuestError(f"no kernel found in {boot} (install linux-image-cloud-amd64)")
     return max(candidates, key=lambda p: _version_key(p.name.removeprefix("vmlinuz-")))
+
+
+def kernel_version(kernel: Path) -> str | None:
+    """The version of a `vmlinuz-<version>` kernel (followed through a symlink, such as
+    Debian's /vmlinuz), or None when the name does not tell it."""
+    for name in (kernel.name, kernel.resolve().name):
+        version = name.removeprefix("vmlinuz-")
+        if version != name and version:
+            return version
+    return None
+
+
+@dataclass(frozen=True)
+class KernelModule:
+    name: str  # the module's name, as in /sys/module: "virtio_pci"
+    data: bytes  # the uncompressed .ko file
+
+
+def share_modules(version: str | None,
+                  root: Path = DEFAULT_MODULES_ROOT) -> list[KernelModule]:
+    """The modules of kernel `version` the guest loads to mount a virtio-fs share:
+    SHARE_MODULES and what they depend on (`root/version/modules.dep`), dependencies
+    first; those built into the kernel are left out. All or nothing: an empty list when
+    one is missing or compressed, or the version is unknown."""
+    if version is None:
+        return []
+    tree = root / version
+    try:
+        dep_lines = (tree / "modules.dep").read_text().splitlines()
+    except OSError:
+        log.info("no %s: the demo guest gets no virtio-fs modules", tree / "modules.dep")
+        return []
+    try:
+        builtin = {_module_name(line) for line in
+                   (tree / "modules.builtin").read_text().split()}
+    except OSError:
+        builtin = set()
+    # name -> (path relative to `tree`, names of the modules it needs)
+    deps: dict[str, tuple[str, list[str]]] = {}
+    for line in dep_lines:
+        path, sep, needs = line.partition(":")
+        if sep:
+            deps[_module_name(path)] = (path.strip(), [_module_name(n) for n in needs.split()])
+
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def add(name: str) -> bool:
+        if name in builtin or name in seen:
+            return True
+        seen.add(name)
+        if name not in deps or not all(add(need) for need in deps[name][1]):
+            return False
+        order.append(name)
+        return True
+
+    for wanted in SHARE_MODULES:
+        if not add(wanted):
+            log.info("kernel %s has no module %s (or one it needs): the demo guest "
+                     "gets no virtio-fs modules", version, wanted)
+            return []
+    modules = []
+    for name in order:
+        path = deps[name][0]
+        if not path.endswith(".ko"):
+            log.info("module %s of kernel %s is compressed (%s): the demo guest gets no "
+                     "virtio-fs modules", name, version, path)
+            return []
+        try:
+            modules.append(KernelModule(name, (tree / path).read_bytes()))
+        except OSError as exc:
+            log.info("cannot read %s (%s): the demo guest gets no virtio-fs modules",
+                     tree / path, exc.strerror)
+            return []
+    return modules
+
+
+def _module_name(path: str) -> str:
+    """`kernel/drivers/virtio/virtio_pci.ko[.xz]` -> `virtio_pci` (modprobe's rule: a
+    dash in a file name is an underscore in the module's name)."""
+    return path.strip().rpartition("/")[2].partition(".ko")[0].replace("-", "_")
 
 
 def _version_key(version: str) -> tuple[tuple[int, int, str], ...]:
@@ -207,9 +309,20 @@ class CpioEntry:
     rdev: tuple[int, int] = (0, 0)
 
 
-def initramfs(busybox: bytes, init: bytes, applets: Iterable[str]) -> bytes:
-    """The uncompressed newc archive of the demo guest."""
+def initramfs(busybox: bytes, init: bytes, applets: Iterable[str],
+              modules: Sequence[KernelModule] = ()) -> bytes:
+    """The uncompressed newc archive of the demo guest. `modules` are in load order."""
     d, f, ln = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
+    module_files = [
+        *(CpioEntry(f"{GUEST_MODULES_DIR}/{m.name}.ko", f | 0o644, m.data) for m in modules),
+        CpioEntry(GUEST_MODULES_LOAD, f | 0o644,
+                  "".join(f"{m.name}\n" for m in modules).encode()),
+    ]
+    module_entries = [
+        CpioEntry("lib", d | 0o755),
+        CpioEntry(GUEST_MODULES_DIR, d | 0o755),
+        *sorted(module_files, key=lambda e: e.name),
+    ] if modules else []
     entries = [
         CpioEntry("bin", d | 0o755),
         CpioEntry("bin/busybox", f | 0o755, busybox),
@@ -218,6 +331,7 @@ def initramfs(busybox: bytes, init: bytes, applets: Iterable[str]) -> bytes:
         CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
         CpioEntry("etc", d | 0o755),
         CpioEntry("init", f | 0o755, init),
+        *module_entries,
         CpioEntry("proc", d | 0o555),
         CpioEntry("root", d | 0o700),
         CpioEntry("sys", d | 0o555),

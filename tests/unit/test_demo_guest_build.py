@@ -1,17 +1,19 @@
 """The demo guest builder (no QEMU): the initramfs is a valid newc archive with what the
-guest needs, the build is deterministic and idempotent, and a host without the packages
-gets a clear error. Also the host side of the agent protocol, against a scripted fake
-guest on a Unix socket (the real guest is exercised in tests/integration)."""
+guest needs (the kernel's virtio-fs modules too, from a fake /lib/modules tree), the build
+is deterministic and idempotent, and a host without the packages gets a clear error. Also
+the host side of the agent protocol, against a scripted fake guest on a Unix socket (the
+real guest is exercised in tests/integration)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import gzip
+import json
 import shutil
 import stat
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +22,13 @@ import pytest
 from kata_vmcache.demo_guest import (
     FIXED_MTIME,
     KERNEL_PARAMS,
+    STAMP_NAME,
     DemoGuest,
     build_demo_guest,
     find_kernel,
     init_script,
+    kernel_version,
+    share_modules,
 )
 from kata_vmcache.errors import DemoGuestError, GuestError, GuestTimeout
 from kata_vmcache.guest_channel import GuestChannel, GuestInfo
@@ -104,8 +109,10 @@ def kernel(scratch: Path) -> Path:
     return fake_kernel(scratch / "vmlinuz-6.1.0-1-test")
 
 
-def build(dest: Path, kernel: Path) -> DemoGuest:
-    return build_demo_guest(dest, kernel=kernel, busybox=BUSYBOX)
+def build(dest: Path, kernel: Path, modules_root: Path | None = None) -> DemoGuest:
+    if modules_root is None:
+        return build_demo_guest(dest, kernel=kernel, busybox=BUSYBOX)
+    return build_demo_guest(dest, kernel=kernel, busybox=BUSYBOX, modules_root=modules_root)
 
 
 def members_of(guest: DemoGuest) -> dict[str, Member]:
@@ -150,7 +157,11 @@ def test_initramfs_holds_init_busybox_and_mount_points(scratch: Path, kernel: Pa
 
 @needs_busybox
 def test_initramfs_entries_are_reproducible_and_loadable(scratch: Path, kernel: Path) -> None:
-    archive = read_newc(gzip.decompress(build(scratch / "out", kernel).initrd.read_bytes()))
+    check_loadable(build(scratch / "out", kernel))
+
+
+def check_loadable(guest: DemoGuest) -> None:
+    archive = read_newc(gzip.decompress(guest.initrd.read_bytes()))
     names = [m.name for m in archive]
     assert len(set(names)) == len(names)
     assert len({m.ino for m in archive}) == len(archive), "inode numbers must be unique"
@@ -370,3 +381,173 @@ def test_info_lines_parse_strictly() -> None:
                                                                                   12.25)
     for bad in ("info", "info cpus=x mem_kib=1 uptime=1", "pong info", "", "infos cpus=1"):
         assert GuestInfo.parse(bad) is None, bad
+
+
+# --- the kernel's virtio-fs modules ---------------------------------------------------------
+
+VERSION = "6.1.0-1-test"
+# Debian 6.1 cloud kernel's modules.dep for what the share needs (and cuse, which it does not).
+MODULES_DEP = {
+    "kernel/fs/fuse/fuse.ko": [],
+    "kernel/fs/fuse/cuse.ko": ["kernel/fs/fuse/fuse.ko"],
+    "kernel/fs/fuse/virtiofs.ko": ["kernel/drivers/virtio/virtio.ko",
+                                   "kernel/drivers/virtio/virtio_ring.ko",
+                                   "kernel/fs/fuse/fuse.ko"],
+    "kernel/drivers/virtio/virtio.ko": ["kernel/drivers/virtio/virtio_ring.ko"],
+    "kernel/drivers/virtio/virtio_ring.ko": [],
+    "kernel/drivers/virtio/virtio_pci_modern_dev.ko": [],
+    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko": [],
+    "kernel/drivers/virtio/virtio_pci.ko": ["kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+                                            "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+                                            "kernel/drivers/virtio/virtio.ko",
+                                            "kernel/drivers/virtio/virtio_ring.ko"],
+}
+SHARE_SET = {"virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev",
+             "virtio_pci", "fuse", "virtiofs"}
+
+
+def module_name(path: str) -> str:
+    return path.rpartition("/")[2].partition(".ko")[0]
+
+
+def fake_modules(root: Path, version: str = VERSION, *, builtin: Iterable[str] = (),
+                 rename: dict[str, str] | None = None) -> Path:
+    """`root/version/` with a modules.dep, a modules.builtin and a small file per module
+    ("module NAME"). `builtin` modules have no file and are listed in modules.builtin;
+    `rename` maps a module's path to the one written (virtiofs.ko -> virtiofs.ko.xz)."""
+    rename = rename or {}
+    tree = root / version
+    tree.mkdir(parents=True)
+    dep_lines, builtin_lines = [], []
+    for path, needs in MODULES_DEP.items():
+        if module_name(path) in builtin:
+            builtin_lines.append(path)
+            continue
+        real = rename.get(path, path)
+        (tree / real).parent.mkdir(parents=True, exist_ok=True)
+        (tree / real).write_bytes(f"module {module_name(path)}".encode())
+        dep_lines.append(f"{real}: {' '.join(rename.get(n, n) for n in needs)}".rstrip())
+    (tree / "modules.dep").write_text("".join(f"{line}\n" for line in dep_lines))
+    (tree / "modules.builtin").write_text("".join(f"{line}\n" for line in builtin_lines))
+    return root
+
+
+def loaded_in_order(names: list[str]) -> None:
+    """Every module comes after all the modules it needs."""
+    for path, needs in MODULES_DEP.items():
+        name = module_name(path)
+        if name in names:
+            for need in map(module_name, needs):
+                assert need not in names or names.index(need) < names.index(name), (need, name)
+
+
+@pytest.mark.parametrize(("name", "version"), [
+    ("vmlinuz-6.1.0-57-cloud-amd64", "6.1.0-57-cloud-amd64"),
+    ("vmlinuz-6.12.9+bpo-amd64", "6.12.9+bpo-amd64"),
+    ("vmlinuz", None),
+    ("vmlinuz-", None),
+    ("bzImage", None),
+])
+def test_kernel_version_comes_from_the_file_name(scratch: Path, name: str,
+                                                  version: str | None) -> None:
+    assert kernel_version(fake_kernel(scratch / name)) == version
+
+
+def test_kernel_version_follows_a_symlink(scratch: Path) -> None:
+    target = fake_kernel(scratch / f"vmlinuz-{VERSION}")
+    (scratch / "vmlinuz").symlink_to(target.name)
+    assert kernel_version(scratch / "vmlinuz") == VERSION
+
+
+def test_share_modules_are_the_closure_in_load_order(scratch: Path) -> None:
+    root = fake_modules(scratch / "modules")
+    modules = share_modules(VERSION, root)
+    names = [m.name for m in modules]
+    assert set(names) == SHARE_SET, "cuse is not needed"
+    assert len(names) == len(set(names))
+    loaded_in_order(names)
+    assert all(m.data == f"module {m.name}".encode() for m in modules)
+    assert share_modules(VERSION, root) == modules, "the same order every time"
+
+
+def test_builtin_modules_are_not_carried(scratch: Path) -> None:
+    root = fake_modules(scratch / "modules",
+                        builtin=("virtio", "virtio_ring", "virtio_pci", "virtio_pci_modern_dev",
+                                 "virtio_pci_legacy_dev"))
+    assert [m.name for m in share_modules(VERSION, root)] == ["fuse", "virtiofs"]
+
+
+@pytest.mark.parametrize("rename", [
+    {"kernel/fs/fuse/virtiofs.ko": "kernel/fs/fuse/virtiofs.ko.xz"},
+    {"kernel/drivers/virtio/virtio_ring.ko": "kernel/drivers/virtio/virtio_ring.ko.zst"},
+], ids=["virtiofs.ko.xz", "virtio_ring.ko.zst"])
+def test_a_compressed_module_means_none(scratch: Path, rename: dict[str, str]) -> None:
+    assert share_modules(VERSION, fake_modules(scratch / "modules", rename=rename)) == []
+
+
+def test_a_missing_module_means_none(scratch: Path) -> None:
+    root = fake_modules(scratch / "modules")
+    (root / VERSION / "kernel/fs/fuse/virtiofs.ko").unlink()
+    assert share_modules(VERSION, root) == [], "listed in modules.dep, but no file"
+    dep = root / VERSION / "modules.dep"
+    dep.write_text("".join(line for line in dep.read_text().splitlines(keepends=True)
+                           if not line.startswith("kernel/fs/fuse/virtiofs.ko")))
+    assert share_modules(VERSION, root) == [], "not in modules.dep"
+    dep.unlink()
+    assert share_modules(VERSION, root) == [], "no modules.dep"
+    assert share_modules("6.1.0-2-other", root) == [], "another kernel's tree"
+    assert share_modules(None, root) == [], "unknown version"
+
+
+@needs_busybox
+def test_the_kernels_modules_go_into_the_archive(scratch: Path) -> None:
+    kernel = fake_kernel(scratch / f"vmlinuz-{VERSION}")
+    guest = build(scratch / "out", kernel, fake_modules(scratch / "modules"))
+    members = members_of(guest)
+    carried = {name.removeprefix("lib/modules/").removesuffix(".ko"): m
+               for name, m in members.items()
+               if name.startswith("lib/modules/") and name.endswith(".ko")}
+    assert set(carried) == SHARE_SET
+    for name, member in carried.items():
+        assert stat.S_ISREG(member.mode), name
+        assert member.data == f"module {name}".encode()
+    assert stat.S_ISDIR(members["lib"].mode)
+    assert stat.S_ISDIR(members["lib/modules"].mode)
+    order = members["lib/modules/share.load"].data.decode().splitlines()
+    assert set(order) == SHARE_SET
+    loaded_in_order(order)
+    check_loadable(guest)
+    stamp = json.loads((scratch / "out" / STAMP_NAME).read_text())
+    assert stamp["modules"] == order
+
+
+@needs_busybox
+def test_a_build_with_modules_is_deterministic(scratch: Path) -> None:
+    kernel = fake_kernel(scratch / f"vmlinuz-{VERSION}")
+    root = fake_modules(scratch / "modules")
+    first, second = build(scratch / "a", kernel, root), build(scratch / "b", kernel, root)
+    assert first.initrd.read_bytes() == second.initrd.read_bytes()
+
+
+@needs_busybox
+def test_a_changed_module_rebuilds_the_archive(scratch: Path) -> None:
+    kernel = fake_kernel(scratch / f"vmlinuz-{VERSION}")
+    root = fake_modules(scratch / "modules")
+    guest = build(scratch / "out", kernel, root)
+    (root / VERSION / "kernel/fs/fuse/virtiofs.ko").write_bytes(b"module virtiofs, rebuilt")
+    build(scratch / "out", kernel, root)
+    assert members_of(guest)["lib/modules/virtiofs.ko"].data == b"module virtiofs, rebuilt"
+
+
+@needs_busybox
+@pytest.mark.parametrize("kernel_name", [f"vmlinuz-{VERSION}", "bzImage"])
+def test_a_kernel_without_modules_still_builds(scratch: Path, kernel_name: str) -> None:
+    """No tree for this version (or a kernel whose version cannot be told, though the
+    tree of a kernel of its contents exists): no modules, and no /lib in the archive."""
+    root = fake_modules(scratch / "modules", version="6.1.0-2-other")
+    if kernel_name == "bzImage":
+        fake_modules(root, version=VERSION)
+    guest = build(scratch / "out", fake_kernel(scratch / kernel_name), root)
+    assert not any(name == "lib" or name.startswith("lib/") for name in members_of(guest))
+    assert "init" in members_of(guest)
+    assert json.loads((scratch / "out" / STAMP_NAME).read_text())["modules"] == []
