@@ -17,24 +17,22 @@ kata_proxy.go `kataProxy.start`/`stop`, proxy.go `defaultProxyURL`):
 in a session of its own (Setsid); stopped with SIGTERM. The daemon stops a VM's proxy with
 every VM it stops, and leaves it alone with every VM it hands out: from then on the proxy
 is the receiver's, which stops it (`VM.Disconnect`). We bound the wait for SIGTERM and
-then SIGKILL (Kata does not wait); a proxy is our child, so we always reap it.
+then SIGKILL (Kata does not wait); a proxy is our child, so we always reap it
+(companion.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
-import os
 import signal
-import subprocess
 from pathlib import Path
 
-from .errors import LaunchError
+from .companion import Companion
 from .machine import VMPaths
-from .priority import Level, launching
+from .priority import Level
 from .procs import cmdline, pid_alive
-from .qmp import Pidfd, stop_process
+from .qmp import Pidfd
 
 
 def is_kata_proxy(pid: int, vm_id: str) -> bool:
@@ -52,36 +50,25 @@ def stop_handed_out_proxy(pid: int, vm_id: str) -> None:
         proc.close()
 
 
-class KataProxy:
+class KataProxy(Companion):
     """One kata-proxy process: started before the agent is checked, owned until hand-off."""
+
+    what = "kata-proxy"
+    log_name = "proxy.log"
 
     def __init__(self, binary: Path, vm_id: str, paths: VMPaths, *, debug: bool,
                  log: logging.Logger) -> None:
-        self.binary = binary
         self.paths = paths
-        self.log = log
-        self.argv = [str(binary), "-listen-socket", self.url, "-mux-socket", str(paths.agent),
-                     "-sandbox", vm_id]
+        argv = [str(binary), "-listen-socket", self.url, "-mux-socket", str(paths.agent),
+                "-sandbox", vm_id]
         if debug:
-            self.argv += ["-log", "debug", "-agent-logs-socket", str(paths.console)]
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._pidfd: Pidfd | None = None
-        self._exited = asyncio.Event()
-        self._released = False
-        self._stopping = False
+            argv += ["-log", "debug", "-agent-logs-socket", str(paths.console)]
+        super().__init__(binary, argv, paths.own, log=log)
 
     @property
     def url(self) -> str:
         """GrpcVM.proxyURL: where kata-runtime reaches the agent."""
         return f"unix://{self.paths.proxy_socket}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and not self._exited.is_set()
 
     def start(self, priority: Level = "normal") -> None:
         """Launch the proxy (it creates its socket itself) at `priority` (its VM's);
@@ -89,70 +76,4 @@ class KataProxy:
         # qemu.go setup() creates <run storage>/<id> for the sandbox's files: the proxy's
         # socket goes there.
         self.paths.sandbox.mkdir(mode=0o750, parents=True, exist_ok=True)
-        with open(self.paths.own / "proxy.log", "ab") as logfile, launching(priority):
-            try:
-                self._proc = subprocess.Popen(
-                    self.argv, stdin=subprocess.DEVNULL, stdout=logfile,
-                    stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
-            except OSError as exc:
-                raise LaunchError(f"cannot run kata-proxy {self.binary}: {exc.strerror}",
-                                  argv=self.argv) from exc
-        self._pidfd = Pidfd.of_child(self._proc, on_exit=self._reaped)
-
-    def _reaped(self) -> None:
-        assert self._proc is not None
-        self._close_pidfd()
-        self._exited.set()
-        if not (self._released or self._stopping):
-            self.log.warning("kata-proxy %d exited with %s", self._proc.pid,
-                             self._proc.returncode)
-
-    def _close_pidfd(self) -> None:
-        if self._pidfd is not None:
-            self._pidfd.close()
-
-    async def wait(self) -> None:
-        """Until the proxy has exited (and been reaped)."""
-        await self._exited.wait()
-
-    @property
-    def returncode(self) -> int | None:
-        return self._proc.returncode if self._proc is not None else None
-
-    def last_words(self) -> str:
-        """The proxy's last log line (why it exited, e.g. `unable to setup logger`: Kata
-        1.x's proxy needs a syslog listening on /dev/log)."""
-        try:
-            lines = (self.paths.own / "proxy.log").read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return next((line.strip() for line in reversed(lines) if line.strip()), "")
-
-    def problem_now(self) -> str | None:
-        """Why the VM cannot be handed out because of its proxy, or None (synchronous)."""
-        pidfd = self._pidfd.fd if self._pidfd is not None else None
-        if self._proc is None or self._exited.is_set() or pidfd is None:
-            return "its kata-proxy is not running"
-        try:
-            info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except OSError as exc:
-            return f"its kata-proxy is gone ({exc.strerror})"
-        return "its kata-proxy has exited" if info is not None else None
-
-    def release(self) -> None:
-        """Handed out with its VM: never signalled again (still reaped: it is our child)."""
-        self._released = True
-
-    def reclaim(self) -> None:
-        """Undo release(): the hand-off was not delivered, the proxy is ours again."""
-        self._released = False
-
-    async def stop(self, timeout: float) -> None:
-        """SIGTERM (Kata's kataProxy.stop), a bounded wait, SIGKILL (qmp.py's stop sequence,
-        with no QMP to ask); reaped on return."""
-        if self._proc is None or self._released:
-            return
-        self._stopping = True
-        if self._pidfd is not None:
-            await stop_process(self._pidfd, timeout, what="kata-proxy")
-        self._close_pidfd()
+        self._launch(priority)
