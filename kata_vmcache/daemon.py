@@ -53,6 +53,7 @@ from .qemu import is_vm_qemu
 from .qmp import Pidfd, stop_process
 from .reload import Reloader, remove_outcome
 from .server import CacheServicer, prepare_endpoint, remove_endpoint, start_server
+from .virtiofsd import is_virtiofsd
 from .vm import Unclaimed, scan_records
 
 log = logging.getLogger(__name__)
@@ -161,14 +162,17 @@ async def recover(state_dir: Path, vm_storage: Path, *, timeout: float = 3.0) ->
             elif pid is not None and (unwatch := _remove_when_gone(pid, vm_id, dirs)):
                 found.watches.append(unwatch)
             continue  # someone else's VM now: never touch it
+        share = Path(record.get("vm_dir") or vm_storage / vm_id) / "shared"
         stops.append(_stop_orphan(vm_id, state, pid if alive else None,
-                                  record.get("proxy_pid"), dirs, timeout))
+                                  record.get("proxy_pid"), record.get("virtiofsd_pid"),
+                                  share, dirs, timeout))
     await asyncio.gather(*stops)
     return found
 
 
 async def _stop_orphan(vm_id: str, state: str, pid: int | None, proxy: int | None,
-                       dirs: list[Path], timeout: float) -> None:
+                       virtiofsd: int | None, share: Path, dirs: list[Path],
+                       timeout: float) -> None:
     if pid is not None and (qemu := Pidfd.of_pid(pid, check=lambda p: is_vm_qemu(p, vm_id))):
         log.warning("stopping VM %s (QEMU pid %d) left %s by a previous daemon", vm_id, pid,
                     state)
@@ -176,7 +180,25 @@ async def _stop_orphan(vm_id: str, state: str, pid: int | None, proxy: int | Non
     if proxy is not None and (kp := Pidfd.of_pid(proxy, check=lambda p: is_kata_proxy(p, vm_id))):
         log.warning("stopping kata-proxy %d of VM %s left by a previous daemon", proxy, vm_id)
         await _stop_orphan_process(kp, timeout)
+    # Usually gone with its QEMU's connection; not if QEMU never connected (a crash
+    # between the two launches, before the record named it: then found by its share,
+    # which only this VM's virtiofsd exports).
+    if virtiofsd is None:
+        virtiofsd = find_virtiofsd(share)
+    if virtiofsd is not None and (
+            vfs := Pidfd.of_pid(virtiofsd, check=lambda p: is_virtiofsd(p, share))):
+        log.warning("stopping virtiofsd %d of VM %s left by a previous daemon", virtiofsd,
+                    vm_id)
+        await _stop_orphan_process(vfs, timeout)
     _remove(*dirs)
+
+
+def find_virtiofsd(share: Path) -> int | None:
+    """The pid of the virtiofsd exporting `share`, found by its arguments."""
+    for pid in pids():
+        if is_virtiofsd(pid, share):
+            return pid
+    return None
 
 
 async def _stop_orphan_process(proc: Pidfd, timeout: float) -> None:

@@ -67,6 +67,7 @@ from .guest_channel import SEED_BYTES, GuestChannel, GuestInfo
 from .proxy import stop_handed_out_proxy
 from .qemu import is_vm_qemu
 from .qmp import Pidfd, ask_quit, disconnect, open_session, stop_process
+from .virtiofsd import stop_handed_out_virtiofsd
 
 if TYPE_CHECKING:
     from .client import BaseVM
@@ -173,6 +174,11 @@ class VMHandle:
     @property
     def state_dir(self) -> Path | None:
         return _path(self.record.get("StateDir"))
+
+    @property
+    def vm_dir(self) -> Path | None:
+        """Kata's directory of the VM (`<vm storage>/<id>`: sockets, the share)."""
+        return _path(self.record.get("VMDir"))
 
     @property
     def max_vcpus(self) -> int:
@@ -490,6 +496,8 @@ class VMHandle:
                 await self._close_qmp()
                 self._close_pidfd()
                 stop_handed_out_proxy(self.base.proxy_pid, self.id)
+                if isinstance(pid := self.record.get("VirtiofsdPid"), int) and self.vm_dir:
+                    stop_handed_out_virtiofsd(pid, self.vm_dir / "shared")
                 _remove_dirs(self.record)
                 self._stopped = True
 

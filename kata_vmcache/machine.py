@@ -137,6 +137,12 @@ class VMPaths:
         return self.dir / "shared"
 
     @property
+    def vhost_fs(self) -> Path:
+        """virtiofsd's vhost-user socket (qemu.go vhostFSSocketPath: in the run storage
+        path's VM directory, 1.x and 3.x alike)."""
+        return self.dir / "vhost-fs.sock"
+
+    @property
     def proxy_socket(self) -> Path:
         return self.sandbox / "proxy.sock"
 
@@ -208,6 +214,15 @@ class VMSpec:
     #: Our own ISA serial ports (console, then the ready-line channel) for guests that
     #: cannot use Kata's virtio devices, such as the demo guest.
     own_serial: bool = False
+    #: shared_fs: "virtio-9p" (a 9p device on the share directory), "virtio-fs" (a
+    #: vhost-user-fs device on a virtiofsd's socket), "none" (3.x: no device).
+    shared_fs: str = "virtio-9p"
+    #: virtio_fs_cache_size (MiB; 0: no DAX window) and, 3.x only, virtio_fs_queue_size.
+    virtio_fs_cache_size: int = 0
+    virtio_fs_queue_size: int = 0
+    #: Where the guest RAM is a shared file (qemu.go setupFileBackedMem: file_mem_backend,
+    #: else /dev/shm for virtio-fs), when that directory exists; None: plain RAM.
+    file_mem_backend: Path | None = None
     # ---- read by Kata 3.x's model only (kata-containers 3.30.0); 1.x ignores them ----
     #: disable_guest_selinux: `selinux=0`, else `selinux=1` (qemu.go kernelParameters).
     disable_guest_selinux: bool = False
@@ -227,14 +242,10 @@ class VMSpec:
     #: rootfs_type and kernel_verity_params: the root= parameters of an image.
     rootfs_type: str = "ext4"
     kernel_verity_params: str = ""
-    #: shared_fs: "none" leaves the 9p device out (kata_agent.go configure).
-    shared_fs: str = "virtio-9p"
     #: enable_mem_prealloc, enable_hugepages, enable_vhost_user_store: memory knobs.
     mem_prealloc: bool = False
     hugepages: bool = False
     vhost_user_store: bool = False
-    #: file_mem_backend, when that directory exists (qemu.go setupFileBackedMem).
-    file_mem_backend: Path | None = None
     #: guest_memory_dump_path set: a pvpanic device (IfPVPanicEnabled).
     pvpanic: bool = False
     #: reclaim_guest_freed_memory: a virtio-balloon device with free page reporting.
@@ -341,13 +352,16 @@ class VMSpec:
                 raise ValueError("a vsock agent channel needs a guest CID")
             devices += ["-device", f"vhost-vsock-pci,{_modern(legacy)}id=vsock-{cid},"
                                    f"guest-cid={cid},romfile="]
-        tag = SHARED_TAG
-        devices += [
-            "-device", f"virtio-9p-pci,{_modern(legacy)}fsdev=extra-9p-{tag},"
-                       f"mount_tag={tag},romfile=",
-            "-fsdev", f"local,id=extra-9p-{tag},path={opt_value(paths.shared)},"
-                      "security_model=none,multidevs=remap",
-        ]
+        if self.shared_fs == "virtio-fs":
+            devices += vhost_user_fs(self, paths, uuid, pci=True)
+        else:  # 1.x has no "none": sharing is always on
+            tag = SHARED_TAG
+            devices += [
+                "-device", f"virtio-9p-pci,{_modern(legacy)}fsdev=extra-9p-{tag},"
+                           f"mount_tag={tag},romfile=",
+                "-fsdev", f"local,id=extra-9p-{tag},path={opt_value(paths.shared)},"
+                          "security_model=none,multidevs=remap",
+            ]
         args += devices
         args += [
             "-rtc", "base=utc,driftfix=slew,clock=host",
@@ -420,14 +434,47 @@ class VMSpec:
         ]
 
     def _memory_object(self, memory: MemoryBackend, path: Path | None) -> str:
-        """govmm's memory knobs: RAM, or (templating) a file, shared for the template."""
+        """govmm's memory knobs: RAM, a shared file (setupFileBackedMem: virtio-fs or
+        file_mem_backend), or (templating) the template's file, shared by the template."""
+        if memory == "ram" and self.file_mem_backend is not None:
+            return (f"memory-backend-file,id=dimm1,size={self.memory_mib}M,"
+                    f"mem-path={opt_value(self.file_mem_backend)},share=on")
         if memory == "ram":
             return f"memory-backend-ram,id=dimm1,size={self.memory_mib}M"
         if path is None:
             raise ValueError("templating needs the template's memory file")
+        if self.file_mem_backend is not None or self.shared_fs == "virtio-fs":
+            raise ValueError(TEMPLATING_REFUSED)
         share = ",share=on" if memory == "template" else ""
         return (f"memory-backend-file,id=dimm1,size={self.memory_mib}M,"
                 f"mem-path={opt_value(path)}{share}")
+
+
+#: Kata's refusal of templating with shared memory (qemu.go createSandbox in 1.x,
+#: CreateVM in 3.x): the template's RAM is shared, its clones' private, and virtio-fs
+#: needs it shared in every VM.
+TEMPLATING_REFUSED = ("VM templating has been enabled with either virtio-fs or file backed "
+                      "memory and this configuration will not work")
+
+
+def vhost_user_fs(spec: VMSpec, paths: VMPaths, uuid: str, *, pci: bool) -> list[str]:
+    """The shared directory over virtio-fs, as the agent's configure() adds it (qemu.go
+    AddDevice for a types.Volume; qemu_arch_base.go appendVhostUserDevice; govmm's
+    VhostUserDevice params): a chardev on virtiofsd's socket, then the device with tag
+    kataShared. 1.x writes `romfile=` and has no queue size; 3.x writes queue-size (1024
+    unless virtio_fs_queue_size) and no romfile. The ids are "char-" + 8 random bytes in
+    Kata; here from the VM's UUID."""
+    char = f"char-{_uuid_hex(uuid)}"
+    device = [("vhost-user-fs-pci" if pci else "vhost-user-fs-device"), f"chardev={char}",
+              f"tag={SHARED_TAG}"]
+    if spec.generation == "3.x":
+        device.append(f"queue-size={spec.virtio_fs_queue_size or 1024}")
+    if spec.virtio_fs_cache_size:
+        device.append(f"cache-size={spec.virtio_fs_cache_size}M")
+    if spec.generation == "1.x":
+        device.append("romfile=")
+    return ["-chardev", f"socket,id={char},path={opt_value(paths.vhost_fs)}",
+            "-device", ",".join(device)]
 
 
 def _modern(legacy: bool) -> str:
@@ -606,9 +653,9 @@ class Kata3Line:
                              f"(got {spec.machine_type!r})")
         if spec.iommu and spec.machine_type != "q35":
             raise ValueError(f"machine type {spec.machine_type} does not support vIOMMU")
-        if spec.shared_fs not in ("virtio-9p", "none"):
-            raise ValueError(f"shared_fs {spec.shared_fs!r} is not supported (virtio-9p or "
-                             "none)")
+        if spec.shared_fs not in ("virtio-9p", "virtio-fs", "none"):
+            raise ValueError(f"shared_fs {spec.shared_fs!r} is not supported (virtio-9p, "
+                             "virtio-fs or none)")
         self.spec = spec
         #: govmm defaultTransport: virtio-mmio on microvm, PCI elsewhere on amd64.
         self.pci = spec.machine_type != "microvm"
@@ -662,9 +709,8 @@ class Kata3Line:
         templated = memory != "ram"
         if templated and memory_path is None:
             raise ValueError("templating needs the template's memory file")
-        if templated and s.file_mem_backend is not None:
-            # qemu.go CreateVM refuses it the same way.
-            raise ValueError("VM templating does not work with file backed memory")
+        if templated and (s.file_mem_backend is not None or s.shared_fs == "virtio-fs"):
+            raise ValueError(TEMPLATING_REFUSED)  # qemu.go CreateVM, in the same words
         if s.vhost_user_store and not s.hugepages:
             raise ValueError("vhost-user-blk/scsi (enable_vhost_user_store) needs "
                              "enable_hugepages")
@@ -804,7 +850,9 @@ class Kata3Line:
                                              f"guest-cid={cid}"])]
         elif s.agent_channel == "serial":
             raise ValueError("Kata 3.x reaches its agent over vsock only")
-        if s.shared_fs != "none":
+        if s.shared_fs == "virtio-fs":
+            devices += vhost_user_fs(s, paths, uuid, pci=self.pci)
+        elif s.shared_fs != "none":
             tag = SHARED_TAG
             devices += [
                 "-device", ",".join([self._virtio("virtio-9p"), *self._modern(legacy),

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .companion import Companion
 from .errors import VMStateError
 from .handoff import HandOff
 from .machine import BRIDGE_CAPACITY, BRIDGE_START_ADDR, MemoryBackend, VMPaths, VMSpec
@@ -87,6 +88,8 @@ class VM:
         self._handoff: HandOff | None = None
         #: Kata 1.x's kata-proxy for this VM, once started (`proxy.KataProxy`).
         self.proxy: Any = None
+        #: The virtiofsd of a virtio-fs VM, once started (`virtiofsd.Virtiofsd`).
+        self.virtiofsd: Any = None
         # memory, memory_path: Kata's templating (the template VM's shared RAM file, or a
         # clone's private mapping of it).
         self.process = QemuProcess(
@@ -144,10 +147,22 @@ class VM:
         self._exit_listeners.append(callback)
 
     def _qemu_exited(self, returncode: int) -> None:
+        if self.virtiofsd is not None:
+            self.virtiofsd.expect_exit()  # it exits once QEMU's connection closes
         if self.state in (VMState.BOOTING, VMState.READY, VMState.FAILED):
             self.log.debug("QEMU %s exited with %s while %s", self.pid, returncode,
                            self.state.value)
             self.transition(VMState.DEAD, f"QEMU exited with code {returncode}")
+            for callback in self._exit_listeners:
+                callback(self)
+
+    def virtiofsd_exited(self, returncode: int | None) -> None:
+        """A ready VM whose virtiofsd exited has a share no guest can use: dead now, like
+        one whose QEMU exited, so it is out of the pool and replaced at once (its QEMU is
+        stopped with it). Kata 1.x stops the VM the same way (qemu.go setupVirtiofsd). A
+        booting VM's boot sees it itself (DirectFactory.wait_ready)."""
+        if self.state is VMState.READY:
+            self.transition(VMState.DEAD, f"its virtiofsd exited with code {returncode}")
             for callback in self._exit_listeners:
                 callback(self)
 
@@ -160,13 +175,19 @@ class VM:
             self.log.info("handed-out VM's QEMU %s has exited; removing its files", self.pid)
             self.remove_dirs()
 
-    # the VM's processes: QEMU and, for Kata 1.x guests, its kata-proxy
+    # the VM's processes: QEMU and its companions (Kata 1.x's kata-proxy, virtiofsd)
+
+    @property
+    def companions(self) -> list[Companion]:
+        """The processes that go with QEMU: stopped with it, handed out with it."""
+        return [c for c in (self.virtiofsd, self.proxy) if c is not None]
 
     def problem_now(self) -> str | None:
         """Why the VM cannot be handed out right now (synchronous, for the hand-off)."""
         problem = self.process.problem_now()
-        if problem is None and self.proxy is not None:
-            problem = self.proxy.problem_now()
+        for companion in self.companions:
+            if problem is None:
+                problem = companion.problem_now()
         return problem
 
     @property
@@ -186,36 +207,41 @@ class VM:
             return
         self.process.priority = "normal"
         promote(self.process.pid if self.process.running else None,
-                self.proxy.pid if self.proxy is not None and self.proxy.running else None)
+                *(c.pid for c in self.companions if c.running))
 
     def release_idle(self) -> None:
-        """Hand out QEMU and its proxy: neither is signalled by us again."""
+        """Hand out QEMU and its companions: none is signalled by us again."""
         self.process.release_idle()
-        if self.proxy is not None:
-            self.proxy.release()
+        for companion in self.companions:
+            companion.release()
 
     async def reclaim(self, timeout: float = 1.0) -> str:
         """Take back a released VM whose hand-off reply was never written, and say what
         state its QEMU is in ("paused", ...), asked on the connection that reclaimed it
         (`QemuProcess.reclaim`). VMDead when QEMU is gone or does not answer."""
         status = await self.process.reclaim(timeout)
-        if self.proxy is not None:
-            self.proxy.reclaim()
+        for companion in self.companions:
+            companion.reclaim()
         return status
 
     async def stop(self, timeout: float) -> None:
-        """QEMU (QMP quit, bounded wait, SIGKILL), then its proxy; both reaped on return.
+        """QEMU (QMP quit, bounded wait, SIGKILL), then its companions (a virtiofsd
+        usually exits by itself once QEMU's connection closes); all reaped on return.
         A no-op for what was handed out."""
+        for companion in self.companions:
+            companion.expect_exit()
         await self.process.stop(timeout)
-        if self.proxy is not None:
-            await self.proxy.stop(timeout)
+        for companion in self.companions:
+            await companion.stop(timeout)
 
     async def kill(self) -> None:
-        """SIGKILL QEMU now (it stopped answering), then stop its proxy."""
+        """SIGKILL QEMU now (it stopped answering), then stop its companions."""
+        for companion in self.companions:
+            companion.expect_exit()
         await self.process.kill()
-        if self.proxy is not None:
-            self.proxy.reclaim()  # the caller decided: even a released proxy goes
-            await self.proxy.stop(1.0)
+        for companion in self.companions:
+            companion.reclaim()  # the caller decided: even a released companion goes
+            await companion.stop(1.0)
 
     def remove_dirs(self) -> None:
         """Kata's directory of the VM, its proxy's, and ours: for a VM the daemon stopped
@@ -239,6 +265,7 @@ class VM:
             "vm_dir": str(self.paths.dir),
             "sandbox_dir": str(self.paths.sandbox),
             "proxy_pid": self.proxy.pid if self.proxy is not None else None,
+            "virtiofsd_pid": self.virtiofsd.pid if self.virtiofsd is not None else None,
             "qmp": str(self.paths.qmp),
         }
 
@@ -361,6 +388,7 @@ class VM:
         serial console and guest channel, directories, hot-plug limits).
         """
         s = self.spec
+        virtiofsd_pid = (self.virtiofsd.pid or 0) if self.virtiofsd is not None else 0
         return {
             "ID": self.id,
             "QmpChannelpath": str(self.paths.qmp),
@@ -373,7 +401,14 @@ class VM:
                 "HotpluggedMemory": 0,
                 "UUID": self.uuid,
                 "HotplugVFIOOnRootBus": s.hotplug_vfio_on_root_bus,
-                "VirtiofsdPid": 0,
+                # Kata 1.x's receiver lists it among the VM's pids (getPids: cgroups).
+                "VirtiofsdPid": virtiofsd_pid if s.generation == "1.x" else 0,
+                # Kata 3.x's is left 0 on purpose: its fromGrpc restores the pid but not
+                # the virtiofsd handle that StopVM stops through (qemu.go
+                # stopVirtiofsDaemon), so a pid here would make its StopVM call a method
+                # on a nil interface. At 0 it logs "The virtiofsd had stopped", and ours
+                # exits by itself once that QEMU's connection closes.
+                "VirtiofsDaemonPid": 0,
                 "PCIeRootPort": s.pcie_root_port,
             },
             "NvdimmCount": 1 if s.nvdimm_image else 0,
@@ -385,6 +420,7 @@ class VM:
                 "MaxCPUs": s.max_vcpus,
             },
             "Pid": self.pid,
+            "VirtiofsdPid": virtiofsd_pid,
             "ConsolePath": str(self.paths.serial if s.own_serial else self.paths.console),
             "GuestChannelPath": str(self.paths.guest) if s.own_serial else "",
             "KataAgentPath": str(self.paths.agent) if s.agent_channel == "serial" else "",
@@ -431,6 +467,7 @@ _RECORD_FIELDS: dict[str, tuple[type, ...]] = {
 }
 _RECORD_OPTIONAL: dict[str, tuple[type, ...]] = {
     "vm_dir": (str,), "sandbox_dir": (str,), "proxy_pid": (int, type(None)),
+    "virtiofsd_pid": (int, type(None)),
 }
 _STATES = frozenset(state.value for state in VMState)
 

@@ -171,3 +171,53 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("measured")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+# --- a syslog on /dev/log ------------------------------------------------------------------
+#
+# Kata starts virtiofsd with --syslog (and Kata 1.x's kata-proxy logs to syslog only):
+# QEMU's virtiofsd then exits as soon as QEMU connects if nothing receives on /dev/log.
+# A real host has journald there; a bare test machine may have nothing. So the run's one
+# controlling process (the xdist controller, or the only process) listens there for the
+# whole run when nobody else does, and removes the socket it made at the end. Workers
+# never touch it: one socket for every worker, alive until all are done.
+
+_SYSLOG: dict[str, Any] = {}
+
+
+def _devlog_answers() -> bool:
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect("/dev/log")
+        except OSError:
+            return False
+    return True
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import socket
+    import threading
+    if hasattr(config, "workerinput") or _devlog_answers():
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink("/dev/log")  # a stale socket: nobody receives on it
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("/dev/log")
+    os.chmod("/dev/log", 0o666)
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):  # closed at the end of the run
+            while True:
+                sock.recv(65536)
+
+    threading.Thread(target=drain, daemon=True, name="devlog").start()
+    _SYSLOG["socket"] = sock
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    sock = _SYSLOG.pop("socket", None)
+    if sock is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink("/dev/log")
+        sock.close()

@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,7 @@ from ..machine import (
     AGENT_VSOCK_PORT,
     MACHINES_3X,
     MAX_PCIE_PORTS_3X,
+    TEMPLATING_REFUSED,
     Accelerator,
     VMSpec,
     kernel_root_params_3x,
@@ -41,6 +43,8 @@ from ..machine import (
 from ..probe import KataAgentProbe, KataTtrpcProbe, ReadinessProbe, SerialLineProbe
 from ..proxy import KataProxy
 from ..ttrpc import VsockAddress
+from ..virtiofsd import ARGUMENTS as VIRTIOFSD_ARGUMENTS
+from ..virtiofsd import CACHE_MODES_3X, Virtiofsd, capabilities, help_text
 from ..vm import VM, VMState
 
 log = logging.getLogger(__name__)
@@ -104,6 +108,9 @@ def spec_from_config(config: Config, accelerator: Literal["kvm", "tcg"]) -> VMSp
         pcie_root_port=kata_hv["PCIeRootPort"],
         hotplug_vfio_on_root_bus=kata_hv.get("HotplugVFIOOnRootBus", False),
         own_serial=config.daemon.ready_probe == "serial",
+        shared_fs=kata_hv["SharedFS"],
+        virtio_fs_cache_size=kata_hv["VirtioFSCacheSize"],
+        file_mem_backend=file_backed_memory(kata_hv),
     )
     if config.daemon.kata_version == "1.x":
         return spec
@@ -119,10 +126,9 @@ def kata3_fields(config: Config, kata_hv: dict[str, Any]) -> dict[str, Any]:
     kata-containers 3.30.0's loader reads it (src/runtime/pkg/katautils/config.go,
     newQemuHypervisorConfig)."""
     q = _qemu_table(config)
-    file_mem = kata_hv["FileBackedMemRootDir"]
     return {
         "machine_type": kata_hv["HypervisorMachineType"],
-        "shared_fs": kata_hv["SharedFS"],
+        "virtio_fs_queue_size": kata_hv["VirtioFSQueueSize"],
         # config.go defaultMaxMemSz(): default_maxmemory, else (or above) the host's
         # memory. Our [vmcache] max_memory, when set, still wins: it is the user's word.
         "max_memory_mib": config.daemon.max_memory_mib or kata_hv["DefaultMaxMemorySize"],
@@ -142,9 +148,6 @@ def kata3_fields(config: Config, kata_hv: dict[str, Any]) -> dict[str, Any]:
         "mem_prealloc": kata_hv["MemPrealloc"],
         "hugepages": kata_hv["HugePages"],
         "vhost_user_store": kata_hv["EnableVhostUserStore"],
-        # qemu.go setupFileBackedMem: a directory that does not exist is logged by Kata
-        # and the VM gets plain RAM.
-        "file_mem_backend": Path(file_mem) if file_mem and os.path.isdir(file_mem) else None,
         "pvpanic": kata_hv["GuestMemoryDumpPath"] != "",
         # config.go: reclaim_guest_freed_memory and indep_iothreads (defaults false and 0,
         # config-settings.go.in), which kata.py does not emit.
@@ -156,6 +159,25 @@ def kata3_fields(config: Config, kata_hv: dict[str, Any]) -> dict[str, Any]:
         "pflash": tuple(kata_hv["PFlash"] or ()),
         "extra_monitor": kata_hv["ExtraMonitorSocket"],
     }
+
+
+#: qemu.go fallbackFileBackedMemDir (1.x and 3.x).
+FALLBACK_FILE_BACKED_MEM = "/dev/shm"
+#: The shared file systems a virtiofsd serves (3.x's virtio-fs-nydus runs nydusd instead).
+VIRTIO_FS = "virtio-fs"
+
+
+def file_backed_memory(kata_hv: dict[str, Any]) -> Path | None:
+    """Where the guest RAM is a shared file, as qemu.go decides it (createSandbox in 1.x,
+    CreateVM in 3.x, then setupFileBackedMem): with virtio-fs or file_mem_backend set,
+    under file_mem_backend, else /dev/shm. A directory that does not exist is only logged
+    by Kata, and the VM gets plain RAM (check_host refuses that for virtio-fs, which
+    cannot work without it)."""
+    root = kata_hv["FileBackedMemRootDir"]
+    if not root and kata_hv["SharedFS"] != VIRTIO_FS:
+        return None
+    target = root or FALLBACK_FILE_BACKED_MEM
+    return Path(target) if os.path.isdir(target) else None
 
 
 #: config.go extraMonitorSocket(): the protocols Kata 3.x accepts.
@@ -190,22 +212,17 @@ def check_kata3(config: Config) -> list[ConfigProblem]:
         except ValueError as exc:
             key = "rootfs_type" if "rootfs" in str(exc) else "kernel_verity_params"
             problem(key, f"{exc} (Kata 3.x refuses it)")
-    if config.factory.enable_template:
-        if hv["FileBackedMemRootDir"]:
-            problem("file_mem_backend", "VM templating does not work with file backed "
-                    "memory (Kata 3.x refuses enable_template with it)")
-        if hv["HugePages"]:
-            problem("enable_hugepages", "VM templating does not work with hugepages: Kata "
-                    "3.x backs the VM's memory with /dev/hugepages, not the template's file")
+    if config.factory.enable_template and hv["HugePages"]:
+        problem("enable_hugepages", "VM templating does not work with hugepages: Kata "
+                "3.x backs the VM's memory with /dev/hugepages, not the template's file")
     if hv["EnableVhostUserStore"] and not hv["HugePages"]:
         problem("enable_vhost_user_store", "needs enable_hugepages = true (Kata 3.x "
                 "refuses vhost-user storage without hugepages)")
     shared_fs = hv["SharedFS"]
-    if shared_fs not in ("virtio-9p", "none"):
-        origin = "" if "shared_fs" in q else ", Kata 3.x's default"
-        problem("shared_fs", f"not supported by kata-vmcache (got {shared_fs!r}{origin}; "
-                'expected "virtio-9p": virtio-fs needs a virtiofsd per VM, which '
-                "kata-vmcache does not run)")
+    if shared_fs not in ("virtio-9p", VIRTIO_FS, "none"):
+        problem("shared_fs", f"not supported by kata-vmcache (got {shared_fs!r}; expected "
+                '"virtio-fs", "virtio-9p" or "none": virtio-fs-nydus needs a nydusd per '
+                "VM, which kata-vmcache does not run)")
     monitor = hv["ExtraMonitorSocket"]
     if monitor and monitor not in EXTRA_MONITORS_3X:
         problem("extra_monitor_socket", f"got {monitor!r}; expected one of "
@@ -265,13 +282,7 @@ def check_host(config: Config) -> list[ConfigProblem]:
     warnings: list[ConfigProblem] = []
     d = config.daemon
     source = config.source
-    shared_fs = kata.hypervisor_config(config.document, d.kata_version)["SharedFS"]
-    if shared_fs not in ("virtio-9p", "none"):
-        origin = "" if "shared_fs" in _qemu_table(config) else f", Kata {d.kata_version}'s default"
-        problems.append(ConfigProblem(
-            "hypervisor.qemu.shared_fs", f"not supported by kata-vmcache (got {shared_fs!r}"
-            f'{origin}; expected "virtio-9p": virtio-fs needs a virtiofsd per VM, which '
-            "kata-vmcache does not run)", source))
+    problems += check_shared_fs(config)
     if d.kata_version == "3.x" and not host_has_vsock():
         if d.guest_agent == "kata":
             problems.append(ConfigProblem(
@@ -283,7 +294,7 @@ def check_host(config: Config) -> list[ConfigProblem]:
                 "vmcache.guest_agent", f"no {VHOST_VSOCK} on this host: the VMs get no vsock "
                 "device, so no agent channel (a guest without an agent needs none)", source))
     if d.kata_version == "3.x":
-        # Once per key: shared_fs may be named above already.
+        # Once per key: shared_fs or a virtio-fs key may be named above already.
         named = {p.key for p in problems}
         problems += [p for p in check_kata3(config) if p.key not in named]
     proxy = proxy_path(config)
@@ -301,6 +312,100 @@ def check_host(config: Config) -> list[ConfigProblem]:
     if problems:
         raise ConfigError(problems)
     return warnings
+
+
+def check_shared_fs(config: Config) -> list[ConfigProblem]:
+    """What sharing files with the guest needs of the file and of this host: templating
+    refused with shared memory (as Kata refuses it), and for virtio-fs a virtiofsd that
+    takes the generation's arguments, shared guest RAM, and a QEMU with the DAX window a
+    cache size asks for."""
+    generation = config.daemon.kata_version
+    hv = kata.hypervisor_config(config.document, generation)
+    problems: list[ConfigProblem] = []
+
+    def problem(key: str, message: str) -> None:
+        problems.append(ConfigProblem(key, message, config.source))
+
+    shared_fs = hv["SharedFS"]
+    virtio_fs = shared_fs == VIRTIO_FS
+    if config.factory.enable_template and (virtio_fs or hv["FileBackedMemRootDir"]):
+        why = 'shared_fs = "virtio-fs"' if virtio_fs else "file_mem_backend set"
+        where = "createSandbox" if generation == "1.x" else "CreateVM"
+        problem("factory.enable_template", f"{TEMPLATING_REFUSED} (Kata {generation}'s "
+                f"qemu.go {where}, with {why}): set enable_template = false")
+    if not virtio_fs:
+        return problems
+    origin = "" if "shared_fs" in _qemu_table(config) else f" (Kata {generation}'s default)"
+    daemon = hv["VirtioFSDaemon"]
+    if not daemon:
+        problem("hypervisor.qemu.virtio_fs_daemon", f'not set, and shared_fs = "virtio-fs"'
+                f"{origin} needs one (Kata's loader refuses the file too; QEMU's own "
+                "virtiofsd is /usr/lib/qemu/virtiofsd in Debian's qemu-system-common)")
+    else:
+        said = virtiofsd_problem(Path(daemon), generation)
+        if said:
+            problem("hypervisor.qemu.virtio_fs_daemon", said)
+    if daemon and not syslog_listens():
+        problem("hypervisor.qemu.virtio_fs_daemon", "nothing listens on /dev/log: Kata "
+                "starts virtiofsd with --syslog, and QEMU's virtiofsd then exits as soon as "
+                "QEMU connects (start a syslog daemon, such as journald)")
+    cache = hv["VirtioFSCache"]
+    modes = CACHE_MODES_3X if generation == "3.x" else CACHE_MODES_1X
+    if cache not in modes:
+        problem("hypervisor.qemu.virtio_fs_cache", f"got {cache!r}; Kata {generation}'s "
+                f"virtiofsd takes {', '.join(modes)}")
+    if file_backed_memory(hv) is None:
+        root = hv["FileBackedMemRootDir"] or FALLBACK_FILE_BACKED_MEM
+        problem("hypervisor.qemu.file_mem_backend", f"virtio-fs needs the guest RAM in "
+                f"shared memory, under file_mem_backend or {FALLBACK_FILE_BACKED_MEM}, and "
+                f"{root!r} is not a directory (Kata would boot the VM with private RAM, "
+                "which vhost-user cannot map)")
+    size = hv["VirtioFSCacheSize"]
+    if size and not qemu_device_has(config.hypervisor.path, "vhost-user-fs-pci", "cache-size"):
+        problem("hypervisor.qemu.virtio_fs_cache_size", f"got {size}: QEMU "
+                f"{config.hypervisor.path} has no DAX window for virtio-fs (its "
+                "vhost-user-fs-pci has no cache-size property); set 0")
+    return problems
+
+
+#: The cache modes each generation's virtiofsd takes: 1.x's configuration documents
+#: none, auto and always (QEMU's C virtiofsd), 3.x's virtiofsd.go valid() the rest.
+CACHE_MODES_1X = ("none", "auto", "always")
+
+
+def virtiofsd_problem(daemon: Path, generation: kata.Generation) -> str | None:
+    """Why `daemon` cannot be the VMs' virtiofsd, or None: it must run, be a vhost-user
+    fs backend, and take the arguments the generation starts it with."""
+    if not (daemon.is_file() and os.access(daemon, os.X_OK)):
+        return (f"no virtiofsd at {str(daemon)!r} (QEMU's own is /usr/lib/qemu/virtiofsd in "
+                "Debian's qemu-system-common)")
+    try:
+        kind = capabilities(daemon).get("type")
+    except (OSError, ValueError) as exc:
+        return f"{str(daemon)!r} is not a working virtiofsd: {exc}"
+    if kind != "fs":
+        return (f"{str(daemon)!r} is a vhost-user backend of type {kind!r}, not a virtiofsd "
+                '(type "fs")')
+    text = help_text(daemon)
+    missing = [arg for arg in VIRTIOFSD_ARGUMENTS[generation] if arg not in text]
+    if missing:
+        hint = ("Kata 3.x starts the Rust virtiofsd (--shared-dir, --cache); QEMU's own C "
+                "virtiofsd takes 1.x's -o source=" if generation == "3.x" else
+                "Kata 1.x starts virtiofsd with -o source= and --fd, as QEMU's own C "
+                "virtiofsd takes them")
+        return (f"{str(daemon)!r} does not take Kata {generation}'s arguments "
+                f"({', '.join(missing)} not in its --help; {hint})")
+    return None
+
+
+def qemu_device_has(qemu: Path, device: str, prop: str) -> bool:
+    """Whether QEMU's `device` has the property `prop` (`-device <device>,help`)."""
+    try:
+        done = subprocess.run([str(qemu), "-device", f"{device},help"], capture_output=True,
+                              timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return f"{prop}=" in done.stdout.decode(errors="replace")
 
 
 def syslog_listens(path: str = "/dev/log") -> bool:
@@ -402,6 +507,14 @@ class DirectFactory:
         self.vm_storage = config.daemon.vm_storage_path
         self.proxy = proxy_path(config)
         self.cids = VsockCids()
+        hv = kata.hypervisor_config(config.document, config.daemon.kata_version)
+        #: What each VM's virtiofsd is started with (virtio-fs only).
+        self.virtiofsd: dict[str, Any] | None = None
+        if self.spec.shared_fs == VIRTIO_FS:
+            self.virtiofsd = {
+                "binary": Path(hv["VirtioFSDaemon"]), "cache": hv["VirtioFSCache"],
+                "debug": hv["Debug"], "extra_args": list(hv["VirtioFSExtraArgs"] or ()),
+                "guest_selinux": not hv.get("DisableGuestSeLinux", True)}
 
     # the Factory protocol (factory/__init__.py), besides create() and boot()
 
@@ -451,6 +564,17 @@ class DirectFactory:
         return KataAgentProbe(f"vsock:{vm.cid}:{AGENT_VSOCK_PORT}",
                               timeout + PROBE_DEADLINE_MARGIN)
 
+    def start_virtiofsd(self, vm: VM) -> None:
+        """qemu.go (1.x startSandbox, 3.x StartVM): virtiofsd on its listener, just before
+        QEMU, which connects to it at start-up."""
+        if self.virtiofsd is None:
+            return
+        vm.virtiofsd = Virtiofsd(generation=self.spec.generation, paths=vm.paths,
+                                 log=vm.log, **self.virtiofsd)
+        vm.virtiofsd.on_exit(vm.virtiofsd_exited)
+        vm.virtiofsd.start(vm.priority)
+        vm.write_record()
+
     def start_proxy(self, vm: VM) -> None:
         """Kata 1.x's setupProxy: once QEMU has created kata.sock, before the agent check."""
         if self.proxy is None:
@@ -471,6 +595,7 @@ class DirectFactory:
         probe = None
         try:
             vm.claim()
+            self.start_virtiofsd(vm)
             await vm.process.start()
             vm.write_record()
             self.start_proxy(vm)
@@ -491,14 +616,15 @@ class DirectFactory:
             vm.log.info("the agent answered its health check (%s)", probe.answer)
 
     async def wait_ready(self, vm: VM, probe: ReadinessProbe, timeout: float) -> None:
-        """The guest's signal (`probe`) within `timeout`; LaunchError as soon as QEMU or the
-        VM's kata-proxy exits, GuestNotReady at the timeout."""
+        """The guest's signal (`probe`) within `timeout`; LaunchError as soon as QEMU or
+        one of the VM's companions (kata-proxy, virtiofsd) exits, GuestNotReady at the
+        timeout."""
         ready = asyncio.ensure_future(probe.wait())
         exited = asyncio.ensure_future(vm.process.wait())
-        # A kata-proxy that exits leaves the agent unreachable: the boot fails now, not
-        # at its timeout.
-        proxy_gone = asyncio.ensure_future(vm.proxy.wait()) if vm.proxy is not None else None
-        watched = {ready, exited} | ({proxy_gone} if proxy_gone is not None else set())
+        # A kata-proxy that exits leaves the agent unreachable, a virtiofsd the share:
+        # the boot fails now, not at its timeout.
+        gone = {asyncio.ensure_future(c.wait()): c for c in vm.companions}
+        watched = {ready, exited, *gone}
         try:
             done, _ = await asyncio.wait(watched, timeout=timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -520,10 +646,13 @@ class DirectFactory:
             raise LaunchError("QEMU exited before the guest was ready", argv=vm.process.argv,
                               returncode=vm.process.returncode,
                               log_tail=vm.process.log_tail())
-        if proxy_gone is not None and proxy_gone in done:
-            said = vm.proxy.last_words()
-            raise LaunchError(f"kata-proxy exited with {vm.proxy.returncode} before the agent "
-                              f"answered{': ' + said if said else ''}", argv=vm.proxy.argv)
+        for task, companion in gone.items():
+            if task in done:
+                said = companion.last_words()
+                awaited = "the agent answered" if companion is vm.proxy else "the guest was ready"
+                raise LaunchError(f"{companion.what} exited with {companion.returncode} before "
+                                  f"{awaited}{': ' + said if said else ''}",
+                                  argv=companion.argv)
         if ready in done:
             raise LaunchError(f"guest readiness probe failed: {ready.exception()}",
                               argv=vm.process.argv)

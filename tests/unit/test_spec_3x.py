@@ -140,17 +140,12 @@ def test_a_1x_file_keeps_the_1x_spec(tmp_path: Path) -> None:
      "machine type 'microvm' has no vIOMMU"),
     ("enable_hugepages = true", "enable_template = true", "hypervisor.qemu.enable_hugepages",
      "VM templating does not work with hugepages"),
-    ('file_mem_backend = "/dev/shm"', "enable_template = true",
-     "hypervisor.qemu.file_mem_backend", "VM templating does not work with file backed"),
     ("enable_vhost_user_store = true", "", "hypervisor.qemu.enable_vhost_user_store",
      "needs enable_hugepages = true"),
     ('extra_monitor_socket = "telnet"', "", "hypervisor.qemu.extra_monitor_socket",
      "got 'telnet'; expected one of hmp, qmp, qmp-pretty"),
-    # write() leaves shared_fs out when the text names it: Kata 3.x then uses virtio-fs.
-    ("# no shared_fs", "", "hypervisor.qemu.shared_fs",
-     "not supported by kata-vmcache (got 'virtio-fs', Kata 3.x's default;"),
-    ('shared_fs = "virtio-fs"', "", "hypervisor.qemu.shared_fs",
-     "(got 'virtio-fs'; expected \"virtio-9p\""),
+    ('shared_fs = "virtio-fs-nydus"\nvirtio_fs_daemon = "/usr/libexec/virtiofsd"', "",
+     "hypervisor.qemu.shared_fs", "virtio-fs-nydus needs a nydusd per VM"),
 ])
 def test_what_3x_refuses_is_a_config_problem(tmp_path: Path, qemu: str, factory: str,
                                              key: str, message: str) -> None:
