@@ -115,6 +115,11 @@ class Companion:
             return f"its {self.what} is gone ({exc.strerror})"
         return f"its {self.what} has exited" if info is not None else None
 
+    def exited_now(self) -> int | None:
+        """Its exit code if it has exited, even if the loop has not seen it yet (reaps it:
+        the pidfd watch then finds it reaped); None while it runs."""
+        return self._proc.poll() if self._proc is not None else None
+
     def expect_exit(self) -> None:
         """Its exit from now on is no news (its VM is being stopped, or its QEMU, which
         it serves, has exited): not logged, no callback."""

@@ -435,7 +435,8 @@ kernel = "{guest.kernel}"
 initrd = "{guest.initrd}"
 machine_type = "q35"
 # Kata 3.x's default is virtio-fs, which needs a virtiofsd per VM (its loader refuses the
-# file without one; kata-vmcache runs none); virtio-9p is 1.x's default, fine for both.
+# file without virtio_fs_daemon, and 3.x starts the Rust virtiofsd); virtio-9p is 1.x's
+# default, and fine for both.
 shared_fs = "virtio-9p"
 kernel_params = "{KERNEL_PARAMS}"
 default_vcpus = 1

@@ -134,6 +134,15 @@ class GuestChannel:
         """Online CPUs, MemTotal and uptime, as the guest sees them."""
         return await self._exchange("info", GuestInfo.parse, timeout)
 
+    async def share(self, name: str, timeout: float = 30.0) -> str:
+        """The first line of file `name` in the guest's virtio-fs share (tag kataShared),
+        which the guest mounts at first use; GuestError with the guest's reason when it
+        cannot (no modules, no such device, no such file)."""
+        if not name or "/" in name or name in (".", "..") or not name.isprintable() \
+                or " " in name:
+            raise ValueError(f"a file name in the share, without / or spaces (got {name!r})")
+        return await self._exchange(f"share {name}", _shared_line, timeout)
+
     async def online(self, timeout: float = 10.0) -> GuestInfo:
         """Online every hot-plugged CPU and memory block the guest has seen so far."""
         return await self._exchange("online", GuestInfo.parse, timeout)
@@ -179,6 +188,14 @@ class GuestChannel:
                 last = f" (last lines: {self.seen})" if self.seen else ""
                 raise GuestTimeout(
                     f"no answer to {what} on {self.path} within {timeout:g} s{last}") from None
+
+
+def _shared_line(line: str) -> str | None:
+    if line.startswith("share ") or line == "share":
+        return line[6:]
+    if line.startswith("err ") and line != "err unknown command":
+        raise GuestError(f"guest refused the command: {line[4:]}")
+    return None
 
 
 def _ok(line: str) -> bool | None:

@@ -596,7 +596,7 @@ class DirectFactory:
         try:
             vm.claim()
             self.start_virtiofsd(vm)
-            await vm.process.start()
+            await self.start_qemu(vm)
             vm.write_record()
             self.start_proxy(vm)
             probe = self.probe_for(vm)
@@ -614,6 +614,21 @@ class DirectFactory:
                 await probe.close()
         if isinstance(probe, KataAgentProbe | KataTtrpcProbe):
             vm.log.info("the agent answered its health check (%s)", probe.answer)
+
+    async def start_qemu(self, vm: VM) -> None:
+        """QEMU's start; when it fails because its virtiofsd has exited (QEMU then cannot
+        connect to the vhost-user socket), virtiofsd's own reason is the boot's."""
+        try:
+            await vm.process.start()
+        except LaunchError as exc:
+            code = vm.virtiofsd.exited_now() if vm.virtiofsd is not None else None
+            if code is None:
+                raise
+            # Started with --syslog, as Kata starts it: its reasons are in the journal.
+            said = vm.virtiofsd.last_words() or "its reasons went to syslog (journalctl -t " \
+                "virtiofsd)"
+            raise LaunchError(f"virtiofsd exited with {code} before QEMU connected: {said}",
+                              argv=vm.virtiofsd.argv) from exc
 
     async def wait_ready(self, vm: VM, probe: ReadinessProbe, timeout: float) -> None:
         """The guest's signal (`probe`) within `timeout`; LaunchError as soon as QEMU or
