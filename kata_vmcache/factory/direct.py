@@ -438,10 +438,21 @@ def describe_vm(config: Config) -> list[tuple[str, str]]:
         how = f"vhost-vsock-pci, a guest CID per VM, agent port {AGENT_VSOCK_PORT}"
     else:
         how = f"none (no {VHOST_VSOCK} on this host)"
+    hv = kata.hypervisor_config(config.document, d.kata_version)
+    if hv["SharedFS"] == VIRTIO_FS:
+        memory = file_backed_memory(hv)
+        share = (f"virtio-fs: a virtiofsd per VM ({hv['VirtioFSDaemon']}, cache "
+                 f"{hv['VirtioFSCache']}) on {where}vhost-fs.sock exporting {where}shared/, "
+                 f"guest RAM shared under {memory or 'nothing (refused)'}")
+    elif hv["SharedFS"] == "none":
+        share = "none"
+    else:
+        share = f"virtio-9p on {where}shared/"
     return [
         ("kata.vm_directory", f"{where} (qmp.sock console.sock "
                               f"{'kata.sock ' if channel == 'serial' else ''}pid shared/)"),
         ("kata.agent_channel", how),
+        ("kata.shared_fs", share),
         ("kata.readiness", {"kata-agent": "the agent's health check (grpc.Health/Check"
                                           + (f" over ttrpc, vsock port {AGENT_VSOCK_PORT})"
                                              if d.kata_version == "3.x" else ")"),
