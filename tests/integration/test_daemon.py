@@ -26,6 +26,8 @@ pytestmark = pytest.mark.qemu
 
 def test_cache_fills_and_status_lists_live_qemu(daemon: Daemon) -> None:
     ready = daemon.wait_ready(2)
+    # The first screen of `make run` (the demo guest's file): nothing to act on, no warning.
+    assert " WARNING " not in daemon.log(), daemon.log()
     result = daemon.cli("status")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
