@@ -123,6 +123,7 @@ EXPECTED = {
     "small": (HOST_CPUS, HOST_CPUS, 2048, 2, "pc", "q35"),  # 128 MiB is under the floor
     "image": (1, HOST_CPUS, 512, 10, "microvm", "microvm"),
     "fractional": (2, 2, 2048, 10, "", "q35"),  # 1.5 vCPUs boot 2
+    "virtio-fs": (1, HOST_CPUS, 2048, 10, "pc", "q35"),
 }
 
 
