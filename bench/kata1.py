@@ -23,8 +23,9 @@ then `kata-runtime delete --force`, and anything still naming the run's id is st
 pid. kata-runtime logs to syslog, so the run listens on /dev/log itself when nobody else
 does (and stops listening after), and reads each start's phases from kata-runtime's log.
 Kata 1.x shares container rootfs through a slave bind mount, which reaches the guest only
-below a shared mount: the sandboxes directory is made one for the runs, as a systemd host
-has it, and restored after.
+below a shared mount, and a cached virtio-fs VM's virtiofsd sees the rootfs mounted in its
+VM directory only below one: the sandboxes directory and /run/vc/vm are made shared mounts
+for the runs, as a systemd host has them, and restored after.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SANDBOXES = Path("/run/kata-containers/shared/sandboxes")
+#: Kata's VM storage (virtcontainers/store RunVMStoragePath): a cached VM's directory.
+VM_STORAGE = Path("/run/vc/vm")
 MARKER = "hello-from-kata"
 #: The container's command: a line to time, then long enough alive to measure its VM.
 COMMAND = f"echo {MARKER}; sleep 2"
@@ -286,19 +289,31 @@ class Syslog:
 
 @contextlib.contextmanager
 def host_ready() -> Iterator[None]:
-    """The sandboxes directory a shared mount for the runs (Kata 1.x's slave bind mounts of
-    container rootfs propagate only below one), and /run/netns as it was, after."""
-    SANDBOXES.mkdir(parents=True, exist_ok=True)
-    made = subprocess.run(["mountpoint", "-q", str(SANDBOXES)]).returncode != 0
+    """Shared mounts for the runs where a systemd host has them (its / is shared), and
+    /run/netns as it was, after:
+
+    - the sandboxes directory: Kata 1.x exposes container rootfs through slave bind mounts
+      of `<sandbox>/mounts`, which reach the guest only below a shared mount;
+    - Kata's VM storage (/run/vc/vm): a sandbox on a cached VM has its `mounts` linked to
+      `/run/vc/vm/<vm id>/shared` (vm.go assignSandbox), so its rootfs is mounted there. A
+      virtio-fs VM's virtiofsd, started with the VM, exports that directory from a mount
+      namespace of its own (a slave of the host's): below a private mount the rootfs never
+      reaches it, and the guest finds an empty directory (`exec: "/bin/sh": stat /bin/sh:
+      no such file or directory`). 9p's QEMU reads the host's namespace and needs neither.
+    """
+    made = []
+    for path in (SANDBOXES, VM_STORAGE):
+        path.mkdir(parents=True, exist_ok=True)
+        if subprocess.run(["mountpoint", "-q", str(path)]).returncode != 0:
+            subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+            made.append(path)
+            subprocess.run(["mount", "--make-shared", str(path)], check=True)
     netns_was = subprocess.run(["mountpoint", "-q", "/run/netns"]).returncode == 0
-    if made:
-        subprocess.run(["mount", "--bind", str(SANDBOXES), str(SANDBOXES)], check=True)
-        subprocess.run(["mount", "--make-shared", str(SANDBOXES)], check=True)
     try:
         yield
     finally:
-        if made:
-            subprocess.run(["umount", str(SANDBOXES)], check=False)
+        for path in reversed(made):
+            subprocess.run(["umount", str(path)], check=False)
         # kata-runtime (CNI's NewNS) bind-mounts /run/netns onto itself on its first netns.
         if (not netns_was and subprocess.run(["mountpoint", "-q", "/run/netns"]).returncode == 0
                 and not os.listdir("/run/netns")):
@@ -338,6 +353,65 @@ def comm(pid: int) -> str:
         return ""
 
 
+def become_subreaper() -> bool:
+    """Make this process the child subreaper of everything it starts (Linux
+    PR_SET_CHILD_SUBREAPER): what daemonizes (Kata's QEMU) or outlives its parent stays a
+    descendant, so `sweep_descendants` finds exactly what this run left, nobody else's."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
+    return False
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live or zombie process below `pid`, parents before their children."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            parent[int(entry)] = int(stat[1])
+    found, frontier = [], [pid]
+    while frontier:
+        below = sorted(p for p, pp in parent.items() if pp in frontier)
+        found += below
+        frontier = below
+    return found
+
+
+def sweep_descendants() -> list[str]:
+    """Stop by pid whatever this process started that still runs (called when nothing it
+    started should), reap the zombies among its children, and say what was stopped."""
+    left = []
+    for pid in descendants(os.getpid()):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            left.append(f"{comm(pid)} {pid} left running: "
+                        f"{' '.join(cmdline(pid))[:200]}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    for pid in children(os.getpid()):
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+    return left
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
 def pss_kib(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
@@ -371,6 +445,35 @@ PHASES = (("get base VM", "msg=\"get base VM\""),
           ("VM started", "msg=\"VM started\""),
           ("running", "msg=\"Setting container state from ready to running\""))
 _TIME = re.compile(r'time="([^"]+)"')
+#: kata-runtime's lines of taking a VM from a cache (virtcontainers/factory, vm.go).
+TAKEOVER = ('msg="get base VM"', 'msg="assign vm to sandbox')
+_PRI = re.compile(r"^<(\d+)>")
+_HEADER = re.compile(r"^<\d+>(?:[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d )?")
+
+
+def _field(line: str, key: str) -> str | None:
+    match = re.search(rf'\b{key}="((?:[^"\\]|\\.)*)"', line)
+    return match.group(1).replace('\\"', '"').replace("\\n", " ") if match else None
+
+
+def short(line: str, limit: int = 400) -> str:
+    """A syslog line without its priority and date, and for logrus lines (kata-runtime,
+    kata-proxy, kata-shim) only the time, msg and error fields."""
+    text = _HEADER.sub("", line)
+    msg = _field(text, "msg")
+    if msg is not None:
+        tag = text.split(":", 1)[0]
+        moment = _field(text, "time")
+        error = _field(text, "error")
+        text = (f"{tag}: {moment + ' ' if moment else ''}{msg}"
+                f"{f' (error: {error})' if error else ''}")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def is_error(line: str) -> bool:
+    """A syslog line of severity err or worse (its <PRI> % 8 <= 3)."""
+    match = _PRI.match(line)
+    return match is not None and int(match.group(1)) % 8 <= 3
 
 
 def _stamp(line: str) -> float | None:
@@ -455,6 +558,10 @@ def run_container(tools: Tools, config: Path, bundle: Path, cid: str, *,
         result["phases"] = phases(log, proc.pid)
         result["from_cache"] = any(f"kata-runtime[{proc.pid}]" in line
                                    and "assign vm to sandbox" in line for line in log)
+        # The evidence: kata-runtime's own lines of the take-over, as it logged them.
+        result["takeover_log"] = [short(line) for line in log
+                                  if f"kata-runtime[{proc.pid}]" in line
+                                  and any(needle in line for needle in TAKEOVER)]
         result["agent_duplicate_stream"] = sum("duplicate stream" in line for line in log)
     result["cleanup"] = cleanup(tools, config, cid)
     return result
@@ -464,7 +571,7 @@ def sandbox_pss(cid: str) -> int | None:
     """PSS of the QEMU a running sandbox is on: its pid file, in the VM directory Kata
     links the sandbox id to (vm.go assignSandbox), or the QEMU named after it."""
     with contextlib.suppress(OSError, ValueError):
-        return pss_kib(int((Path("/run/vc/vm") / cid / "pid").read_text().strip()))
+        return pss_kib(int((VM_STORAGE / cid / "pid").read_text().strip()))
     for pid in pids_naming(cid):
         if comm(pid).startswith("qemu"):
             return pss_kib(pid)
@@ -490,7 +597,7 @@ def cleanup(tools: Tools, config: Path, cid: str) -> list[str]:
     for mount in sorted(mounts, key=len, reverse=True):
         notes.append(f"unmounted leftover {mount}")
         subprocess.run(["umount", "-l", mount], check=False)
-    for path in (Path("/run/vc/sbs") / cid, Path("/run/vc/vm") / cid, SANDBOXES / cid,
+    for path in (Path("/run/vc/sbs") / cid, VM_STORAGE / cid, SANDBOXES / cid,
                  Path("/run/kata-containers/shared/containers") / cid, Path("/run/vc/uuid") / cid):
         if path.exists() or path.is_symlink():
             notes.append(f"removed leftover {path}")
@@ -523,12 +630,26 @@ class CacheServer:
             return [str(self.tools.runtime), "--kata-config", str(self.config), "factory", "init"]
         return [sys.executable, "-m", "kata_vmcache", "--config", str(self.config), "init"]
 
-    def start(self, wanted: int, timeout: float = 120.0) -> float:
-        """Start the server and wait until `wanted` VMs are cached; seconds it took."""
-        started = time.monotonic()
+    def launch(self) -> None:
+        """Start the server, its output appended to `log_path`; `wait_full` waits for it."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
+
+    def listening(self) -> bool:
+        """Does something accept connections on the endpoint?"""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2.0)
+            try:
+                s.connect(str(self.endpoint))
+            except OSError:
+                return False
+        return True
+
+    def start(self, wanted: int, timeout: float = 120.0) -> float:
+        """Start the server and wait until `wanted` VMs are cached; seconds it took."""
+        started = time.monotonic()
+        self.launch()
         try:
             self.wait_full(wanted, timeout)
         except BaseException:

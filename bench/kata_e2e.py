@@ -4,10 +4,11 @@ A user runs a VM cache to make `kata-runtime run` faster, so this is measured as
 it: from invoking Kata 1.x's own `kata-runtime run` to the container's first output line,
 with the VM taken from Kata's own VMCache server (`kata-runtime factory init`) or from
 kata-vmcache (`kata-vmcache init`), both serving the same configuration file, started and
-stopped by turns in interleaved rounds (the host's speed drifts over minutes). Each mode
+stopped by turns in interleaved rounds (the host's speed drifts over minutes), and without
+any cache (`vm_cache_number = 0`) as a third "server" in the same rounds. Each mode
 (cold-booted cached VMs, then `enable_template = true`) runs `--rounds` rounds of `--runs`
-containers per server, each from a full cache; a round also runs one container without a
-cache. Reported per server and mode:
+containers per server, each from a full cache (no cache: in the first mode only, the same
+either way). Reported per server and mode:
 
 - p50/p95 of `run` -> first output, and the phases of each start from kata-runtime's own
   log (take-over: `get base VM` -> `assign vm to sandbox`; -> `VM started`; -> the
@@ -15,18 +16,25 @@ cache. Reported per server and mode:
 - the PSS of the running sandbox's QEMU;
 - what each refill costs the host: CPU seconds of the cache server itself (daemon, probes)
   and of the refill's QEMU and kata-proxy, from the hand-off until the cache is full again;
-- failed runs, and failed boots (ours: the daemon's count; Kata's cache closes itself on its
-  first failure);
+- failed runs, each with why (kata-runtime's own last stderr line), and failed boots (ours:
+  the daemon's count; Kata's cache closes itself on its first failure);
+- a server that never fills its cache within `--ready-timeout`: what it logged (its first and
+  last error lines in syslog, its own log's last error). Its runs still happen while it
+  listens, as kata-runtime would make them, so they fail with kata-runtime's own error; when
+  it does not listen they are recorded as failed, not run. The other servers go on;
+- the take-over as kata-runtime logged it (`get base VM`, `assign vm to sandbox`);
 - `yamux: duplicate stream` lines in the agent's log (a template saved inside a session).
 
 Needs an installed Kata 1.x (bench/kata1.py says which paths, from flags or the environment);
 without one it prints one line saying what is missing and exits 1. Not part of `make bench`.
-Writes bench/results/kata-e2e.json and kata-e2e.md. Never fails because of a number.
+Writes bench/results/<--name>.json and .md (default kata-e2e). Never fails because of a
+number, nor because one server could not serve.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -87,34 +95,112 @@ def boot_failures(server: kata1.CacheServer) -> int | None:
     return None
 
 
+def failure(result: dict[str, Any]) -> str | None:
+    """Why a run failed, in kata-runtime's own words (its last stderr line), or None."""
+    if result["rc"] == 0 and result["t_output_s"] is not None:
+        return None
+    said: list[str] = str(result.get("stderr", "")).strip().splitlines()
+    if result["rc"] == "timeout":
+        return f"no exit within the run's timeout{': ' + said[-1] if said else ''}"
+    if said:
+        return said[-1][:400]
+    return f"exit {result['rc']}, no `{kata1.MARKER}` line"
+
+
+def not_served(server: kata1.CacheServer, waited: float, syslog: kata1.Syslog,
+               error: str) -> dict[str, Any]:
+    """What a cache server that did not fill its cache said: its error lines in syslog since
+    its start (its own pid's, and those of processes naming a VM its own lines name, such as
+    the virtiofsd it started: others on the host log there too), and its own log's last
+    error or warning line (ours logs to that file)."""
+    assert server.proc is not None
+    lines = syslog.lines()
+    tag = f"[{server.proc.pid}]:"
+    own = [line for line in lines if tag in line]
+    vms = {m for line in own for m in re.findall(r"(?:/vm/|\bvm=|sandbox-)([\w-]{8,})", line)}
+    errors = [kata1.short(line) for line in lines if kata1.is_error(line)
+              and (tag in line or any(vm in line for vm in vms))]
+    if server.proc.poll() is not None:
+        what = f"server exited with {server.proc.returncode}"
+    else:
+        what = f"no VM cached after {waited:.0f} s"
+    said = []
+    if errors:
+        said.append(f"first error in syslog: {errors[0]}")
+        if len(errors) > 1:
+            said.append(f"last error in syslog: {errors[-1]}")
+    tail = server.log_path.read_text(errors="replace").strip().splitlines()
+    worst = [line for line in tail if re.search(r"\b(ERROR|WARNING|CRITICAL)\b|level=(error|fatal)",
+                                                line)]
+    if worst:
+        said.append(f"its log's last error: {worst[-1][:400]}")
+    elif not errors:
+        said.append(f"its log's last line: {tail[-1][:400]}" if tail
+                    else f"nothing logged ({error})")
+    return {"reason": "; ".join([what, *said]), "errors": errors[-20:],
+            "listening": server.listening()}
+
+
 def session(tools: kata1.Tools, work: Path, setup: kata1.Setup, kind: str, runs: int,
-            round_no: int, syslog: kata1.Syslog, bundle: Path, logs: Path) -> dict[str, Any]:
+            round_no: int, syslog: kata1.Syslog, bundle: Path, logs: Path,
+            ready_timeout: float) -> dict[str, Any]:
     """One server's turn: start it on the file, `runs` containers each from a full cache,
-    stop it."""
+    stop it. A server that never fills its cache is still asked, as kata-runtime asks it,
+    while it listens (each run then fails with kata-runtime's own error); one that does not
+    listen is not, and its runs are recorded as failed with why."""
+    if kind == "none":
+        return no_cache(tools, work, setup, runs, round_no, syslog, bundle)
     config = work / "configuration.toml"
     server = kata1.CacheServer(kind, tools, config, work / "cache.sock",
                                logs / f"{kind}-server.log")
     log_start = server.log_path.stat().st_size if server.log_path.exists() else 0
-    started = server.start(setup.cache_number)
-    say(f"{kind}: {setup.cache_number} VM(s) cached {started:.1f} s after start")
-    out: dict[str, Any] = {"server": kind, "round": round_no, "ready_after_start_s":
-                           round(started, 2), "runs": []}
+    out: dict[str, Any] = {"server": kind, "round": round_no, "ready_after_start_s": None,
+                           "runs": []}
+    syslog.mark()
+    started = time.monotonic()
+    server.launch()
+    ready = True
     try:
+        try:
+            server.wait_full(setup.cache_number, ready_timeout)
+            out["ready_after_start_s"] = round(time.monotonic() - started, 2)
+            say(f"{kind}: {setup.cache_number} VM(s) cached {out['ready_after_start_s']} s "
+                "after start")
+        except RuntimeError as e:
+            ready = False
+            out["not_ready"] = not_served(server, time.monotonic() - started, syslog, str(e))
+            say(f"{kind}: not ready: {out['not_ready']['reason']}")
         for i in range(runs):
-            time.sleep(1.0)  # the refill's QEMU has paused; let the host settle
-            before = set(server.wait_full(setup.cache_number))
+            cid = f"kb-{kind}-{round_no}-{i}-{int(time.time())}"
+            before: set[int] = set()
+            if ready:
+                time.sleep(1.0)  # the refill's QEMU has paused; let the host settle
+                try:
+                    before = set(server.wait_full(setup.cache_number, ready_timeout))
+                except RuntimeError as e:  # no refill: the run below says what that does
+                    say(f"{kind}: before run {i}: {e}")
+            if not server.listening():
+                why = f"{kind} server not listening on {server.endpoint}"
+                if server.proc is not None and server.proc.poll() is not None:
+                    why += f" (exited with {server.proc.returncode})"
+                out["runs"].append({"cid": cid, "rc": None, "t_output_s": None,
+                                    "not_run": why, "error": why})
+                say(f"{kind} {cid}: not run: {why}")
+                continue
             assert server.proc is not None
             cpu_before = kata1.cpu_seconds(server.proc.pid)
-            cid = f"kb-{kind}-{round_no}-{i}-{int(time.time())}"
             result = kata1.run_container(tools, config, bundle, cid, syslog=syslog)
-            with contextlib.suppress(RuntimeError):
-                result.update(refill_cost(server, before, cpu_before))
+            result["error"] = failure(result)
+            if ready and result["error"] is None:
+                with contextlib.suppress(RuntimeError):
+                    result.update(refill_cost(server, before, cpu_before))
             out["runs"].append(result)
             say(f"{kind} {cid}: rc {result['rc']}, first output {result['t_output_s']} s, "
-                f"phases {result.get('phases')}, PSS {result['pss_kib']} KiB")
+                f"phases {result.get('phases')}, PSS {result['pss_kib']} KiB"
+                + (f", error: {result['error']}" if result["error"] else ""))
         out["boot_failures"] = boot_failures(server)
     finally:
-        out["left_running"] = server.stop()
+        out["left_running"] = server.stop() + kata1.sweep_descendants()
     if kind == "vmcache":
         # Our daemon's own figure for each VM it cached (launch to paused and checked):
         # cold boots, or clones once the template exists.
@@ -125,32 +211,46 @@ def session(tools: kata1.Tools, work: Path, setup: kata1.Setup, kind: str, runs:
     return out
 
 
-def no_cache(tools: kata1.Tools, work: Path, setup: kata1.Setup, round_no: int,
+def no_cache(tools: kata1.Tools, work: Path, setup: kata1.Setup, runs: int, round_no: int,
              syslog: kata1.Syslog, bundle: Path) -> dict[str, Any]:
+    """`runs` containers on the same file with no cache (vm_cache_number = 0, no template)."""
     config = work / "configuration.toml"
     plain = work / "no-cache.toml"
     text = config.read_text().replace(f"vm_cache_number = {setup.cache_number}",
                                       "vm_cache_number = 0")
     plain.write_text(text.replace("enable_template = true", "enable_template = false"))
-    result = kata1.run_container(tools, plain, bundle, f"kb-none-{round_no}-{int(time.time())}",
-                                 syslog=syslog)
-    say(f"no cache: rc {result['rc']}, first output {result['t_output_s']} s")
-    return {"server": "none", "round": round_no, "runs": [result]}
+    out: dict[str, Any] = {"server": "none", "round": round_no, "runs": []}
+    for i in range(runs):
+        time.sleep(1.0)
+        result = kata1.run_container(tools, plain, bundle,
+                                     f"kb-none-{round_no}-{i}-{int(time.time())}", syslog=syslog)
+        result["error"] = failure(result)
+        out["runs"].append(result)
+        say(f"no cache: rc {result['rc']}, first output {result['t_output_s']} s"
+            + (f", error: {result['error']}" if result["error"] else ""))
+    out["left_running"] = kata1.sweep_descendants()
+    return out
 
 
 def summarize(sessions: list[dict[str, Any]]) -> dict[str, Any]:
     by: dict[str, Any] = {}
     for s in sessions:
-        entry = by.setdefault(s["server"], {"runs": [], "boot_failures": 0,
+        entry = by.setdefault(s["server"], {"runs": [], "boot_failures": 0, "not_ready": [],
                                             "left_running": [], "ready_in_s": []})
         entry["runs"] += s["runs"]
         entry["ready_in_s"] += s.get("ready_in_s", [])
         entry["boot_failures"] += s.get("boot_failures") or 0
         entry["left_running"] += s.get("left_running", [])
+        if "not_ready" in s:
+            entry["not_ready"].append({"round": s["round"], **s["not_ready"]})
+        if "harness_error" in s:
+            entry["not_ready"].append({"round": s["round"], "listening": None,
+                                       "reason": f"the harness failed: {s['harness_error']}",
+                                       "errors": []})
     out = {}
     for server, entry in by.items():
         runs = entry["runs"]
-        ok = [r["t_output_s"] for r in runs if r["rc"] == 0 and r["t_output_s"] is not None]
+        ok = [r["t_output_s"] for r in runs if not r.get("error")]
         phases: dict[str, list[float]] = {}
         for r in runs:
             for name, value in (r.get("phases") or {}).items():
@@ -161,9 +261,16 @@ def summarize(sessions: list[dict[str, Any]]) -> dict[str, Any]:
             values = [r[key] for r in rows if r.get(key) is not None]
             return round(statistics.median(values), 3) if values else None
 
+        errors = collections.Counter(r["error"] for r in runs if r.get("error"))
+        takeover: list[str] = next((r["takeover_log"] for r in runs if r.get("takeover_log")),
+                                   [])
         out[server] = {
             "runs": len(runs), "failed": len(runs) - len(ok),
+            "not_run": sum(1 for r in runs if "not_run" in r),
+            "errors": [{"error": e, "runs": n} for e, n in errors.most_common()],
+            "not_ready": entry["not_ready"],
             "from_cache": sum(1 for r in runs if r.get("from_cache")),
+            "takeover_log_example": takeover,
             "p50_s": pct(ok, 50), "p95_s": pct(ok, 95), "t_output_s": ok,
             "phases_p50_s": med, "pss_kib_p50": median_of("pss_kib"),
             "daemon_cpu_s_p50": median_of("daemon_cpu_s"),
@@ -179,50 +286,99 @@ def summarize(sessions: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+COLUMNS = {"none": "no cache", "kata": "Kata's own cache", "vmcache": "kata-vmcache"}
+
+
 def render(report: dict[str, Any]) -> str:
     def s(v: Any) -> str:
         return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
 
+    servers = report["servers"]
     lines = [f"# Real Kata 1.x containers on a VM cache ({report['date']})", "",
              f"{report['host']}; `kata-runtime run` -> first output; {report['rounds']} "
-             f"interleaved rounds of {report['runs_per_round']} runs per server and mode, "
+             f"interleaved rounds of {report['runs_per_round']} runs per server and mode "
+             f"({', '.join(COLUMNS[x] for x in servers)}; no cache in the first mode only), "
              f"shared_fs {report['shared_fs']}, vm_cache_number {report['cache_number']}.", ""]
     for mode, summary in report["modes"].items():
-        lines += [f"## {mode}", "",
-                  "| | Kata's own cache | kata-vmcache | no cache |", "|---|---|---|---|"]
-        k, v, n = (summary.get(x, {}) for x in ("kata", "vmcache", "none"))
-        ratio = (v["p50_s"] / k["p50_s"]) if k.get("p50_s") and v.get("p50_s") else None
-        rows = [
-            ("p50 s", k.get("p50_s"), v.get("p50_s"), n.get("p50_s")),
-            ("p95 s", k.get("p95_s"), v.get("p95_s"), n.get("p95_s")),
-            ("ours / Kata's, p50", None, ratio, None),
-            ("runs (failed, from the cache)",
-             f"{k.get('runs')} ({k.get('failed')}, {k.get('from_cache')})",
-             f"{v.get('runs')} ({v.get('failed')}, {v.get('from_cache')})",
-             f"{n.get('runs')} ({n.get('failed')})"),
-        ]
-        names = sorted({*k.get("phases_p50_s", {}), *v.get("phases_p50_s", {})})
-        rows += [(f"phase {p}, p50 s", k.get("phases_p50_s", {}).get(p),
-                  v.get("phases_p50_s", {}).get(p), n.get("phases_p50_s", {}).get(p))
-                 for p in names]
-        rows += [
-            ("sandbox QEMU PSS, p50 MiB", _mib(k.get("pss_kib_p50")), _mib(v.get("pss_kib_p50")),
-             _mib(n.get("pss_kib_p50"))),
-            ("server CPU per refill, p50 s", k.get("daemon_cpu_s_p50"),
-             v.get("daemon_cpu_s_p50"), None),
-            ("refill QEMU CPU, p50 s", k.get("refill_qemu_cpu_s_p50"),
-             v.get("refill_qemu_cpu_s_p50"), None),
-            ("refill kata-proxy CPU, p50 s", k.get("refill_proxy_cpu_s_p50"),
-             v.get("refill_proxy_cpu_s_p50"), None),
-            ("VMs our daemon cached: launch to ready p50 / max s (count)", None,
-             _ready(v), None),
-            ("failed boots", k.get("boot_failures"), v.get("boot_failures"), None),
-            ("agent `duplicate stream` lines", k.get("agent_duplicate_stream"),
-             v.get("agent_duplicate_stream"), None),
-        ]
-        lines += [f"| {r[0]} | {s(r[1])} | {s(r[2])} | {s(r[3])} |" for r in rows]
+        cols = [x for x in COLUMNS if x in summary]
+        c = [summary[x] for x in cols]
+        lines += [f"## {mode}", "", "| | " + " | ".join(COLUMNS[x] for x in cols) + " |",
+                  "|---" * (len(cols) + 1) + "|"]
+
+        def row(label: str, values: list[Any], out: list[str] = lines) -> None:
+            out.append(f"| {label} | " + " | ".join(s(v) for v in values) + " |")
+
+        def ratio(a: dict[str, Any], b: dict[str, Any] | None) -> float | None:
+            if not b or not a.get("p50_s") or not b.get("p50_s") or a is b:
+                return None
+            return round(float(a["p50_s"]) / float(b["p50_s"]), 2)
+
+        caches = [x for x in cols if x != "none"]
+        row("p50 s", [x.get("p50_s") for x in c])
+        row("p95 s", [x.get("p95_s") for x in c])
+        if "none" in cols and caches:
+            row("p50 / no cache p50", [ratio(x, summary["none"]) for x in c])
+        if "kata" in cols and "vmcache" in cols:
+            row("ours / Kata's, p50",
+                [ratio(x, summary["kata"]) if k == "vmcache" else None
+                 for k, x in zip(cols, c, strict=True)])
+        row("runs (failed, from the cache)",
+            [f"{x['runs']} ({x['failed']}, {x['from_cache']})" if k != "none"
+             else f"{x['runs']} ({x['failed']})" for k, x in zip(cols, c, strict=True)])
+        names = sorted({p for x in c for p in x.get("phases_p50_s", {})})
+        for p in names:
+            row(f"phase {p}, p50 s", [x.get("phases_p50_s", {}).get(p) for x in c])
+        row("sandbox QEMU PSS, p50 MiB", [_mib(x.get("pss_kib_p50")) for x in c])
+        if caches:
+            for key, label in (("daemon_cpu_s_p50", "server CPU per refill, p50 s"),
+                               ("refill_qemu_cpu_s_p50", "refill QEMU CPU, p50 s"),
+                               ("refill_proxy_cpu_s_p50", "refill kata-proxy CPU, p50 s")):
+                row(label, [x.get(key) for x in c])
+            row("cache ready after start (of sessions)",
+                [None if k == "none" else _sessions(report, mode, k) for k in cols])
+        if "vmcache" in cols:
+            row("VMs our daemon cached: launch to ready p50 / max s (count)",
+                [_ready(x) if k == "vmcache" else None for k, x in zip(cols, c, strict=True)])
+            row("failed boots (our daemon's count)",
+                [x.get("boot_failures") for x in c])
+        row("agent `duplicate stream` lines", [x.get("agent_duplicate_stream") for x in c])
         lines.append("")
+        notes = []
+        for k, x in zip(cols, c, strict=True):
+            for nr in x.get("not_ready", []):
+                then = {True: " (then listening)", False: " (then not listening)", None: ""}
+                notes.append(f"- {COLUMNS[k]}, round {nr['round']}: {_md(nr['reason'])}"
+                             f"{then[nr['listening']]}")
+            for e in x.get("errors", []):
+                notes.append(f"- {COLUMNS[k]}: {e['runs']} of {x['runs']} runs failed: "
+                             f"{_md(e['error'])}")
+            for left in x.get("left_running", []):
+                notes.append(f"- {COLUMNS[k]}: left behind and stopped: {_md(left)}")
+        if notes:
+            lines += ["Failures:", "", *notes, ""]
+        evidence = [(k, x) for k, x in zip(cols, c, strict=True) if k != "none"]
+        if evidence:
+            lines += ["Take-over: kata-runtime's own lines of it (`get base VM`, `assign vm to "
+                      "sandbox`), from the first run that logged any:", ""]
+            for k, x in evidence:
+                example = x.get("takeover_log_example") or []
+                lines.append(f"- {COLUMNS[k]}: {x['from_cache']} of {x['runs']} runs took a VM "
+                             "from the cache" + (":" if example else "."))
+                lines += [f"  - `{_md(line)}`" for line in example]
+            lines.append("")
     return "\n".join(lines)
+
+
+def _sessions(report: dict[str, Any], mode: str, kind: str) -> str:
+    ready = [x["ready_after_start_s"] for x in report["sessions"][mode]
+             if x["server"] == kind]
+    done = [x for x in ready if x is not None]
+    return (f"{statistics.median(done):.1f} s ({len(done)} of {len(ready)})" if done
+            else f"never (0 of {len(ready)})")
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("`", "'")
 
 
 def _ready(v: dict[str, Any]) -> str | None:
@@ -245,8 +401,11 @@ def main() -> int:
     ap.add_argument("--modes", default="cold,template",
                     help="comma-separated: cold (cached cold boots), template (clones)")
     ap.add_argument("--shared-fs", default="virtio-9p", choices=("virtio-9p", "virtio-fs"))
-    ap.add_argument("--servers", default="kata,vmcache",
-                    help="comma-separated: kata (Kata's own VMCache), vmcache (ours)")
+    ap.add_argument("--servers", default="none,kata,vmcache",
+                    help="comma-separated, in the first round's order: none (no cache), kata "
+                         "(Kata's own VMCache), vmcache (ours); '' is none alone")
+    ap.add_argument("--ready-timeout", type=float, default=120.0,
+                    help="seconds a cache server has to fill its cache (default 120)")
     ap.add_argument("--syslog-file", type=Path,
                     help="the file a /dev/log listener already running appends to")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -260,17 +419,23 @@ def main() -> int:
     if a.shared_fs == "virtio-fs" and (why := kata1.missing_virtiofsd(tools)):
         print(f"bench-kata: {why}", file=sys.stderr)
         return 1
-    servers = [s for s in a.servers.split(",") if s]
+    servers = [s for s in a.servers.split(",") if s] or ["none"]
+    if unknown := [s for s in servers if s not in COLUMNS]:
+        print(f"bench-kata: unknown server(s) {', '.join(unknown)}; known: "
+              f"{', '.join(COLUMNS)}", file=sys.stderr)
+        return 2
     modes = [m for m in a.modes.split(",") if m]
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "host": f"{os.cpu_count()} cores",
-        "rounds": a.rounds, "runs_per_round": a.runs, "shared_fs": a.shared_fs,
+        "rounds": a.rounds, "runs_per_round": a.runs, "servers": servers,
+        "ready_timeout_s": a.ready_timeout, "shared_fs": a.shared_fs,
         "cache_number": a.cache_number, "tools": {k: str(v) for k, v in vars(tools).items()},
         "modes": {}, "sessions": {}}
     work = Path(tempfile.mkdtemp(prefix="kb-", dir="/run" if Path("/run").is_dir() else None))
     # The servers' logs outlive the run (they say why a boot failed); the rest does not.
     logs = Path(tempfile.mkdtemp(prefix="kata-e2e-logs-"))
     say(f"the cache servers' logs: {logs}")
+    kata1.become_subreaper()  # what the runs leave running stays ours to find and stop
     try:
         with kata1.Syslog(a.syslog_file) as syslog, kata1.host_ready():
             if not syslog.available:
@@ -287,10 +452,17 @@ def main() -> int:
                 for r in range(a.rounds):
                     order = servers if r % 2 == 0 else servers[::-1]
                     for kind in order:
-                        sessions.append(session(tools, work, setup, kind, a.runs, r, syslog,
-                                                bundle, logs))
-                    if mode == modes[0]:
-                        sessions.append(no_cache(tools, work, setup, r, syslog, bundle))
+                        if kind == "none" and mode != modes[0]:
+                            continue  # no cache: the same runs in every mode
+                        try:
+                            sessions.append(session(tools, work, setup, kind, a.runs, r,
+                                                    syslog, bundle, logs, a.ready_timeout))
+                        except Exception as e:  # the other servers still run
+                            say(f"{kind}: round {r} failed in the harness: {e!r}")
+                            sessions.append({"server": kind, "round": r, "runs": [],
+                                             "ready_after_start_s": None,
+                                             "harness_error": repr(e),
+                                             "left_running": kata1.sweep_descendants()})
                 summary = summarize(sessions)
                 if mode != modes[0] and "none" in report["modes"].get(modes[0], {}):
                     summary["none"] = report["modes"][modes[0]]["none"]
