@@ -158,5 +158,37 @@ def help_text(binary: Path) -> str:
     return (done.stdout + done.stderr).decode(errors="replace")
 
 
+def receives_mounts(path: Path, mountinfo: str = "/proc/self/mountinfo") -> tuple[bool, str]:
+    """Whether mounts made under `path` after a virtiofsd started reach it, and the mount
+    point that decides. virtiofsd (QEMU's, `-o sandbox=namespace`, its default) serves
+    the share from a mount namespace of its own whose mounts are slaves of ours: it sees
+    what is mounted there later (the container root file systems kata-runtime mounts into
+    a VM's share once a sandbox takes it) only if our mount propagates, i.e. is shared
+    (`shared:N`; systemd makes / so at boot) or a slave of one that is (`master:N`, as in
+    a unit with its own mount namespace). A private mount propagates nothing."""
+    best, fields = "", ""
+    target = str(path.resolve())
+    try:
+        lines = Path(mountinfo).read_text().splitlines()
+    except OSError:
+        return True, ""  # nothing to judge by: no verdict
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 7 or "-" not in parts[6:]:
+            continue
+        point = parts[4].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fields = point, " ".join(parts[6:parts.index("-", 6)])
+    return ("shared:" in fields or "master:" in fields), best
+
+
+def chroot_sandbox(extra_args: list[str]) -> bool:
+    """`-o sandbox=chroot` (or --sandbox=chroot): virtiofsd stays in our mount namespace,
+    so every mount reaches it."""
+    joined = " ".join(extra_args)
+    return "sandbox=chroot" in joined
+
+
 #: What a generation's command line needs the daemon to understand, as its --help says.
 ARGUMENTS = {"1.x": ("source=", "--fd"), "3.x": ("--shared-dir", "--cache", "--fd")}

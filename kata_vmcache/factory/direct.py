@@ -44,7 +44,14 @@ from ..probe import KataAgentProbe, KataTtrpcProbe, ReadinessProbe, SerialLinePr
 from ..proxy import KataProxy
 from ..ttrpc import VsockAddress
 from ..virtiofsd import ARGUMENTS as VIRTIOFSD_ARGUMENTS
-from ..virtiofsd import CACHE_MODES_3X, Virtiofsd, capabilities, help_text
+from ..virtiofsd import (
+    CACHE_MODES_3X,
+    Virtiofsd,
+    capabilities,
+    chroot_sandbox,
+    help_text,
+    receives_mounts,
+)
 from ..vm import VM, VMState
 
 log = logging.getLogger(__name__)
@@ -346,6 +353,15 @@ def check_shared_fs(config: Config) -> list[ConfigProblem]:
         problem("hypervisor.qemu.virtio_fs_daemon", "nothing listens on /dev/log: Kata "
                 "starts virtiofsd with --syslog, and QEMU's virtiofsd then exits as soon as "
                 "QEMU connects (start a syslog daemon, such as journald)")
+    storage = config.daemon.vm_storage_path
+    receives, mountpoint = receives_mounts(storage)
+    if not receives and not chroot_sandbox(list(hv["VirtioFSExtraArgs"] or ())):
+        problem("vmcache.vm_storage_path", f"{storage} is on a private mount ({mountpoint}): "
+                "what kata-runtime mounts into a VM's share once a sandbox takes it (the "
+                "container's root file system) never reaches that VM's virtiofsd, which "
+                "serves the share from a mount namespace of its own; make it shared (`mount "
+                f"--make-rshared {mountpoint}`, as systemd hosts have it) or add \"-o\", "
+                '"sandbox=chroot" to virtio_fs_extra_args')
     cache = hv["VirtioFSCache"]
     modes = CACHE_MODES_3X if generation == "3.x" else CACHE_MODES_1X
     if cache not in modes:

@@ -22,7 +22,7 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,24 @@ VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
 
 
 @pytest.fixture
-def vfs_config(demo_guest: DemoGuest, workdir: Path) -> Callable[..., Path]:
+def shared_workdir(workdir: Path) -> Iterator[Path]:
+    """`workdir` as a shared mount (a bind mount of itself), unmounted afterwards: what a
+    systemd host has for /run/vc/vm, and what a virtiofsd needs to see what is mounted in
+    its share after it started. This machine's / is private; the test changes only its
+    own directory."""
+    subprocess.run(["mount", "--bind", str(workdir), str(workdir)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(workdir)], check=True)
+        yield workdir
+    finally:
+        if subprocess.run(["umount", str(workdir)], check=False).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(workdir)], check=True)
+
+
+@pytest.fixture
+def vfs_config(demo_guest: DemoGuest, shared_workdir: Path) -> Callable[..., Path]:
     """The demo file as a Kata 1.x virtio-fs file (QEMU's own virtiofsd)."""
+    workdir = shared_workdir
     if not VIRTIOFSD.is_file():
         pytest.skip(f"needs {VIRTIOFSD} (QEMU's own virtiofsd, in qemu-system-common)")
 
@@ -125,11 +141,22 @@ def test_a_vm_goes_out_with_its_virtiofsd_and_the_guest_reads_the_share(
     assert 'tag = "kataShared"' in qtree
     assert "vhost-user-fs-pci" in qtree
     assert [m["share"] for m in memdevs] == [True]
-    # The guest, resumed as its client would, reads what the host put in the share.
+    # The guest, resumed as its client would, reads what the host put in the share, and
+    # what the host mounts there after virtiofsd started (as kata-runtime mounts a
+    # container's root file system into the share of the VM it took).
     (share / "hello.txt").write_text("hello through virtio-fs\n")
-    qmp(Path(vm["QmpChannelpath"]), "cont")
-    assert asyncio.run(read_share(Path(vm["GuestChannelPath"]),
-                                  "hello.txt")) == "hello through virtio-fs"
+    source = workdir / "rootfs-file"
+    source.write_text("mounted after the boot\n")
+    (share / "mounted.txt").write_text("not the mount\n")
+    subprocess.run(["mount", "--bind", str(source), str(share / "mounted.txt")], check=True)
+    try:
+        qmp(Path(vm["QmpChannelpath"]), "cont")
+        channel = Path(vm["GuestChannelPath"])
+        assert asyncio.run(read_share(channel, "hello.txt")) == "hello through virtio-fs"
+        assert asyncio.run(read_share(channel, "mounted.txt")) == "mounted after the boot"
+    finally:
+        # virtiofsd holds what the guest looked up until the guest forgets it: detach now.
+        subprocess.run(["umount", "--lazy", str(share / "mounted.txt")], check=True)
     # The daemon's stop: its own VMs and their virtiofsd go, the client's stay.
     others = virtiofsds(workdir) - {pid} - set(children_of(pid))
     assert others

@@ -21,7 +21,7 @@ from kata_vmcache import kata
 from kata_vmcache.factory import direct
 from kata_vmcache.factory.direct import check_shared_fs, spec_from_config
 from kata_vmcache.machine import TEMPLATING_REFUSED
-from kata_vmcache.virtiofsd import is_virtiofsd, virtiofsd_argv
+from kata_vmcache.virtiofsd import is_virtiofsd, receives_mounts, virtiofsd_argv
 
 QEMU_VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
 CHAR = "char-" + UUID.replace("-", "")[:16]
@@ -115,6 +115,7 @@ def test_a_recorded_pid_must_export_that_share() -> None:
 def pinned_host(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kata, "_host_memory_mib", lambda: 16384)
     monkeypatch.setattr(direct, "syslog_listens", lambda path="/dev/log": True)
+    monkeypatch.setattr(direct, "receives_mounts", lambda path: (True, "/"))
 
 
 def write(tmp: Path, qemu: str, *, version: str = "1.x", factory: str = "") -> cfg.Config:
@@ -260,3 +261,38 @@ def test_a_cache_size_needs_a_qemu_with_a_dax_window(tmp_path: Path) -> None:
                                      "vhost-user-fs-pci", "cache-size")
     keys = [p.key for p in check_shared_fs(config)]
     assert keys == ([] if has_dax else ["hypervisor.qemu.virtio_fs_cache_size"])
+
+
+MOUNTINFO = """\
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+40 27 0:50 / /run rw,nosuid shared:12 - tmpfs tmpfs rw
+41 40 0:51 / /run/vc/vm rw master:3 - tmpfs tmpfs rw
+42 27 0:52 / /srv/my\\040vms rw shared:9 - tmpfs tmpfs rw
+"""
+
+
+@pytest.mark.parametrize(("path", "receives", "point"), [
+    ("/var/lib/x", False, "/"),
+    ("/run/vc", True, "/run"),
+    ("/run/vc/vm/abc", True, "/run/vc/vm"),
+    ("/runner", False, "/"),
+    ("/srv/my vms/a", True, "/srv/my vms"),
+])
+def test_which_mount_decides_propagation(tmp_path: Path, path: str, receives: bool,
+                                         point: str) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text(MOUNTINFO)
+    assert receives_mounts(Path(path), str(info)) == (receives, point)
+
+
+def test_a_private_vm_storage_is_refused_unless_virtiofsd_chroots(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(direct, "receives_mounts", lambda path: (False, "/"))
+    daemon = fake_daemon(tmp_path)
+    config = write(tmp_path, f'shared_fs = "virtio-fs"\nvirtio_fs_daemon = "{daemon}"')
+    problems = check_shared_fs(config)
+    assert [p.key for p in problems] == ["vmcache.vm_storage_path"]
+    assert "is on a private mount (/)" in problems[0].message
+    chroot = write(tmp_path, f'shared_fs = "virtio-fs"\nvirtio_fs_daemon = "{daemon}"\n'
+                             'virtio_fs_extra_args = ["-o", "sandbox=chroot"]')
+    assert check_shared_fs(chroot) == []
