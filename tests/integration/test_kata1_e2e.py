@@ -1,11 +1,13 @@
 """Real Kata 1.x containers on our VMs: Kata's own kata-runtime, agent (in the guest),
 kata-proxy and kata-shim start a container whose VM comes from a kata-vmcache daemon, cold
-booted and cloned from a template, as `make bench-kata` measures it (bench/kata1.py is the
-shared harness). Needs an installed Kata 1.x (bench/kata1.py names the variables) and root;
-skipped with the reason otherwise (CI has no Kata 1.x)."""
+booted, cloned from a template, and sharing files over virtio-fs, as `make bench-kata`
+measures it (bench/kata1.py is the shared harness). Needs an installed Kata 1.x
+(bench/kata1.py names the variables; KATA1_VIRTIOFS_INITRD an agent initrd with the
+virtio-fs modules) and root; skipped with the reason otherwise (CI has no Kata 1.x)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -52,20 +54,33 @@ def counters(config: Path) -> dict[str, int]:
     return result
 
 
-@pytest.mark.parametrize("template", [False, True], ids=["cold", "template"])
+@pytest.mark.parametrize(("template", "shared_fs"), [
+    (False, "virtio-9p"), (True, "virtio-9p"), (False, "virtio-fs")],
+    ids=["cold", "template", "virtio-fs"])
 def test_a_kata1_container_starts_on_a_cached_vm(host: kata1.Syslog, work: Path,
-                                                 template: bool) -> None:
+                                                 template: bool, shared_fs: str) -> None:
     assert isinstance(TOOLS, kata1.Tools)
-    setup = kata1.Setup(cache_number=1, template=template)
-    config = kata1.write_config(work / "configuration.toml", TOOLS, setup,
+    tools = TOOLS
+    if shared_fs == "virtio-fs":
+        # The guest needs the kernel's fuse and virtiofs modules: an initrd of its own
+        # (../shared/kata1-e2e: EXTRA_MODULES="fuse virtiofs" build-initrd.sh).
+        initrd = os.environ.get("KATA1_VIRTIOFS_INITRD", "")
+        if not Path(initrd).is_file():
+            pytest.skip("KATA1_VIRTIOFS_INITRD names no agent initrd with virtio-fs modules")
+        tools = dataclasses.replace(TOOLS, initrd=Path(initrd))
+        if (missing := kata1.missing_virtiofsd(tools)) is not None:
+            pytest.skip(missing)
+    setup = kata1.Setup(cache_number=1, template=template, shared_fs=shared_fs)
+    config = kata1.write_config(work / "configuration.toml", tools, setup,
                                 endpoint=work / "cache.sock", template_path=work / "template",
                                 state_dir=work / "state")
-    bundle = kata1.make_bundle(work / "bundle", TOOLS, config)
-    server = kata1.CacheServer("vmcache", TOOLS, config, work / "cache.sock",
+    bundle = kata1.make_bundle(work / "bundle", tools, config)
+    server = kata1.CacheServer("vmcache", tools, config, work / "cache.sock",
                                work / "server.log")
     server.start(1)
     try:
-        result = kata1.run_container(TOOLS, config, bundle, f"kt-{os.getpid()}-{template:d}",
+        result = kata1.run_container(tools, config, bundle,
+                                     f"kt-{os.getpid()}-{template:d}{shared_fs[-2:]}",
                                      syslog=host)
         seen = counters(config)
     finally:
