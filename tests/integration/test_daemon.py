@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 from kata_vmcache.procs import cmdline, pid_alive
 
-from .harness import Console, Daemon, qmp, run_cli, stop_taken_vm, wait_for
+from .harness import CLI, Console, Daemon, qmp, run_cli, stop_taken_vm, wait_for
 
 pytestmark = pytest.mark.qemu
 
@@ -180,6 +181,20 @@ def test_check_config_prints_resolved_settings(make_config: Callable[..., Path])
     assert settings["factory.vm_cache_number"] == "2"
     assert settings["vmcache.accelerator"] == "tcg"
     assert settings["hypervisor.qemu.memory_mib"] == "256"
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(make_config: Callable[..., Path]) -> None:
+    """`check-config | head`: the pipe closes under the writer; it stops quietly, with
+    the shell's code for a command SIGPIPE ended."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before a byte is written
+    try:
+        result = subprocess.run([*CLI, "--config", str(make_config()), "check-config"],
+                                stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert result.returncode == 141
+    assert result.stderr == ""
 
 
 def test_taken_vm_outlives_the_daemon(make_daemon: Callable[..., Daemon]) -> None:
