@@ -216,15 +216,6 @@ def make_bundle(bundle: Path, tools: Tools, config: Path, command: str = COMMAND
 # the host: syslog and mount propagation
 
 
-def _dev_log_answers() -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect("/dev/log")
-        except OSError:
-            return False
-    return True
-
-
 class Syslog:
     """What kata-runtime, kata-proxy and kata-shim log: our own listener on /dev/log while
     nobody else listens there, else the file an existing listener appends to (`file`;
@@ -239,7 +230,8 @@ class Syslog:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Syslog:
-        if not _dev_log_answers():
+        from kata_vmcache.factory.direct import syslog_listens
+        if not syslog_listens():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink("/dev/log")  # a stale socket file: nobody listens on it
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

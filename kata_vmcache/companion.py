@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,14 @@ from typing import ClassVar
 from .errors import LaunchError
 from .priority import Level, launching
 from .qmp import Pidfd, stop_process
+
+
+def stop_handed_out(pid: int, check: Callable[[int], bool]) -> None:
+    """What a receiver does with a companion of a VM it took and is done with: SIGTERM,
+    if `pid` is still the process `check` says it is (a pid seen through a pidfd)."""
+    if pid > 0 and (proc := Pidfd.of_pid(pid, check=check)):
+        proc.signal(signal.SIGTERM)
+        proc.close()
 
 
 class Companion:

@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-import signal
 from pathlib import Path
 
-from .companion import Companion
+from .companion import Companion, stop_handed_out
 from .machine import VMPaths
 from .priority import Level
 from .procs import cmdline, pid_alive
-from .qmp import Pidfd
 
 
 def is_kata_proxy(pid: int, vm_id: str) -> bool:
@@ -45,9 +43,7 @@ def is_kata_proxy(pid: int, vm_id: str) -> bool:
 
 def stop_handed_out_proxy(pid: int, vm_id: str) -> None:
     """Kata's VM.Disconnect for a VM we took: SIGTERM its proxy, if it is still that."""
-    if pid > 0 and (proc := Pidfd.of_pid(pid, check=lambda p: is_kata_proxy(p, vm_id))):
-        proc.signal(signal.SIGTERM)
-        proc.close()
+    stop_handed_out(pid, lambda p: is_kata_proxy(p, vm_id))
 
 
 class KataProxy(Companion):

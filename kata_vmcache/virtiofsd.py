@@ -38,17 +38,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from .companion import Companion
+from .companion import Companion, stop_handed_out
 from .machine import Generation, VMPaths
 from .priority import Level
 from .procs import cmdline, pid_alive
-from .qmp import Pidfd
 
 #: virtiofsd.go valid(): the cache modes Kata 3.x passes on.
 CACHE_MODES_3X = ("auto", "always", "metadata", "never")
@@ -78,9 +76,7 @@ def is_virtiofsd(pid: int, share: Path) -> bool:
 def stop_handed_out_virtiofsd(pid: int, share: Path) -> None:
     """Kata 3.x's StopVM for a VM we took: after its QEMU, its virtiofsd (usually gone
     already, with QEMU's connection), if that pid is still it."""
-    if pid > 0 and (proc := Pidfd.of_pid(pid, check=lambda p: is_virtiofsd(p, share))):
-        proc.signal(signal.SIGTERM)
-        proc.close()
+    stop_handed_out(pid, lambda p: is_virtiofsd(p, share))
 
 
 class Virtiofsd(Companion):

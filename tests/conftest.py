@@ -185,20 +185,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 _SYSLOG: dict[str, Any] = {}
 
 
-def _devlog_answers() -> bool:
-    import socket
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect("/dev/log")
-        except OSError:
-            return False
-    return True
-
-
 def pytest_configure(config: pytest.Config) -> None:
     import socket
     import threading
-    if hasattr(config, "workerinput") or _devlog_answers():
+
+    from kata_vmcache.factory.direct import syslog_listens
+    if hasattr(config, "workerinput") or syslog_listens():
         return
     with contextlib.suppress(FileNotFoundError):
         os.unlink("/dev/log")  # a stale socket: nobody receives on it

@@ -128,23 +128,30 @@ async def boot_demo_vm(guest: DemoGuest, machine: str = "q35") -> AsyncIterator[
     """Launch paused, connect QMP and the agent port, `cont`, wait for READY."""
     state = Path(tempfile.mkdtemp(prefix="kvc-demo-"))
     try:
-        with open(state / "qemu.log", "wb") as log:
-            proc = await asyncio.create_subprocess_exec(
-                *qemu_argv(guest, state, machine), stdin=asyncio.subprocess.DEVNULL,
-                stdout=log, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-        vm = DemoVM(state, proc)
-        try:
-            await vm.connect_qmp()
-            vm.channel = await GuestChannel.connect(state / "agent.sock")
-            start = time.monotonic()
-            await vm.execute("cont")
-            await vm.channel.wait_ready(BOOT_TIMEOUT)
-            vm.ready_seconds = time.monotonic() - start
+        async with launch_demo_vm(state, qemu_argv(guest, state, machine)) as vm:
             yield vm
-        finally:
-            await vm.stop()
     finally:
         shutil.rmtree(state, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def launch_demo_vm(state: Path, argv: list[str]) -> AsyncIterator[DemoVM]:
+    """QEMU on `argv` (qemu_argv's, plus any devices), booted to READY, stopped after."""
+    with open(state / "qemu.log", "wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    vm = DemoVM(state, proc)
+    try:
+        await vm.connect_qmp()
+        vm.channel = await GuestChannel.connect(state / "agent.sock")
+        start = time.monotonic()
+        await vm.execute("cont")
+        await vm.channel.wait_ready(BOOT_TIMEOUT)
+        vm.ready_seconds = time.monotonic() - start
+        yield vm
+    finally:
+        await vm.stop()
 
 
 @pytest_asyncio.fixture

@@ -29,7 +29,7 @@ from kata_vmcache.errors import DemoGuestError
 from kata_vmcache.guest_channel import GuestChannel
 
 from .harness import console_run
-from .test_demo_guest import BOOT_TIMEOUT, DemoVM, boot_demo_vm, qemu_argv
+from .test_demo_guest import DemoVM, boot_demo_vm, launch_demo_vm, qemu_argv
 
 pytestmark = pytest.mark.qemu
 
@@ -127,21 +127,8 @@ async def boot_with_share(guest: DemoGuest, source: Path) -> AsyncIterator[DemoV
                     "-numa", "node,memdev=mem",
                     "-chardev", f"socket,id=vfs,path={sock}",
                     "-device", f"vhost-user-fs-pci,chardev=vfs,tag={TAG}"]
-            with open(state / "qemu.log", "wb") as log:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log,
-                    stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-            vm = DemoVM(state, proc)
-            try:
-                await vm.connect_qmp()
-                vm.channel = await GuestChannel.connect(state / "agent.sock")
-                start = time.monotonic()
-                await vm.execute("cont")
-                await vm.channel.wait_ready(BOOT_TIMEOUT)
-                vm.ready_seconds = time.monotonic() - start
+            async with launch_demo_vm(state, argv) as vm:
                 yield vm
-            finally:
-                await vm.stop()
     finally:
         shutil.rmtree(state, ignore_errors=True)
 
