@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kata_vmcache.procs import cmdline
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SANDBOXES = Path("/run/kata-containers/shared/sandboxes")
@@ -324,18 +326,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def children(pid: int) -> list[int]:
-    """Pids whose parent is `pid`."""
-    found = []
+def parents() -> dict[int, int]:
+    """pid -> parent pid, for every process in /proc."""
+    parent: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 stat = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
             except OSError:
                 continue
-            if int(stat[1]) == pid:
-                found.append(int(entry))
-    return found
+            parent[int(entry)] = int(stat[1])
+    return parent
+
+
+def children(pid: int) -> list[int]:
+    """Pids whose parent is `pid`."""
+    return [p for p, pp in parents().items() if pp == pid]
 
 
 def comm(pid: int) -> str:
@@ -359,15 +365,9 @@ def become_subreaper() -> bool:
 
 def descendants(pid: int) -> list[int]:
     """Every live or zombie process below `pid`, parents before their children."""
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            parent[int(entry)] = int(stat[1])
-    found, frontier = [], [pid]
+    parent = parents()
+    found: list[int] = []
+    frontier = [pid]
     while frontier:
         below = sorted(p for p, pp in parent.items() if pp in frontier)
         found += below
@@ -395,13 +395,6 @@ def sweep_descendants() -> list[str]:
             os.waitpid(pid, os.WNOHANG)
     return left
 
-
-def cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
 def pss_kib(pid: int) -> int | None:
