@@ -644,7 +644,7 @@ class CacheServer:
 
     def cached(self) -> list[int]:
         """The pids of the cached VMs, from the server's Status (the same RPC for both)."""
-        from kata_vmcache.client import SyncCacheClient
+        from kata_vmcache.client.rpc import SyncCacheClient
         from kata_vmcache.errors import VmcacheError
 
         if not self.endpoint.exists():

@@ -132,8 +132,8 @@ def _pct(samples: list[float], q: float) -> float:
 
 
 async def replay(endpoint: Path, run: Run, stop_vm: Callable[[dict[str, Any]], None]) -> None:
-    from kata_vmcache.client import CacheClient
-    from kata_vmcache.snapshot import MonitorClient
+    from kata_vmcache.client.rpc import CacheClient
+    from kata_vmcache.client.snapshot import MonitorClient
 
     async with CacheClient(endpoint) as client, MonitorClient(endpoint) as monitor:
         await client.status()  # warm the channel

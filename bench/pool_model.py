@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pool
 
-from kata_vmcache.autoscale import Policy
 from kata_vmcache.config import AutoscaleSettings
+from kata_vmcache.pool.autoscale import Policy
 
 STEP = 0.05
 

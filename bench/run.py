@@ -67,11 +67,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 
 def stop_vms(records: list[dict[str, Any]]) -> None:
     """Stop the VMs the workers took as their owner would, side by side: the client's
-    `VMHandle.stop()` (kata_vmcache.qmp's stop sequence: QMP quit, a bounded wait, SIGTERM,
+    `VMHandle.stop()` (kata_vmcache.vm.qmp's stop sequence: QMP quit, a bounded wait, SIGTERM,
     SIGKILL, through a pidfd on the process proven to be that VM's QEMU)."""
-    from kata_vmcache.client import BaseVM
+    from kata_vmcache.client.handle import VMHandle
+    from kata_vmcache.client.rpc import BaseVM
     from kata_vmcache.errors import VMDead
-    from kata_vmcache.handle import VMHandle
 
     async def stop(record: dict[str, Any]) -> None:
         try:
@@ -180,7 +180,7 @@ class Bench:
         self.release_taken()
 
     def ready(self) -> list[dict[str, Any]]:
-        from kata_vmcache.vm import read_records
+        from kata_vmcache.vm.owned import read_records
 
         return [r for _, r in read_records(self.state) if r.get("state") == "ready"]
 

@@ -23,9 +23,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from kata_vmcache.client import CacheClient
-from kata_vmcache.guest_channel import GuestChannel
-from kata_vmcache.qmp import disconnect
+from kata_vmcache.client.rpc import CacheClient
+from kata_vmcache.vm.guest_channel import GuestChannel
+from kata_vmcache.vm.qmp import disconnect
 
 
 def ms(ns: int) -> float:

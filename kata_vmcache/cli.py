@@ -24,11 +24,11 @@ from typing import Any
 
 from . import config as configmod
 from . import quiet_grpc  # noqa: F401 - before anything imports grpc
-from .client import CacheClient
+from .client.rpc import CacheClient
+from .client.snapshot import MonitorClient
 from .errors import ConfigError, NoMonitor, ServerUnavailable, UsageError, VmcacheError
-from .logs import setup_logging
 from .procs import pid_alive
-from .snapshot import MonitorClient
+from .service.logs import setup_logging
 
 PROG = "kata-vmcache"
 
@@ -136,7 +136,7 @@ def endpoint_of(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from .factory.direct import check_host, describe_vm
-    from .preflight import require
+    from .service.preflight import require
 
     command: str = args.command
     if args.runtime_class is not None:
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--config and --runtime-class name the file twice; give one")
         args.config = configmod.find_class_config(args.runtime_class)
     if command == "init":
-        from .daemon import serve
+        from .service.daemon import serve
 
         config = load_config(args)
         setup_logging(debug=args.debug, json_lines=config.daemon.log_format == "json")
@@ -236,7 +236,7 @@ def get_resumed(args: argparse.Namespace) -> int:
 
 async def _get_resumed(config: configmod.Config | None, endpoint: Path | None,
                        args: argparse.Namespace) -> int:
-    from .client import get_vm
+    from .client.rpc import get_vm
 
     vm = await get_vm(config, endpoint=endpoint, cpus=args.cpus, memory_mib=args.memory,
                       wait_guest=args.wait_guest, guest_timeout=args.guest_timeout,
@@ -268,7 +268,7 @@ async def destroy(endpoint: Path, *, timeout: float = 10.0) -> int:
 
 async def reload(args: argparse.Namespace) -> int:
     """SIGHUP the server and wait for its verdict: one line, "applied" or "refused"."""
-    from .reload import request_reload
+    from .service.reload import request_reload
 
     try:
         config = load_config(args)

@@ -503,10 +503,10 @@ def build_demo(dest: Path, *, cache_number: int = 2) -> DemoBuild:
 async def probe_accelerator(guest: DemoGuest, timeout: float = KVM_PROBE_SECONDS) -> str:
     """"kvm" if the demo guest comes up under KVM within `timeout`, else "tcg"."""
     from .factory.direct import kvm_usable
-    from .guest_channel import READY_LINE
-    from .machine import VMPaths, VMSpec
-    from .probe import SerialLineProbe
-    from .qemu import QemuProcess
+    from .vm.guest_channel import READY_LINE
+    from .vm.machine import VMPaths, VMSpec
+    from .vm.probe import SerialLineProbe
+    from .vm.qemu import QemuProcess
 
     if not kvm_usable():
         return "tcg"

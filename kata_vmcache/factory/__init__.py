@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from ..machine import Accelerator, VMSpec
-from ..vm import VM
+from ..vm.machine import Accelerator, VMSpec
+from ..vm.owned import VM
 
 
 class Factory(Protocol):

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from .. import kata
 from ..config import Config
 from ..errors import ConfigError, ConfigProblem, GuestNotReady, LaunchError
-from ..machine import (
+from ..vm.machine import (
     AGENT_CHANNEL_NAME,
     AGENT_VSOCK_PORT,
     MACHINES_3X,
@@ -40,11 +40,12 @@ from ..machine import (
     running_nested,
     sandbox_storage,
 )
-from ..probe import KataAgentProbe, KataTtrpcProbe, ReadinessProbe, SerialLineProbe
-from ..proxy import KataProxy
-from ..ttrpc import VsockAddress
-from ..virtiofsd import ARGUMENTS as VIRTIOFSD_ARGUMENTS
-from ..virtiofsd import (
+from ..vm.owned import VM, VMState
+from ..vm.probe import KataAgentProbe, KataTtrpcProbe, ReadinessProbe, SerialLineProbe
+from ..vm.proxy import KataProxy
+from ..vm.ttrpc import VsockAddress
+from ..vm.virtiofsd import ARGUMENTS as VIRTIOFSD_ARGUMENTS
+from ..vm.virtiofsd import (
     CACHE_MODES_3X,
     Virtiofsd,
     capabilities,
@@ -52,7 +53,6 @@ from ..virtiofsd import (
     help_text,
     receives_mounts,
 )
-from ..vm import VM, VMState
 
 log = logging.getLogger(__name__)
 

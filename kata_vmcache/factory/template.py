@@ -46,10 +46,10 @@ from typing import Any
 
 from ..config import Config
 from ..errors import GuestNotReady, TemplateError
-from ..guest_channel import SEED_BYTES, GuestChannel
-from ..machine import AGENT_PORT_ID, Accelerator, VMSpec
-from ..priority import Level
-from ..vm import VM, VMState
+from ..vm.guest_channel import SEED_BYTES, GuestChannel
+from ..vm.machine import AGENT_PORT_ID, Accelerator, VMSpec
+from ..vm.owned import VM, VMState
+from ..vm.priority import Level
 from .direct import DirectFactory, abandon, booted
 
 log = logging.getLogger(__name__)

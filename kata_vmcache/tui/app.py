@@ -42,9 +42,9 @@ from textual.widgets import (
     Static,
 )
 
-from ..client import BaseVM
+from ..client.rpc import BaseVM
+from ..client.snapshot import Event, Snapshot, VMInfo
 from ..errors import VmcacheError
-from ..snapshot import Event, Snapshot, VMInfo
 from . import format as fmt
 from .backend import Backend
 from .screens import ConfirmStopScreen, HelpScreen, TakenVMScreen

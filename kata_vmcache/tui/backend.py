@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from ..client import BaseVM, CacheClient
+from ..client.rpc import BaseVM, CacheClient
+from ..client.snapshot import MonitorClient, Snapshot
 from ..errors import UsageError
-from ..snapshot import MonitorClient, Snapshot
 
 
 class Backend(Protocol):

@@ -11,8 +11,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
-from ..client import BaseVM
-from ..snapshot import Snapshot
+from ..client.rpc import BaseVM
+from ..client.snapshot import Snapshot
 from .format import plural
 
 

@@ -218,7 +218,7 @@ def test_config_rpc_carries_katas_json(daemon: Daemon) -> None:
     import tomllib
 
     from kata_vmcache import kata
-    from kata_vmcache.client import CacheClient
+    from kata_vmcache.client.rpc import CacheClient
 
     async def fetch() -> tuple[dict[str, object], dict[str, object]]:
         async with CacheClient(daemon.endpoint) as client:

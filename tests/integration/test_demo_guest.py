@@ -24,7 +24,7 @@ import pytest_asyncio
 from qemu.qmp import ConnectError, QMPClient
 
 from kata_vmcache.demo_guest import KERNEL_PARAMS, DemoGuest
-from kata_vmcache.guest_channel import GuestChannel, GuestInfo
+from kata_vmcache.vm.guest_channel import GuestChannel, GuestInfo
 
 from .harness import console_run
 

@@ -26,7 +26,7 @@ import pytest
 
 from kata_vmcache.demo_guest import DemoGuest, find_kernel, kernel_version, share_modules
 from kata_vmcache.errors import DemoGuestError
-from kata_vmcache.guest_channel import GuestChannel
+from kata_vmcache.vm.guest_channel import GuestChannel
 
 from .harness import console_run
 from .test_demo_guest import DemoVM, boot_demo_vm, launch_demo_vm, qemu_argv

@@ -23,7 +23,7 @@ import grpc
 import pytest
 
 from kata_vmcache.procs import pid_alive
-from kata_vmcache.server import HANDOFF_WRITE_TIMEOUT
+from kata_vmcache.service.server import HANDOFF_WRITE_TIMEOUT
 
 from .harness import Daemon, wait_for
 from .observe import (

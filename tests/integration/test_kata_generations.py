@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kata_vmcache.client import CacheClient
+from kata_vmcache.client.rpc import CacheClient
 from kata_vmcache.procs import cmdline
 
 from .harness import Daemon, wait_for

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from kata_vmcache import priority
+from kata_vmcache.vm import priority
 
 from .harness import Daemon, wait_for
 

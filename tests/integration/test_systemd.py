@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from kata_vmcache.client import CacheClient
+from kata_vmcache.client.rpc import CacheClient
 from kata_vmcache.procs import pid_alive
-from kata_vmcache.server import probe_endpoint
+from kata_vmcache.service.server import probe_endpoint
 
 from .harness import Daemon, qmp, run_cli, wait_for
 

@@ -18,9 +18,9 @@ import pytest
 from kata_vmcache import config as configmod
 from kata_vmcache.errors import GuestNotReady, TemplateError
 from kata_vmcache.factory.template import TemplateFactory, freshen, mount_fstype
-from kata_vmcache.guest_channel import GuestChannel
 from kata_vmcache.procs import cmdline
-from kata_vmcache.vm import VM, VMState
+from kata_vmcache.vm.guest_channel import GuestChannel
+from kata_vmcache.vm.owned import VM, VMState
 
 from .harness import CLI, Daemon, qmp
 

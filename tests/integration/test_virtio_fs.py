@@ -36,9 +36,9 @@ from kata_vmcache.demo_guest import (
     render_config,
     share_modules,
 )
-from kata_vmcache.guest_channel import GuestChannel
 from kata_vmcache.procs import cmdline, pid_alive
-from kata_vmcache.virtiofsd import is_virtiofsd
+from kata_vmcache.vm.guest_channel import GuestChannel
+from kata_vmcache.vm.virtiofsd import is_virtiofsd
 
 from .harness import Daemon, qmp, run_cli, stop_taken_vm, wait_for
 

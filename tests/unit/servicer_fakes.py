@@ -12,10 +12,10 @@ import grpc
 from google.protobuf import empty_pb2
 
 from kata_vmcache.config import Config, DaemonSettings, FactorySettings, HypervisorSettings
-from kata_vmcache.factory.cache import VMCache
+from kata_vmcache.pool.cache import VMCache
 from kata_vmcache.proto import cache_pb2
-from kata_vmcache.server import CacheServicer
-from kata_vmcache.vm import VM
+from kata_vmcache.service.server import CacheServicer
+from kata_vmcache.vm.owned import VM
 
 
 def make_config(endpoint: Path) -> Config:

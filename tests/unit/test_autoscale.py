@@ -1,4 +1,4 @@
-"""The autoscaling policy (kata_vmcache/autoscale.py) on a simulated clock: no sleeping."""
+"""The autoscaling policy (kata_vmcache/pool/autoscale.py) on a simulated clock: no sleeping."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from servicer_fakes import hand_off
 from test_cache import fake_pool, until
 
-from kata_vmcache.autoscale import Autoscaler, Decision, Policy
 from kata_vmcache.config import AutoscaleSettings
+from kata_vmcache.pool.autoscale import Autoscaler, Decision, Policy
 
 
 class Clock:

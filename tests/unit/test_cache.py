@@ -16,10 +16,10 @@ import pytest_asyncio
 from servicer_fakes import Aborted, hand_off
 
 from kata_vmcache.errors import CacheClosed, LaunchError
-from kata_vmcache.factory import filling
-from kata_vmcache.factory.cache import VMCache
-from kata_vmcache.qemu import VMSpec
-from kata_vmcache.vm import VM, VMState
+from kata_vmcache.pool import filling
+from kata_vmcache.pool.cache import VMCache
+from kata_vmcache.vm.owned import VM, VMState
+from kata_vmcache.vm.qemu import VMSpec
 
 SPEC = VMSpec(qemu=Path("/bin/true"), kernel=Path("/k"), initrd=Path("/i"), image=None,
               machine_type="q35", kernel_params=(), vcpus=1, max_vcpus=2, memory_mib=256,

@@ -14,9 +14,9 @@ import pytest_asyncio
 from servicer_fakes import hand_off
 from test_cache import SPEC, FakeFactory, pool_running, until
 
-from kata_vmcache.factory import filling
-from kata_vmcache.factory.cache import VMCache
-from kata_vmcache.vm import VM, VMState
+from kata_vmcache.pool import filling
+from kata_vmcache.pool.cache import VMCache
+from kata_vmcache.vm.owned import VM, VMState
 
 
 class SpecFactory(FakeFactory):

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from kata_vmcache import kata
-from kata_vmcache.client import (
+from kata_vmcache.client.rpc import (
     BaseVM,
     Sizing,
     base_vcpus,
@@ -135,7 +135,7 @@ def test_unknown_maximum_is_not_checked_before_the_vm_is_taken() -> None:
 
 
 def test_handle_json_adds_what_the_vm_has_now() -> None:
-    from kata_vmcache.handle import VMHandle
+    from kata_vmcache.client.handle import VMHandle
 
     base = BaseVM("abc", 1, 256, 0, {"ID": "abc", "QmpChannelpath": "/x/qmp.sock"})
 

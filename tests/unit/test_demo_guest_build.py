@@ -31,7 +31,7 @@ from kata_vmcache.demo_guest import (
     share_modules,
 )
 from kata_vmcache.errors import DemoGuestError, GuestError, GuestTimeout
-from kata_vmcache.guest_channel import GuestChannel, GuestInfo
+from kata_vmcache.vm.guest_channel import GuestChannel, GuestInfo
 
 BUSYBOX = Path("/bin/busybox")
 

@@ -18,9 +18,9 @@ import pytest
 import pytest_asyncio
 from qmp_peer import FakeQMP, child_argv
 
-from kata_vmcache.client import BaseVM
+from kata_vmcache.client.handle import VMHandle
+from kata_vmcache.client.rpc import BaseVM
 from kata_vmcache.errors import VMDead, VMStateError
-from kata_vmcache.handle import VMHandle
 
 pytestmark = pytest.mark.asyncio
 VM_ID = "dddddddddddd"

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from test_cache import SPEC
 
-from kata_vmcache.client import BaseVM
+from kata_vmcache.client.rpc import BaseVM
 from kata_vmcache.errors import VMStateError
-from kata_vmcache.handoff import HandOff
 from kata_vmcache.proto import cache_pb2
-from kata_vmcache.vm import VM, VMState
+from kata_vmcache.vm.handoff import HandOff
+from kata_vmcache.vm.owned import VM, VMState
 
 
 class Proxy:

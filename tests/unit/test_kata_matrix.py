@@ -23,8 +23,8 @@ from kata_vmcache import config as cfg
 from kata_vmcache import kata
 from kata_vmcache.errors import ConfigError
 from kata_vmcache.factory.direct import spec_from_config
-from kata_vmcache.qemu import VMPaths
-from kata_vmcache.server import config_reply
+from kata_vmcache.service.server import config_reply
+from kata_vmcache.vm.qemu import VMPaths
 
 MATRIX = sorted((Path(__file__).parent.parent / "data" / "kata-matrix").glob("*.toml"))
 HOST_CPUS = 4

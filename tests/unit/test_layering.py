@@ -9,7 +9,7 @@ import sys
 
 
 def test_daemon_does_not_import_textual() -> None:
-    code = ("import sys, kata_vmcache.daemon, kata_vmcache.cli, kata_vmcache.client; "
+    code = ("import sys, kata_vmcache.service.daemon, kata_vmcache.cli, kata_vmcache.client.rpc; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'rich')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()

@@ -18,12 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from servicer_fakes import hand_off, make_config
 from test_cache import FakeFactory, fake_pool, until
 
-from kata_vmcache.autoscale import REASON_KINDS, Autoscaler
 from kata_vmcache.config import AutoscaleSettings
 from kata_vmcache.errors import UsageError
-from kata_vmcache.factory.activity import FAILURE_CLASSES, Histogram, failure_class
-from kata_vmcache.factory.cache import VMCache
-from kata_vmcache.metrics import MetricsServer, registry_for
+from kata_vmcache.pool.activity import FAILURE_CLASSES, Histogram, failure_class
+from kata_vmcache.pool.autoscale import REASON_KINDS, Autoscaler
+from kata_vmcache.pool.cache import VMCache
+from kata_vmcache.service.metrics import MetricsServer, registry_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "kata-vmcache.json"

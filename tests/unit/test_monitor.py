@@ -19,12 +19,12 @@ import pytest_asyncio
 from servicer_fakes import hand_off, make_config
 from test_cache import FakeFactory, fake_pool, until
 
+from kata_vmcache.client.snapshot import MonitorClient, Snapshot
 from kata_vmcache.errors import NoMonitor, ServerGone, ServerUnavailable
-from kata_vmcache.factory.activity import CacheActivity
-from kata_vmcache.factory.cache import VMCache
-from kata_vmcache.monitor import MonitorServicer, add_to_server
-from kata_vmcache.snapshot import MonitorClient, Snapshot
-from kata_vmcache.vm import VMState
+from kata_vmcache.pool.activity import CacheActivity
+from kata_vmcache.pool.cache import VMCache
+from kata_vmcache.service.monitor import MonitorServicer, add_to_server
+from kata_vmcache.vm.owned import VMState
 
 
 @dataclass

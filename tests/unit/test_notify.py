@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from kata_vmcache.factory.activity import CacheStats
-from kata_vmcache.notify import Notifier, status_line
+from kata_vmcache.pool.activity import CacheStats
+from kata_vmcache.service.notify import Notifier, status_line
 
 
 class Listener:
@@ -151,7 +151,7 @@ def test_a_vanished_socket_is_warned_about_once(listener: Listener,
     n = Notifier(listener.path)
     listener.sock.close()
     Path(listener.path).unlink()
-    with caplog.at_level(logging.WARNING, logger="kata_vmcache.notify"):
+    with caplog.at_level(logging.WARNING, logger="kata_vmcache.service.notify"):
         n.status("a")
         n.status("b")
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == [

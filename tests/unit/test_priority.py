@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from test_cache import FakeFactory, pool_running, until
 
-from kata_vmcache import priority
-from kata_vmcache.factory.cache import VMCache
-from kata_vmcache.vm import VM
+from kata_vmcache.pool.cache import VMCache
+from kata_vmcache.vm import priority
+from kata_vmcache.vm.owned import VM
 
 needs_nice = pytest.mark.skipif(not priority.can_lower(),
                                 reason="needs CAP_SYS_NICE to leave SCHED_IDLE")

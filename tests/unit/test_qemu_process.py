@@ -17,10 +17,10 @@ import pytest
 import pytest_asyncio
 from qmp_peer import FakeQMP, child_argv, sigstop
 
-from kata_vmcache import qemu as qemu_module
 from kata_vmcache.errors import VMDead, VMStateError
-from kata_vmcache.machine import VMPaths
-from kata_vmcache.qemu import QemuProcess, RunState
+from kata_vmcache.vm import qemu as qemu_module
+from kata_vmcache.vm.machine import VMPaths
+from kata_vmcache.vm.qemu import QemuProcess, RunState
 
 pytestmark = pytest.mark.asyncio
 VM_ID = "cccccccccccc"

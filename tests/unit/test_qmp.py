@@ -16,7 +16,7 @@ import pytest
 from qmp_peer import FakeQMP, child_argv, sigstop
 
 from kata_vmcache.errors import VMDead
-from kata_vmcache.qmp import (
+from kata_vmcache.vm.qmp import (
     Pidfd,
     StatusChannel,
     ask_quit,

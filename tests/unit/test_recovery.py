@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from kata_vmcache.daemon import Recovery, recover
-from kata_vmcache.machine import VMPaths, qemu_name
-from kata_vmcache.vm import new_vm_id
+from kata_vmcache.service.daemon import Recovery, recover
+from kata_vmcache.vm.machine import VMPaths, qemu_name
+from kata_vmcache.vm.owned import new_vm_id
 
 Spawn = Callable[..., subprocess.Popen[bytes]]
 

@@ -12,13 +12,7 @@ import pytest
 
 from kata_vmcache import config as cfg
 from kata_vmcache.errors import VmcacheError
-from kata_vmcache.reload import (
-    KATA_CONFIG,
-    Outcome,
-    classified,
-    plan,
-    request_reload,
-)
+from kata_vmcache.service.reload import KATA_CONFIG, Outcome, classified, plan, request_reload
 
 BASE = """
 [hypervisor.qemu]

@@ -15,11 +15,11 @@ from google.protobuf import empty_pb2
 from servicer_fakes import Aborted, FakeContext, get_base_vm, servicer_for
 from test_cache import FakeFactory, fake_pool, until
 
-from kata_vmcache import server as servermod
-from kata_vmcache.factory.cache import VMCache
+from kata_vmcache.pool.cache import VMCache
 from kata_vmcache.proto import cache_pb2
+from kata_vmcache.service import server as servermod
 from kata_vmcache.shape import KEY as SHAPE_KEY
-from kata_vmcache.vm import VM, VMState
+from kata_vmcache.vm.owned import VM, VMState
 
 
 @pytest_asyncio.fixture

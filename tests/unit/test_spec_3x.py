@@ -180,8 +180,8 @@ def test_3x_agent_readiness_is_a_ttrpc_check_on_vsock(tmp_path: Path,
     """A 3.x guest with Kata's agent is asked over ttrpc on its vsock port 1024; a 1.x
     guest on vsock keeps the gRPC check."""
     from kata_vmcache.factory import direct
-    from kata_vmcache.probe import KataAgentProbe, KataTtrpcProbe
-    from kata_vmcache.ttrpc import VsockAddress
+    from kata_vmcache.vm.probe import KataAgentProbe, KataTtrpcProbe
+    from kata_vmcache.vm.ttrpc import VsockAddress
 
     monkeypatch.setattr(direct, "host_has_vsock", lambda: True)
     monkeypatch.setattr(kata, "_host_supports_vsock", lambda: True)

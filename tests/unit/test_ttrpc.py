@@ -1,4 +1,4 @@
-"""Kata 3.x's agent health check over ttrpc (kata_vmcache/ttrpc.py, probe.KataTtrpcProbe),
+"""Kata 3.x's agent health check over ttrpc (kata_vmcache/vm/ttrpc.py, probe.KataTtrpcProbe),
 against a stand-in agent: a ttrpc server written here from ttrpc's PROTOCOL.md, on a real
 Unix socket with real framing. The envelope's field numbers are pinned against ttrpc's
 request.proto, and one frame against bytes worked out by hand, so client and stand-in
@@ -20,9 +20,9 @@ import pytest_asyncio
 from google.protobuf.descriptor import FieldDescriptor as F
 
 from kata_vmcache.errors import TtrpcError, TtrpcProtocolError
-from kata_vmcache.probe import KataTtrpcProbe
 from kata_vmcache.proto import agent_health_pb2, ttrpc_pb2
-from kata_vmcache.ttrpc import TtrpcClient, VsockAddress
+from kata_vmcache.vm.probe import KataTtrpcProbe
+from kata_vmcache.vm.ttrpc import TtrpcClient, VsockAddress
 
 #: PROTOCOL.md: data length, stream id (big-endian uint32), type, flags (uint8).
 FRAME = struct.Struct(">IIBB")

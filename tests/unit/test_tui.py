@@ -22,9 +22,9 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Static
 
-from kata_vmcache.client import BaseVM
+from kata_vmcache.client.rpc import BaseVM
+from kata_vmcache.client.snapshot import Counters, Event, ServerConfig, Snapshot, VMInfo
 from kata_vmcache.errors import ServerUnavailable
-from kata_vmcache.snapshot import Counters, Event, ServerConfig, Snapshot, VMInfo
 from kata_vmcache.tui import format as fmt
 from kata_vmcache.tui.app import VMCacheApp
 from kata_vmcache.tui.backend import FixedBackend

@@ -20,8 +20,8 @@ from kata_vmcache import config as cfg
 from kata_vmcache import kata
 from kata_vmcache.factory import direct
 from kata_vmcache.factory.direct import check_shared_fs, spec_from_config
-from kata_vmcache.machine import TEMPLATING_REFUSED
-from kata_vmcache.virtiofsd import is_virtiofsd, receives_mounts, virtiofsd_argv
+from kata_vmcache.vm.machine import TEMPLATING_REFUSED
+from kata_vmcache.vm.virtiofsd import is_virtiofsd, receives_mounts, virtiofsd_argv
 
 QEMU_VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
 CHAR = "char-" + UUID.replace("-", "")[:16]

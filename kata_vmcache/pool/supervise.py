@@ -22,10 +22,10 @@ import contextlib
 import logging
 import os
 
-from .. import fds
 from ..errors import VmcacheError
-from ..vm import VM, VMState
-from .pool import Pool
+from ..service import fds
+from ..vm.owned import VM, VMState
+from .state import Pool
 
 log = logging.getLogger(__name__)
 

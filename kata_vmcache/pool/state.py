@@ -32,8 +32,8 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-from ..vm import VM, VMState
-from . import Factory
+from ..factory import Factory
+from ..vm.owned import VM, VMState
 from .activity import CacheActivity, CacheStats
 
 log = logging.getLogger(__name__)

@@ -53,16 +53,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from . import config as configmod
+from .. import config as configmod
+from ..config import Config
+from ..errors import ConfigError, VmcacheError
+from ..factory import Factory
+from ..pool.autoscale import Autoscaler
+from ..pool.cache import VMCache
+from ..procs import pid_alive
 from . import preflight
-from .autoscale import Autoscaler
-from .config import Config
-from .errors import ConfigError, VmcacheError
-from .factory import Factory
-from .factory.cache import VMCache
 from .logs import setup_logging
 from .notify import Notifier, status_line
-from .procs import pid_alive
 from .server import CacheServicer, apply_permissions
 
 log = logging.getLogger(__name__)

@@ -26,12 +26,12 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
-from . import __version__
-from .autoscale import Autoscaler
-from .config import Config
-from .factory.cache import VMCache
-from .proto import vmcache_pb2, vmcache_pb2_grpc
-from .vm import Unclaimed
+from .. import __version__
+from ..config import Config
+from ..pool.autoscale import Autoscaler
+from ..pool.cache import VMCache
+from ..proto import vmcache_pb2, vmcache_pb2_grpc
+from ..vm.owned import Unclaimed
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ import itertools
 import logging
 from pathlib import Path
 
+from ..procs import cmdline, pid_alive
 from .companion import Companion, stop_handed_out
 from .machine import VMPaths
 from .priority import Level
-from .procs import cmdline, pid_alive
 
 
 def is_kata_proxy(pid: int, vm_id: str) -> bool:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .proto import cache_pb2
+from ..proto import cache_pb2
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,8 @@ import logging
 import time
 
 from ..errors import CacheClosed, VmcacheError
-from ..vm import VM, VMState
-from .pool import Pool
+from ..vm.owned import VM, VMState
+from .state import Pool
 from .supervise import Supervisor, problem_now
 
 log = logging.getLogger(__name__)

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
-from .errors import (
+from ..errors import (
     GuestError,
     GuestTimeout,
     GuestUnresponsive,
@@ -63,14 +63,14 @@ from .errors import (
     VMDead,
     VMStateError,
 )
-from .guest_channel import SEED_BYTES, GuestChannel, GuestInfo
-from .proxy import stop_handed_out_proxy
-from .qemu import is_vm_qemu
-from .qmp import Pidfd, ask_quit, disconnect, open_session, stop_process
-from .virtiofsd import stop_handed_out_virtiofsd
+from ..vm.guest_channel import SEED_BYTES, GuestChannel, GuestInfo
+from ..vm.proxy import stop_handed_out_proxy
+from ..vm.qemu import is_vm_qemu
+from ..vm.qmp import Pidfd, ask_quit, disconnect, open_session, stop_process
+from ..vm.virtiofsd import stop_handed_out_virtiofsd
 
 if TYPE_CHECKING:
-    from .client import BaseVM
+    from .rpc import BaseVM
 
 log = logging.getLogger(__name__)
 

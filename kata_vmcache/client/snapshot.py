@@ -22,9 +22,9 @@ from typing import Any
 
 import grpc
 
-from .client import not_running, rpc_error
-from .errors import NoMonitor, ServerGone
-from .proto import vmcache_pb2, vmcache_pb2_grpc
+from ..errors import NoMonitor, ServerGone
+from ..proto import vmcache_pb2, vmcache_pb2_grpc
+from .rpc import not_running, rpc_error
 
 #: How long to wait for the first snapshot of a Watch.
 FIRST_SNAPSHOT_TIMEOUT = 10.0

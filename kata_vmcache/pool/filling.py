@@ -31,13 +31,13 @@ import contextlib
 import logging
 import time
 
-from .. import fds
 from ..errors import VmcacheError
-from ..priority import Level
-from ..vm import VM
+from ..service import fds
+from ..vm.owned import VM
+from ..vm.priority import Level
 from .activity import failure_class
 from .handout import HandOut
-from .pool import Pool
+from .state import Pool
 from .supervise import Supervisor
 
 log = logging.getLogger(__name__)

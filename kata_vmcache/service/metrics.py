@@ -38,12 +38,12 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
-from . import __version__
-from .autoscale import REASON_KINDS, Autoscaler
-from .config import Config, split_address
-from .errors import UsageError
-from .factory.activity import FAILURE_CLASSES, Histogram
-from .factory.cache import VMCache
+from .. import __version__
+from ..config import Config, split_address
+from ..errors import UsageError
+from ..pool.activity import FAILURE_CLASSES, Histogram
+from ..pool.autoscale import REASON_KINDS, Autoscaler
+from ..pool.cache import VMCache
 
 log = logging.getLogger(__name__)
 

@@ -56,15 +56,15 @@ from pathlib import Path
 import grpc
 from google.protobuf import empty_pb2
 
-from .config import Config
-from .errors import CacheClosed, EndpointInUse, EndpointUnusable, VmcacheError
-from .factory.cache import VMCache
-from .machine import VMSpec
+from ..config import Config
+from ..errors import CacheClosed, EndpointInUse, EndpointUnusable, VmcacheError
+from ..pool.cache import VMCache
+from ..proto import cache_pb2, cache_pb2_grpc
+from ..shape import VMShape
+from ..vm.machine import VMSpec
+from ..vm.owned import VM, VMState
 from .monitor import MonitorServicer
 from .monitor import add_to_server as add_monitor_to_server
-from .proto import cache_pb2, cache_pb2_grpc
-from .shape import VMShape
-from .vm import VM, VMState
 
 SERVICE_NAME = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
 

@@ -35,8 +35,8 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import DecodeError
 
-from .errors import TtrpcError, TtrpcProtocolError
-from .proto import ttrpc_pb2
+from ..errors import TtrpcError, TtrpcProtocolError
+from ..proto import ttrpc_pb2
 
 #: channel.go: length, stream id, type, flags.
 HEADER = struct.Struct(">IIBB")

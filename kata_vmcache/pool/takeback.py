@@ -20,9 +20,9 @@ import asyncio
 import logging
 
 from ..errors import VmcacheError, VMDead
-from ..vm import VM, VMState
+from ..vm.owned import VM, VMState
 from .handout import HandOut
-from .pool import Pool
+from .state import Pool
 
 log = logging.getLogger(__name__)
 

@@ -66,10 +66,10 @@ from types import TracebackType
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from .errors import LaunchError, VMDead, VMStateError
+from ..errors import LaunchError, VMDead, VMStateError
+from ..procs import cmdline, pid_alive
 from .machine import VMPaths, VMSpec, opt_value, qemu_name
 from .priority import Level, launching
-from .procs import cmdline, pid_alive
 from .qmp import (
     KILL_WAIT,
     Pidfd,

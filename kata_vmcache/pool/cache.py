@@ -40,13 +40,13 @@ from __future__ import annotations
 
 import asyncio
 
-from ..priority import Level
-from ..vm import VM
-from . import Factory
+from ..factory import Factory
+from ..vm.owned import VM
+from ..vm.priority import Level
 from .activity import CacheActivity, CacheStats
 from .filling import Filler
 from .handout import HandOut
-from .pool import Pool
+from .state import Pool
 from .supervise import Supervisor
 from .takeback import take_back
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from .errors import LaunchError
+from ..errors import LaunchError
 from .priority import Level, launching
 from .qmp import Pidfd, stop_process
 

@@ -47,15 +47,15 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2
 
-from . import kata
-from .config import Config
-from .errors import RemoteError, RequestError, ServerUnavailable, UsageError
-from .guest_channel import GuestInfo
+from .. import kata
+from ..config import Config
+from ..errors import RemoteError, RequestError, ServerUnavailable, UsageError
+from ..proto import cache_pb2_grpc
+from ..shape import KEY as VM_SHAPE_KEY
+from ..shape import VMShape
+from ..vm.guest_channel import GuestInfo
+from ..vm.handoff import HandOff
 from .handle import MEMORY_BLOCK_MIB, VMHandle
-from .handoff import HandOff
-from .proto import cache_pb2_grpc
-from .shape import KEY as VM_SHAPE_KEY
-from .shape import VMShape
 
 log = logging.getLogger(__name__)
 
@@ -338,8 +338,8 @@ async def boot_direct(config: Config, want: Sizing, *, reason: str = "",
                       wait_guest: bool = True,
                       guest_timeout: float = GUEST_TIMEOUT) -> VMHandle:
     """Boot one VM sized `want` with the daemon's own code, and own it as a cached one."""
-    from .factory.direct import DirectFactory, abandon
-    from .vm import VMState
+    from ..factory.direct import DirectFactory, abandon
+    from ..vm.owned import VMState
 
     h = dataclasses.replace(config.hypervisor, vcpus=want.cpus, memory_mib=want.memory_mib)
     factory = DirectFactory(dataclasses.replace(config, hypervisor=h))

@@ -24,8 +24,8 @@ import stat
 import subprocess
 from pathlib import Path
 
-from .config import Config, problem_in
-from .errors import ConfigError, ConfigProblem, QemuUnusable
+from ..config import Config, problem_in
+from ..errors import ConfigError, ConfigProblem, QemuUnusable
 
 #: How long QEMU may take to list its machines (it starts no VM for that).
 MACHINE_HELP_TIMEOUT = 10.0

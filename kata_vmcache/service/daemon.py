@@ -34,27 +34,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import Config
+from ..errors import EndpointInUse, UsageError
+from ..factory import Factory
+from ..factory.direct import DirectFactory
+from ..factory.template import TemplateFactory
+from ..pool.autoscale import Autoscaler
+from ..pool.cache import VMCache
+from ..procs import pids
+from ..vm.machine import VM_ID, VMPaths
+from ..vm.owned import Unclaimed, scan_records
+from ..vm.proxy import is_kata_proxy
+from ..vm.qemu import is_vm_qemu
+from ..vm.qmp import Pidfd, stop_process
+from ..vm.virtiofsd import is_virtiofsd
 from . import preflight
-from .autoscale import Autoscaler
-from .config import Config
-from .errors import EndpointInUse, UsageError
-from .factory import Factory
-from .factory.cache import VMCache
-from .factory.direct import DirectFactory
-from .factory.template import TemplateFactory
 from .fds import DescriptorWatch, raise_open_file_limit
-from .machine import VM_ID, VMPaths
 from .metrics import MetricsServer, registry_for
 from .monitor import MonitorServicer
 from .notify import Notifier, publish_status, status_line
-from .procs import pids
-from .proxy import is_kata_proxy
-from .qemu import is_vm_qemu
-from .qmp import Pidfd, stop_process
 from .reload import Reloader, remove_outcome
 from .server import CacheServicer, prepare_endpoint, remove_endpoint, start_server
-from .virtiofsd import is_virtiofsd
-from .vm import Unclaimed, scan_records
 
 log = logging.getLogger(__name__)
 

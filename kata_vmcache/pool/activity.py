@@ -17,7 +17,7 @@ import collections
 import time
 from dataclasses import dataclass, field
 
-from ..vm import VM
+from ..vm.owned import VM
 
 
 @dataclass

@@ -36,7 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-from .errors import GuestError, GuestTimeout
+from ..errors import GuestError, GuestTimeout
 
 READY_LINE = "KATA-VMCACHE-READY"
 MAX_SEED_BYTES = 512

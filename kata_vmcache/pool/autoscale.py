@@ -58,8 +58,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import AutoscaleSettings
-from .factory.cache import VMCache
+from ..config import AutoscaleSettings
+from .cache import VMCache
 
 log = logging.getLogger(__name__)
 

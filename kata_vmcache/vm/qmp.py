@@ -54,7 +54,7 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
-from .errors import VMDead
+from ..errors import VMDead
 
 __all__ = ["DISCONNECT_TIMEOUT", "KILL_WAIT", "QUIT_ANSWER_TIMEOUT", "Pidfd",
            "StatusChannel", "ask_quit", "disconnect", "kill_process", "open_session",

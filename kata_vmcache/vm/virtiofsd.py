@@ -43,10 +43,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from ..procs import cmdline, pid_alive
 from .companion import Companion, stop_handed_out
 from .machine import Generation, VMPaths
 from .priority import Level
-from .procs import cmdline, pid_alive
 
 #: virtiofsd.go valid(): the cache modes Kata 3.x passes on.
 CACHE_MODES_3X = ("auto", "always", "metadata", "never")

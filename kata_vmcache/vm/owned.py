@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import VMStateError
 from .companion import Companion
-from .errors import VMStateError
 from .handoff import HandOff
 from .machine import BRIDGE_CAPACITY, BRIDGE_START_ADDR, MemoryBackend, VMPaths, VMSpec
 from .priority import Level, promote
