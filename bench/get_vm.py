@@ -30,10 +30,11 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from kata_vmcache.client.rpc import CacheClient, get_vm
+from kata_vmcache.client.rpc import CacheClient
 from kata_vmcache.config import Config, load
 from kata_vmcache.demo_guest import build_demo_guest, render_config
 from kata_vmcache.factory.direct import spec_from_config
+from kata_vmcache.getvm import get_vm
 from kata_vmcache.vm.guest_channel import GuestChannel
 from kata_vmcache.vm.owned import new_vm_id, read_records
 from kata_vmcache.vm.qemu import QemuProcess, VMPaths

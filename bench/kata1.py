@@ -644,8 +644,8 @@ class CacheServer:
 
     def cached(self) -> list[int]:
         """The pids of the cached VMs, from the server's Status (the same RPC for both)."""
-        from kata_vmcache.client.rpc import SyncCacheClient
         from kata_vmcache.errors import VmcacheError
+        from kata_vmcache.sync import SyncCacheClient
 
         if not self.endpoint.exists():
             return []

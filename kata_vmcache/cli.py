@@ -236,7 +236,7 @@ def get_resumed(args: argparse.Namespace) -> int:
 
 async def _get_resumed(config: configmod.Config | None, endpoint: Path | None,
                        args: argparse.Namespace) -> int:
-    from .client.rpc import get_vm
+    from .getvm import get_vm
 
     vm = await get_vm(config, endpoint=endpoint, cpus=args.cpus, memory_mib=args.memory,
                       wait_guest=args.wait_guest, guest_timeout=args.guest_timeout,

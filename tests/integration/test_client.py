@@ -23,12 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from kata_vmcache.client.rpc import BaseVM, CacheClient, SyncCacheClient, get_vm
+from kata_vmcache.client.rpc import BaseVM, CacheClient
 from kata_vmcache.config import Config, load
 from kata_vmcache.demo_guest import DemoGuest, render_config
 from kata_vmcache.errors import VMDead
+from kata_vmcache.getvm import get_vm
 from kata_vmcache.procs import cmdline, pid_alive
 from kata_vmcache.shape import VMShape
+from kata_vmcache.sync import SyncCacheClient
 from kata_vmcache.vm.guest_channel import GuestChannel
 
 from .harness import Daemon, console_run, qmp, run_cli, wait_for
@@ -98,7 +100,7 @@ def test_request_that_does_not_fit_is_booted_directly(
     other.write_text(render_config(dataclasses.replace(demo_guest, kernel=kernel),
                                    endpoint=daemon.endpoint, state_dir=daemon.state_dir,
                                    cache_number=1, accelerator="tcg"))
-    caplog.set_level(logging.INFO, logger="kata_vmcache.client.rpc")
+    caplog.set_level(logging.INFO, logger="kata_vmcache.getvm")
     # Through the synchronous wrapper, as a script would.
     with SyncCacheClient(daemon.endpoint) as client, \
             client.get_vm(load(other)[0], wait_guest=True) as vm:

@@ -10,14 +10,8 @@ from typing import Any
 import pytest
 
 from kata_vmcache import kata
-from kata_vmcache.client.rpc import (
-    BaseVM,
-    Sizing,
-    base_vcpus,
-    config_differences,
-    describe_differences,
-    size_request,
-)
+from kata_vmcache.client.rpc import BaseVM, config_differences, describe_differences
+from kata_vmcache.client.sizing import Sizing, base_vcpus, size_request
 from kata_vmcache.config import parse
 from kata_vmcache.errors import RequestError, UsageError
 
