@@ -15,6 +15,7 @@ import pytest
 from kata_vmcache import config as cfg
 from kata_vmcache import kata
 from kata_vmcache.errors import ConfigError
+from kata_vmcache.kata import host
 
 DATA = Path(__file__).parent.parent / "data" / "config"
 BAD = sorted((DATA / "bad").glob("*.toml"))
@@ -84,8 +85,8 @@ def test_kata_defaults_when_keys_are_absent(tmp_path: Path, assets: dict[str, Pa
 def test_vcpus_clamped_like_kata(assets: dict[str, Path], version: kata.Generation,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # One CPU count for both fields and both the VM and the Config reply: the generation's.
-    monkeypatch.setattr(kata, "_go_num_cpu", lambda: 3)
-    monkeypatch.setattr(kata, "_host_cpus_3x", lambda: 3)
+    monkeypatch.setattr(host, "_go_num_cpu", lambda: 3)
+    monkeypatch.setattr(host, "_host_cpus_3x", lambda: 3)
     base = (f'[vmcache]\nkata_version = "{version}"\n[hypervisor.qemu]\n'
             f'path = "{assets["QEMU"]}"\nkernel = "{assets["KERNEL"]}"\n'
             f'initrd = "{assets["INITRD"]}"\n')
@@ -290,7 +291,7 @@ def test_kata_integers_fit_the_go_type_of_the_files_generation(
         cfg.parse(base + f"memory_offset = {2**33}\n" + kata_1x)
     # float32 in 3.x: any integer loads (and is clamped to the host's CPUs); int32 in 1.x.
     vcpus = cfg.parse(base + f"default_vcpus = {2**40}\n")[0].hypervisor.vcpus
-    assert vcpus == kata._host_cpus_3x()
+    assert vcpus == host._host_cpus_3x()
     with pytest.raises(ConfigError, match=r"default_vcpus: out of range .*int32 in Kata 1.x"):
         cfg.parse(base + f"default_vcpus = {2**40}\n" + kata_1x)
     # A key Kata 1.x does not have is its loader's to ignore.

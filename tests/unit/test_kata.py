@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from kata_vmcache import kata
+from kata_vmcache.kata import host
 
 HOST_CPUS = 8
 HOST_MEMORY_MIB = 16384
@@ -25,13 +26,13 @@ MAX_QEMU_VCPUS = 240
 
 @pytest.fixture(autouse=True)
 def pinned_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kata, "_go_num_cpu", lambda: HOST_CPUS)
-    monkeypatch.setattr(kata, "_host_cpus_3x", lambda: HOST_CPUS)
-    monkeypatch.setattr(kata, "_max_qemu_vcpus", lambda: MAX_QEMU_VCPUS)
-    monkeypatch.setattr(kata, "_max_qemu_vcpus_3x", lambda: MAX_QEMU_VCPUS)
-    monkeypatch.setattr(kata, "_is_arm64", lambda: False)
-    monkeypatch.setattr(kata, "_host_memory_mib", lambda: HOST_MEMORY_MIB)
-    monkeypatch.setattr(kata, "_host_supports_vsock", lambda: False)
+    monkeypatch.setattr(host, "_go_num_cpu", lambda: HOST_CPUS)
+    monkeypatch.setattr(host, "_host_cpus_3x", lambda: HOST_CPUS)
+    monkeypatch.setattr(host, "_max_qemu_vcpus", lambda: MAX_QEMU_VCPUS)
+    monkeypatch.setattr(host, "_max_qemu_vcpus_3x", lambda: MAX_QEMU_VCPUS)
+    monkeypatch.setattr(host, "_is_arm64", lambda: False)
+    monkeypatch.setattr(host, "_host_memory_mib", lambda: HOST_MEMORY_MIB)
+    monkeypatch.setattr(host, "_host_supports_vsock", lambda: False)
 
 
 @pytest.fixture
@@ -464,7 +465,7 @@ def test_3x_takes_a_fraction_of_a_vcpu_and_boots_it_rounded_up(assets: dict[str,
 
 def test_3x_counts_host_cpus_in_proc_cpuinfo_not_the_affinity_mask(
         assets: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kata, "_go_num_cpu", lambda: 2)  # a process pinned to two CPUs
+    monkeypatch.setattr(host, "_go_num_cpu", lambda: 2)  # a process pinned to two CPUs
     doc = minimal(assets, default_vcpus=-1)
     assert kata.hypervisor_config(doc, "1.x")["NumVCPUs"] == 2
     assert kata.hypervisor_config(doc, "3.x")["NumVCPUsF"] == float(HOST_CPUS)
@@ -484,8 +485,8 @@ def test_max_vcpus_follow_the_host(assets: dict[str, str], requested: int,
 
 def test_max_vcpus_never_exceed_what_qemu_supports(assets: dict[str, str],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kata, "_go_num_cpu", lambda: 512)
-    monkeypatch.setattr(kata, "_host_cpus_3x", lambda: 512)
+    monkeypatch.setattr(host, "_go_num_cpu", lambda: 512)
+    monkeypatch.setattr(host, "_host_cpus_3x", lambda: 512)
     assert kata.hypervisor_config(minimal(assets))["DefaultMaxVCPUs"] == MAX_QEMU_VCPUS
     three = kata.hypervisor_config(minimal(assets, default_vcpus=-1), "3.x")
     assert three["DefaultMaxVCPUs"] == MAX_QEMU_VCPUS
@@ -522,7 +523,7 @@ def test_clamps_and_overrides(assets: dict[str, str]) -> None:
 
 def test_3x_on_arm64_without_firmware_disables_nvdimm(assets: dict[str, str],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kata, "_is_arm64", lambda: True)
+    monkeypatch.setattr(host, "_is_arm64", lambda: True)
     assert kata.hypervisor_config(minimal(assets), "3.x")["DisableImageNvdimm"] is True
     with_pflash = minimal(assets, pflashes=[assets["rootfs.img"]])
     assert kata.hypervisor_config(with_pflash, "3.x")["DisableImageNvdimm"] is False
@@ -552,7 +553,7 @@ def test_vsock_needs_both_the_setting_and_the_host(assets: dict[str, str],
     assert kata.hypervisor_config(doc)["UseVSock"] is False
     assert kata.vm_config(doc)["ProxyType"] == "kataProxy"
 
-    monkeypatch.setattr(kata, "_host_supports_vsock", lambda: True)
+    monkeypatch.setattr(host, "_host_supports_vsock", lambda: True)
     doc["runtime"] = {"enable_debug": True}
     vc = kata.vm_config(doc)
     assert vc["HypervisorConfig"]["UseVSock"] is True

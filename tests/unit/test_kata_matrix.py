@@ -23,6 +23,7 @@ from kata_vmcache import config as cfg
 from kata_vmcache import kata
 from kata_vmcache.errors import ConfigError
 from kata_vmcache.factory.direct import spec_from_config
+from kata_vmcache.kata import host
 from kata_vmcache.service.server import config_reply
 from kata_vmcache.vm.qemu import VMPaths
 
@@ -33,10 +34,10 @@ HOST_MEMORY_MIB = 8192
 
 @pytest.fixture(autouse=True)
 def pinned_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kata, "_go_num_cpu", lambda: HOST_CPUS)
-    monkeypatch.setattr(kata, "_host_cpus_3x", lambda: HOST_CPUS)
-    monkeypatch.setattr(kata, "_host_memory_mib", lambda: HOST_MEMORY_MIB)
-    monkeypatch.setattr(kata, "_host_supports_vsock", lambda: False)
+    monkeypatch.setattr(host, "_go_num_cpu", lambda: HOST_CPUS)
+    monkeypatch.setattr(host, "_host_cpus_3x", lambda: HOST_CPUS)
+    monkeypatch.setattr(host, "_host_memory_mib", lambda: HOST_MEMORY_MIB)
+    monkeypatch.setattr(host, "_host_supports_vsock", lambda: False)
 
 
 @pytest.fixture

@@ -96,9 +96,9 @@ def host(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(direct, "running_nested", lambda: True)
     monkeypatch.setattr(direct, "host_has_vsock", lambda: False)
     monkeypatch.setattr(cfg, "host_memory_mib", lambda: 24105)
-    monkeypatch.setattr("kata_vmcache.kata._host_cpus_3x", lambda: 2)
-    monkeypatch.setattr("kata_vmcache.kata._go_num_cpu", lambda: 2)
-    monkeypatch.setattr("kata_vmcache.kata._host_supports_vsock", lambda: False)
+    monkeypatch.setattr("kata_vmcache.kata.host._host_cpus_3x", lambda: 2)
+    monkeypatch.setattr("kata_vmcache.kata.host._go_num_cpu", lambda: 2)
+    monkeypatch.setattr("kata_vmcache.kata.host._host_supports_vsock", lambda: False)
 
 
 def build(text: str, vm_id: str = "<id>") -> list[str]:
@@ -176,7 +176,7 @@ def test_the_agent_channel_follows_the_generation_and_the_host(
     assert "vhost-vsock" not in line
     assert "agent.use_vsock=false" in line
     monkeypatch.setattr(direct, "host_has_vsock", lambda: True)
-    monkeypatch.setattr("kata_vmcache.kata._host_supports_vsock", lambda: True)
+    monkeypatch.setattr("kata_vmcache.kata.host._host_supports_vsock", lambda: True)
     config, _ = cfg.parse(text)
     spec = direct.spec_from_config(config, "kvm")
     paths = VMPaths.for_vm("abc", vm_storage=Path("/run/vc/vm"), state_dir=Path("/s"))

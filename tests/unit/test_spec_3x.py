@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 
 from kata_vmcache import config as cfg
-from kata_vmcache import kata
 from kata_vmcache.errors import ConfigError
 from kata_vmcache.factory.direct import check_kata3, spec_from_config
+from kata_vmcache.kata import host
 
 HOST_MEMORY_MIB = 16384
 
 
 @pytest.fixture(autouse=True)
 def pinned_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kata, "_host_memory_mib", lambda: HOST_MEMORY_MIB)
+    monkeypatch.setattr(host, "_host_memory_mib", lambda: HOST_MEMORY_MIB)
 
 
 def write(tmp: Path, qemu: str = "", *, vmcache: str = "", factory: str = "",
@@ -184,7 +184,7 @@ def test_3x_agent_readiness_is_a_ttrpc_check_on_vsock(tmp_path: Path,
     from kata_vmcache.vm.ttrpc import VsockAddress
 
     monkeypatch.setattr(direct, "host_has_vsock", lambda: True)
-    monkeypatch.setattr(kata, "_host_supports_vsock", lambda: True)
+    monkeypatch.setattr(host, "_host_supports_vsock", lambda: True)
     factory = direct.DirectFactory(write(tmp_path, vmcache='guest_agent = "kata"\n'
                                                           'ready_probe = "kata-agent"'))
     assert factory.spec.agent_channel == "vsock"

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kata_vmcache.vm.machine import TEMPLATING_REFUSED
 from machine_cases import UUID, base, paths
 
 from kata_vmcache import config as cfg
-from kata_vmcache import kata
 from kata_vmcache.factory import direct
 from kata_vmcache.factory.direct import check_shared_fs, spec_from_config
-from kata_vmcache.vm.machine import TEMPLATING_REFUSED
+from kata_vmcache.kata import host
 from kata_vmcache.vm.virtiofsd import is_virtiofsd, receives_mounts, virtiofsd_argv
 
 QEMU_VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
@@ -113,7 +113,7 @@ def test_a_recorded_pid_must_export_that_share() -> None:
 
 @pytest.fixture(autouse=True)
 def pinned_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kata, "_host_memory_mib", lambda: 16384)
+    monkeypatch.setattr(host, "_host_memory_mib", lambda: 16384)
     monkeypatch.setattr(direct, "syslog_listens", lambda path="/dev/log": True)
     monkeypatch.setattr(direct, "receives_mounts", lambda path: (True, "/"))
 
