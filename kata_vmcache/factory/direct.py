@@ -263,7 +263,7 @@ def agent_channel(config: Config) -> Literal["serial", "vsock", ""]:
     port, as Kata 1.x falls back), 3.x always uses vsock. A guest without an agent gets
     the channel only where the host can provide it (config.py refuses the rest)."""
     if config.daemon.kata_version == "1.x":
-        return "vsock" if kata.hypervisor_config(config.document)["UseVSock"] else "serial"
+        return "vsock" if kata.hypervisor_config(config.document, "1.x")["UseVSock"] else "serial"
     return "vsock" if host_has_vsock() else ""
 
 
@@ -277,7 +277,7 @@ def proxy_path(config: Config) -> Path | None:
     if (config.daemon.kata_version != "1.x" or config.daemon.guest_agent != "kata"
             or agent_channel(config) != "serial"):
         return None
-    path = kata.vm_config(config.document)["ProxyConfig"]["Path"]
+    path = kata.vm_config(config.document, "1.x")["ProxyConfig"]["Path"]
     return Path(path or kata.DEFAULT_PROXY_PATH)
 
 
@@ -603,7 +603,7 @@ class DirectFactory:
         """Kata 1.x's setupProxy: once QEMU has created kata.sock, before the agent check."""
         if self.proxy is None:
             return
-        kata_proxy = kata.vm_config(self.config.document)["ProxyConfig"]
+        kata_proxy = kata.vm_config(self.config.document, "1.x")["ProxyConfig"]
         vm.proxy = KataProxy(self.proxy, vm.id, vm.paths, debug=bool(kata_proxy["Debug"]),
                              log=vm.log)
         vm.proxy.start(vm.priority)

@@ -1,9 +1,9 @@
 """The `Config` payload: the VMConfig JSON kata-runtime compares with its own, derived for
 one generation, and the other questions asked of a file per generation.
 
-This is `kata`'s face (re-exported by `kata/__init__.py`): each function is for one
-generation, because the two generations' payloads differ and a wrong guess makes Kata
-boot its own VM silently. It checks the generation and the
+This is `kata`'s face (re-exported by `kata/__init__.py`): every function takes the
+generation explicitly, with no default, because the two generations' payloads differ
+and a wrong guess makes Kata boot its own VM silently. It checks the generation and the
 hypervisor, then hands the table to `gen1` or `gen3`; each payload holds exactly the fields
 of its generation's structs.
 """
@@ -31,7 +31,7 @@ def _check(generation: str, hypervisor: str = HYPERVISOR_TYPE) -> None:
         raise ValueError(f"Kata's VM cache supports only qemu (got {hypervisor!r})")
 
 
-def hypervisor_config(doc: Mapping[str, Any], generation: Generation = "1.x",
+def hypervisor_config(doc: Mapping[str, Any], generation: Generation,
                       hypervisor: str = "qemu") -> dict[str, Any]:
     """Kata's HypervisorConfig JSON object derived from a parsed configuration.toml (the whole
     document, as tomllib returns it) the way `generation`'s loader derives it.
@@ -45,14 +45,14 @@ def hypervisor_config(doc: Mapping[str, Any], generation: Generation = "1.x",
     return gen1.hypervisor(h, gen1.agent_table(doc) or {})
 
 
-def agent_config(doc: Mapping[str, Any], generation: Generation = "1.x") -> dict[str, Any]:
+def agent_config(doc: Mapping[str, Any], generation: Generation) -> dict[str, Any]:
     """Kata's KataAgentConfig JSON object, as `generation`'s updateRuntimeConfigAgent
     derives it."""
     _check(generation)
     return gen3.agent_config(doc) if generation == "3.x" else gen1.agent_config(doc)
 
 
-def vm_config(doc: Mapping[str, Any], generation: Generation = "1.x") -> dict[str, Any]:
+def vm_config(doc: Mapping[str, Any], generation: Generation) -> dict[str, Any]:
     """The whole VMConfig JSON for GrpcVMConfig.Data, for `generation`.
 
     1.x: {"HypervisorType": "qemu", "HypervisorConfig": ..., "AgentType": "kata",

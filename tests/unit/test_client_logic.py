@@ -29,7 +29,7 @@ vm_cache_number = 1
 
 def vm_config(kernel: str = "/bin/true", vcpus: int = 1, memory: int = 256) -> dict[str, Any]:
     config, _ = parse(CONFIG.format(kernel=kernel, vcpus=vcpus, memory=memory))
-    return kata.vm_config(config.document)
+    return kata.vm_config(config.document, "1.x")
 
 
 def test_same_configuration_fits() -> None:

@@ -115,9 +115,9 @@ AGENT_KEYS_3X = [
 
 
 def test_key_set_is_complete(assets: dict[str, str]) -> None:
-    assert set(kata.hypervisor_config(minimal(assets))) == EXPECTED_KEYS
-    assert set(kata.agent_config({})) == AGENT_KEYS
-    assert set(kata.agent_config({"agent": {"kata": {}}})) == AGENT_KEYS
+    assert set(kata.hypervisor_config(minimal(assets), "1.x")) == EXPECTED_KEYS
+    assert set(kata.agent_config({}, "1.x")) == AGENT_KEYS
+    assert set(kata.agent_config({"agent": {"kata": {}}}, "1.x")) == AGENT_KEYS
     # 3.x: exactly its structs" exported fields, in their order (nothing of 1.x"s).
     assert list(kata.hypervisor_config(minimal(assets), "3.x")) == EXPECTED_KEYS_3X
     assert list(kata.agent_config({}, "3.x")) == AGENT_KEYS_3X
@@ -134,7 +134,7 @@ def test_keys_are_unique_for_go_case_insensitive_matching(assets: dict[str, str]
 
 
 def test_minimal_config_gets_every_kata_1x_default(assets: dict[str, str]) -> None:
-    assert kata.hypervisor_config(minimal(assets)) == {
+    assert kata.hypervisor_config(minimal(assets), "1.x") == {
         "NumVCPUs": 1,
         "DefaultMaxVCPUs": HOST_CPUS,  # 0 means "as many as the host has"
         "MemorySize": 2048,
@@ -330,11 +330,11 @@ def test_minimal_config_gets_every_kata_3x_default(assets: dict[str, str]) -> No
 
 def test_defaults_for_paths_kata_fills_in() -> None:
     # Neither path nor kernel set: Kata's compiled-in defaults (unresolved when missing).
-    hc = kata.hypervisor_config({"hypervisor": {"qemu": {}}})
+    hc = kata.hypervisor_config({"hypervisor": {"qemu": {}}}, "1.x")
     assert hc["HypervisorPath"] == "/usr/bin/qemu-lite-system-x86_64"
     assert hc["KernelPath"] == "/usr/share/kata-containers/vmlinuz.container"
     # Even with no [hypervisor.qemu] table at all the loader's defaults come out.
-    assert kata.hypervisor_config({})["MemSlots"] == 10
+    assert kata.hypervisor_config({}, "1.x")["MemSlots"] == 10
     # 3.x: qemu-system-x86_64 (config-settings.go.in defaultHypervisorPath).
     hc = kata.hypervisor_config({"hypervisor": {"qemu": {}}}, "3.x")
     assert hc["HypervisorPath"] == "/usr/bin/qemu-system-x86_64"
@@ -372,7 +372,7 @@ def test_explicit_values_are_carried_through(assets: dict[str, str]) -> None:
         kernel_params="a=b c d=e=f  quiet\tx=",
         enable_annotations=["enable_iommu"],
         hypervisor_loglevel=7,
-    ))
+    ), "1.x")
     assert hc["HypervisorMachineType"] == "q35"
     assert hc["NumVCPUs"] == 2
     assert hc["DefaultMaxVCPUs"] == 4
@@ -417,7 +417,7 @@ def test_kernel_params_order_defaults_scsi_agent_then_user(assets: dict[str, str
         "agent": {"kata": {"enable_debug": True, "enable_tracing": True,
                            "trace_mode": "static"}},
     }
-    assert kata.hypervisor_config(doc)["KernelParams"] == [
+    assert kata.hypervisor_config(doc, "1.x")["KernelParams"] == [
         {"Key": "systemd.unit", "Value": "kata-containers.target"},
         {"Key": "systemd.mask", "Value": "systemd-networkd.service"},
         {"Key": "systemd.mask", "Value": "systemd-networkd.socket"},
@@ -432,7 +432,7 @@ def test_kernel_params_order_defaults_scsi_agent_then_user(assets: dict[str, str
 def test_dynamic_tracing_adds_no_kernel_param(assets: dict[str, str]) -> None:
     doc = minimal(assets)
     doc["agent"] = {"kata": {"enable_tracing": True}}  # mode "" means dynamic
-    assert kata.hypervisor_config(doc)["KernelParams"] == [
+    assert kata.hypervisor_config(doc, "1.x")["KernelParams"] == [
         {"Key": "scsi_mod.scan", "Value": "none"}]
 
 
@@ -487,7 +487,7 @@ def test_max_vcpus_never_exceed_what_qemu_supports(assets: dict[str, str],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(host, "_go_num_cpu", lambda: 512)
     monkeypatch.setattr(host, "_host_cpus_3x", lambda: 512)
-    assert kata.hypervisor_config(minimal(assets))["DefaultMaxVCPUs"] == MAX_QEMU_VCPUS
+    assert kata.hypervisor_config(minimal(assets), "1.x")["DefaultMaxVCPUs"] == MAX_QEMU_VCPUS
     three = kata.hypervisor_config(minimal(assets, default_vcpus=-1), "3.x")
     assert three["DefaultMaxVCPUs"] == MAX_QEMU_VCPUS
     assert three["NumVCPUsF"] == float(MAX_QEMU_VCPUS)  # getCurrentCpuNum's cap
@@ -508,7 +508,7 @@ def test_memory_below_kata_minimum_falls_back_to_default(assets: dict[str, str],
 def test_clamps_and_overrides(assets: dict[str, str]) -> None:
     doc = minimal(assets, default_bridges=9, machine_type="microvm", pcie_switch_port=99,
                   pcie_root_port=99, default_maxmemory=10 ** 9, hypervisor_loglevel=7)
-    one = kata.hypervisor_config(doc)
+    one = kata.hypervisor_config(doc, "1.x")
     assert one["DefaultBridges"] == 5
     assert one["DisableImageNvdimm"] is True  # microvm has no NVDIMM
     assert one["PCIeRootPort"] == 99  # 1.x does not cap it
@@ -550,12 +550,12 @@ def test_vsock_needs_both_the_setting_and_the_host(assets: dict[str, str],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     doc = minimal(assets, use_vsock=True)
     doc["agent"] = {"kata": {}}
-    assert kata.hypervisor_config(doc)["UseVSock"] is False
-    assert kata.vm_config(doc)["ProxyType"] == "kataProxy"
+    assert kata.hypervisor_config(doc, "1.x")["UseVSock"] is False
+    assert kata.vm_config(doc, "1.x")["ProxyType"] == "kataProxy"
 
     monkeypatch.setattr(host, "_host_supports_vsock", lambda: True)
     doc["runtime"] = {"enable_debug": True}
-    vc = kata.vm_config(doc)
+    vc = kata.vm_config(doc, "1.x")
     assert vc["HypervisorConfig"]["UseVSock"] is True
     assert vc["AgentConfig"]["UseVSock"] is True
     assert vc["ProxyType"] == "noProxy"
@@ -565,14 +565,14 @@ def test_vsock_needs_both_the_setting_and_the_host(assets: dict[str, str],
 def test_proxy_table_sets_proxy_config(assets: dict[str, str]) -> None:
     doc = minimal(assets)
     doc["proxy"] = {"kata": {"path": assets["qemu"], "enable_debug": True}}
-    vc = kata.vm_config(doc)
+    vc = kata.vm_config(doc, "1.x")
     assert vc["ProxyType"] == "kataProxy"
     assert vc["ProxyConfig"] == {"Path": assets["qemu"], "Debug": True}
 
 
 def test_agent_config_without_agent_table_is_kata_zero_value() -> None:
     doc = {"hypervisor": {"qemu": {"use_vsock": True}}}
-    assert kata.agent_config(doc) == {
+    assert kata.agent_config(doc, "1.x") == {
         "LongLiveConn": False, "UseVSock": False, "Debug": False, "Trace": False,
         "ContainerPipeSize": 0, "TraceMode": "", "TraceType": "", "KernelModules": None,
     }
@@ -590,7 +590,7 @@ def test_agent_config_from_agent_kata() -> None:
         "debug_console_enabled": True, "dial_timeout": 45, "cdh_api_timeout": 30,
         "launch_process_timeout": 6,
     }}}
-    assert kata.agent_config(doc) == {
+    assert kata.agent_config(doc, "1.x") == {
         "LongLiveConn": False, "UseVSock": False, "Debug": True, "Trace": True,
         "ContainerPipeSize": 0, "TraceMode": "static", "TraceType": "collated",
         "KernelModules": ["e1000e InterruptThrottleRate=3000"],
@@ -636,26 +636,27 @@ def test_3x_kernel_params_keep_quoted_values_and_split_on_spaces_only(
         {"Key": "g", "Value": "h=i"},
     ]
     # 1.x: strings.Fields, quotes or not.
-    assert [p["Key"] for p in kata.hypervisor_config(doc)["KernelParams"]] == [
+    assert [p["Key"] for p in kata.hypervisor_config(doc, "1.x")["KernelParams"]] == [
         "a", "x", "d\"", "e", "f", "g"]
 
 
 def test_kernel_modules_absent_and_empty_differ() -> None:
     # Kata 1.x compares AgentConfig with reflect.DeepEqual: nil and [] are not equal there.
-    assert kata.agent_config({"agent": {"kata": {}}})["KernelModules"] is None
-    assert kata.agent_config({"agent": {"kata": {"kernel_modules": []}}})["KernelModules"] == []
+    assert kata.agent_config({"agent": {"kata": {}}}, "1.x")["KernelModules"] is None
+    assert kata.agent_config({"agent": {"kata": {"kernel_modules": []}}},
+                             "1.x")["KernelModules"] == []
 
 
 def test_vm_config_shape_and_json_round_trip(assets: dict[str, str]) -> None:
     doc = minimal(assets)
     doc["agent"] = {"kata": {"enable_debug": True}}
-    vc = kata.vm_config(doc)
+    vc = kata.vm_config(doc, "1.x")
     assert list(vc) == ["HypervisorType", "HypervisorConfig", "AgentType", "AgentConfig",
                         "ProxyType", "ProxyConfig"]
     assert vc["HypervisorType"] == "qemu"
     assert vc["AgentType"] == "kata"
-    assert vc["AgentConfig"] == kata.agent_config(doc)
-    assert vc["HypervisorConfig"] == kata.hypervisor_config(doc)
+    assert vc["AgentConfig"] == kata.agent_config(doc, "1.x")
+    assert vc["HypervisorConfig"] == kata.hypervisor_config(doc, "1.x")
     assert vc["ProxyConfig"] == {"Path": "", "Debug": False}
     wire = json.dumps(vc, separators=(",", ":"))
     assert json.loads(wire) == vc
@@ -684,7 +685,7 @@ def test_the_five_differences_kata_3x_found(assets: dict[str, str]) -> None:
 
 def test_only_qemu_and_known_generations() -> None:
     with pytest.raises(ValueError, match="qemu"):
-        kata.hypervisor_config({}, hypervisor="firecracker")
+        kata.hypervisor_config({}, "1.x", hypervisor="firecracker")
     with pytest.raises(ValueError, match="generation"):
         kata.vm_config({}, "2.x")  # type: ignore[arg-type]
 
