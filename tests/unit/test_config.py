@@ -235,7 +235,7 @@ def test_shipped_configuration_is_valid(tmp_path: Path, assets: dict[str, Path])
 
 def test_lookup_order_without_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     first, second = tmp_path / "etc.toml", tmp_path / "share.toml"
-    monkeypatch.setattr(cfg, "DEFAULT_CONFIG_PATHS", (first, second))
+    monkeypatch.setattr("kata_vmcache.config.loader.DEFAULT_CONFIG_PATHS", (first, second))
     with pytest.raises(ConfigError, match="no configuration file found"):
         cfg.find_config(None)
     second.write_text("")
@@ -338,7 +338,7 @@ def test_runtime_class_file_in_katas_lookup_order(tmp_path: Path,
     etc, usr = tmp_path / "etc", tmp_path / "usr"
     etc.mkdir()
     usr.mkdir()
-    monkeypatch.setattr(cfg, "DEFAULT_CONFIG_PATHS",
+    monkeypatch.setattr("kata_vmcache.config.loader.DEFAULT_CONFIG_PATHS",
                         (etc / "configuration.toml", usr / "configuration.toml"))
     with pytest.raises(ConfigError, match="no configuration file for runtime class 'qemu'"):
         cfg.find_class_config("qemu")

@@ -95,7 +95,7 @@ def host(monkeypatch: pytest.MonkeyPatch) -> None:
     """The reference host: a 2-CPU VM (nested) with 24105 MiB, no vsock."""
     monkeypatch.setattr(direct, "running_nested", lambda: True)
     monkeypatch.setattr(direct, "host_has_vsock", lambda: False)
-    monkeypatch.setattr(cfg, "host_memory_mib", lambda: 24105)
+    monkeypatch.setattr("kata_vmcache.config.model.host_memory_mib", lambda: 24105)
     monkeypatch.setattr("kata_vmcache.kata.host._host_cpus_3x", lambda: 2)
     monkeypatch.setattr("kata_vmcache.kata.host._go_num_cpu", lambda: 2)
     monkeypatch.setattr("kata_vmcache.kata.host._host_supports_vsock", lambda: False)
