@@ -31,8 +31,8 @@ import contextlib
 import logging
 import time
 
+from .. import fds
 from ..errors import VmcacheError
-from ..service import fds
 from ..vm.owned import VM
 from ..vm.priority import Level
 from .activity import failure_class

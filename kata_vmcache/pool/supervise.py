@@ -22,8 +22,8 @@ import contextlib
 import logging
 import os
 
+from .. import fds
 from ..errors import VmcacheError
-from ..service import fds
 from ..vm.owned import VM, VMState
 from .state import Pool
 

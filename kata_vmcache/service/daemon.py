@@ -39,17 +39,17 @@ from ..errors import EndpointInUse, UsageError
 from ..factory import Factory
 from ..factory.direct import DirectFactory
 from ..factory.template import TemplateFactory
+from ..fds import DescriptorWatch, raise_open_file_limit
 from ..pool.autoscale import Autoscaler
 from ..pool.cache import VMCache
 from ..procs import pids
-from ..vm.machine import VM_ID, VMPaths
-from ..vm.owned import Unclaimed, scan_records
+from ..vm.paths import VM_ID, VMPaths
 from ..vm.proxy import is_kata_proxy
 from ..vm.qemu import is_vm_qemu
 from ..vm.qmp import Pidfd, stop_process
+from ..vm.records import Unclaimed, scan_records
 from ..vm.virtiofsd import is_virtiofsd
 from . import preflight
-from .fds import DescriptorWatch, raise_open_file_limit
 from .metrics import MetricsServer, registry_for
 from .monitor import MonitorServicer
 from .notify import Notifier, publish_status, status_line
