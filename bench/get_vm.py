@@ -37,7 +37,8 @@ from kata_vmcache.factory.direct import spec_from_config
 from kata_vmcache.getvm import get_vm
 from kata_vmcache.vm.guest_channel import GuestChannel
 from kata_vmcache.vm.owned import new_vm_id, read_records
-from kata_vmcache.vm.qemu import QemuProcess, VMPaths
+from kata_vmcache.vm.paths import VMPaths
+from kata_vmcache.vm.qemu import QemuProcess
 
 
 async def cache_full(config: Config, timeout: float = 120) -> None:

@@ -504,9 +504,10 @@ async def probe_accelerator(guest: DemoGuest, timeout: float = KVM_PROBE_SECONDS
     """"kvm" if the demo guest comes up under KVM within `timeout`, else "tcg"."""
     from .factory.direct import kvm_usable
     from .vm.guest_channel import READY_LINE
-    from .vm.machine import VMPaths, VMSpec
+    from .vm.paths import VMPaths
     from .vm.probe import SerialLineProbe
     from .vm.qemu import QemuProcess
+    from .vm.spec import VMSpec
 
     if not kvm_usable():
         return "tcg"

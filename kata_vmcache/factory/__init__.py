@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from ..vm.machine import Accelerator, VMSpec
 from ..vm.owned import VM
+from ..vm.spec import Accelerator, VMSpec
 
 
 class Factory(Protocol):

@@ -28,21 +28,18 @@ from typing import Any, Literal
 from .. import kata
 from ..config import Config
 from ..errors import ConfigError, ConfigProblem, GuestNotReady, LaunchError
-from ..vm.machine import (
+from ..vm.devices import (
     AGENT_CHANNEL_NAME,
     AGENT_VSOCK_PORT,
-    MACHINES_3X,
-    MAX_PCIE_PORTS_3X,
     TEMPLATING_REFUSED,
-    Accelerator,
-    VMSpec,
-    kernel_root_params_3x,
     running_nested,
-    sandbox_storage,
 )
+from ..vm.line3 import MACHINES_3X, MAX_PCIE_PORTS_3X, kernel_root_params_3x
 from ..vm.owned import VM, VMState
+from ..vm.paths import sandbox_storage
 from ..vm.probe import KataAgentProbe, KataTtrpcProbe, ReadinessProbe, SerialLineProbe
 from ..vm.proxy import KataProxy
+from ..vm.spec import Accelerator, VMSpec
 from ..vm.ttrpc import VsockAddress
 from ..vm.virtiofsd import ARGUMENTS as VIRTIOFSD_ARGUMENTS
 from ..vm.virtiofsd import (

@@ -46,10 +46,11 @@ from typing import Any
 
 from ..config import Config
 from ..errors import GuestNotReady, TemplateError
+from ..vm.devices import AGENT_PORT_ID
 from ..vm.guest_channel import SEED_BYTES, GuestChannel
-from ..vm.machine import AGENT_PORT_ID, Accelerator, VMSpec
 from ..vm.owned import VM, VMState
 from ..vm.priority import Level
+from ..vm.spec import Accelerator, VMSpec
 from .direct import DirectFactory, abandon, booted
 
 log = logging.getLogger(__name__)

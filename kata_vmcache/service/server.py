@@ -61,8 +61,8 @@ from ..errors import CacheClosed, EndpointInUse, EndpointUnusable, VmcacheError
 from ..pool.cache import VMCache
 from ..proto import cache_pb2, cache_pb2_grpc
 from ..shape import VMShape
-from ..vm.machine import VMSpec
 from ..vm.owned import VM, VMState
+from ..vm.spec import VMSpec
 from .monitor import MonitorServicer
 from .monitor import add_to_server as add_monitor_to_server
 

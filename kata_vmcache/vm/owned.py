@@ -38,10 +38,12 @@ from typing import Any
 
 from ..errors import VMStateError
 from .companion import Companion
+from .devices import BRIDGE_CAPACITY, BRIDGE_START_ADDR
 from .handoff import HandOff
-from .machine import BRIDGE_CAPACITY, BRIDGE_START_ADDR, MemoryBackend, VMPaths, VMSpec
+from .paths import VMPaths
 from .priority import Level, promote
 from .qemu import QemuProcess
+from .spec import MemoryBackend, VMSpec
 
 
 class VMState(enum.Enum):

@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 from ..errors import TtrpcError, TtrpcProtocolError
 from ..proto import agent_health_pb2, agent_health_pb2_grpc
 from .guest_channel import GuestChannel
-from .machine import VMPaths
+from .paths import VMPaths
 from .ttrpc import Address, TtrpcClient
 
 #: Kata 3.x over ttrpc: one health check's deadline; the probe asks again until the

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..procs import cmdline, pid_alive
 from .companion import Companion, stop_handed_out
-from .machine import VMPaths
+from .paths import VMPaths
 from .priority import Level
 
 

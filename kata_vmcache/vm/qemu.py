@@ -68,7 +68,7 @@ from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from ..errors import LaunchError, VMDead, VMStateError
 from ..procs import cmdline, pid_alive
-from .machine import VMPaths, VMSpec, opt_value, qemu_name
+from .paths import VMPaths, qemu_name
 from .priority import Level, launching
 from .qmp import (
     KILL_WAIT,
@@ -82,8 +82,7 @@ from .qmp import (
     stop_process,
 )
 
-__all__ = ["QemuProcess", "RunState", "VMPaths", "VMSpec", "is_vm_qemu", "opt_value",
-           "qemu_name"]
+__all__ = ["QemuProcess", "RunState", "is_vm_qemu"]
 
 LOG_TAIL_BYTES = 4096
 #: Opening the status channel of a VM that just booted: its QMP was answering a moment ago.

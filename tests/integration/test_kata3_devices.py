@@ -16,7 +16,7 @@ import pytest
 from kata_vmcache import config as cfg
 from kata_vmcache.factory.direct import spec_from_config
 from kata_vmcache.procs import cmdline
-from kata_vmcache.vm.machine import VMPaths
+from kata_vmcache.vm.paths import VMPaths
 
 from .harness import Daemon, qmp
 

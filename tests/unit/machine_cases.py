@@ -12,7 +12,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from kata_vmcache.vm.machine import VMPaths, VMSpec
+from kata_vmcache.vm.paths import VMPaths
+from kata_vmcache.vm.spec import VMSpec
 
 VM_ID = "0123456789ab"
 UUID = "4d0f6a3e-8f5b-4c1e-9d1a-2b3c4d5e6f70"

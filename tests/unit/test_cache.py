@@ -19,7 +19,7 @@ from kata_vmcache.errors import CacheClosed, LaunchError
 from kata_vmcache.pool import filling
 from kata_vmcache.pool.cache import VMCache
 from kata_vmcache.vm.owned import VM, VMState
-from kata_vmcache.vm.qemu import VMSpec
+from kata_vmcache.vm.spec import VMSpec
 
 SPEC = VMSpec(qemu=Path("/bin/true"), kernel=Path("/k"), initrd=Path("/i"), image=None,
               machine_type="q35", kernel_params=(), vcpus=1, max_vcpus=2, memory_mib=256,

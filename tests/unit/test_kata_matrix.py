@@ -25,7 +25,7 @@ from kata_vmcache.errors import ConfigError
 from kata_vmcache.factory.direct import spec_from_config
 from kata_vmcache.kata import host
 from kata_vmcache.service.server import config_reply
-from kata_vmcache.vm.qemu import VMPaths
+from kata_vmcache.vm.paths import VMPaths
 
 MATRIX = sorted((Path(__file__).parent.parent / "data" / "kata-matrix").glob("*.toml"))
 HOST_CPUS = 4

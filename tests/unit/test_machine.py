@@ -15,7 +15,8 @@ import pytest
 
 from kata_vmcache import config as cfg
 from kata_vmcache.factory import direct
-from kata_vmcache.vm.machine import VMPaths, argv_lines, running_nested
+from kata_vmcache.vm.devices import argv_lines, running_nested
+from kata_vmcache.vm.paths import VMPaths
 
 REFERENCE = """
 -name sandbox-<id> -uuid <uuid> -machine q35,accel=kvm,kernel_irqchip -cpu host,

@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 
 from kata_vmcache.proto import agent_health_pb2, agent_health_pb2_grpc
-from kata_vmcache.vm.machine import VMPaths
+from kata_vmcache.vm.paths import VMPaths
 from kata_vmcache.vm.probe import KataAgentProbe
 
 Status = agent_health_pb2.HealthCheckResponse

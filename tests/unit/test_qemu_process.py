@@ -19,7 +19,7 @@ from qmp_peer import FakeQMP, child_argv, sigstop
 
 from kata_vmcache.errors import VMDead, VMStateError
 from kata_vmcache.vm import qemu as qemu_module
-from kata_vmcache.vm.machine import VMPaths
+from kata_vmcache.vm.paths import VMPaths
 from kata_vmcache.vm.qemu import QemuProcess, RunState
 
 pytestmark = pytest.mark.asyncio

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from kata_vmcache.service.daemon import Recovery, recover
-from kata_vmcache.vm.machine import VMPaths, qemu_name
 from kata_vmcache.vm.owned import new_vm_id
+from kata_vmcache.vm.paths import VMPaths, qemu_name
 
 Spawn = Callable[..., subprocess.Popen[bytes]]
 

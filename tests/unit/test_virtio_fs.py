@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kata_vmcache.vm.machine import TEMPLATING_REFUSED
 from machine_cases import UUID, base, paths
 
 from kata_vmcache import config as cfg
 from kata_vmcache.factory import direct
 from kata_vmcache.factory.direct import check_shared_fs, spec_from_config
 from kata_vmcache.kata import host
+from kata_vmcache.vm.devices import TEMPLATING_REFUSED
 from kata_vmcache.vm.virtiofsd import is_virtiofsd, receives_mounts, virtiofsd_argv
 
 QEMU_VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")

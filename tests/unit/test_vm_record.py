@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kata_vmcache.vm.owned import VM, VMState
-from kata_vmcache.vm.qemu import VMSpec
+from kata_vmcache.vm.spec import VMSpec
 
 SPEC = VMSpec(qemu=Path("/bin/true"), kernel=Path("/k"), initrd=Path("/i"), image=None,
               machine_type="q35", kernel_params=(), vcpus=1, max_vcpus=2, memory_mib=256,
