@@ -36,9 +36,10 @@ from kata_vmcache.demo_guest import build_demo_guest, render_config
 from kata_vmcache.factory.direct import spec_from_config
 from kata_vmcache.getvm import get_vm
 from kata_vmcache.vm.guest_channel import GuestChannel
-from kata_vmcache.vm.owned import new_vm_id, read_records
+from kata_vmcache.vm.owned import new_vm_id
 from kata_vmcache.vm.paths import VMPaths
 from kata_vmcache.vm.qemu import QemuProcess
+from kata_vmcache.vm.records import read_records
 
 
 async def cache_full(config: Config, timeout: float = 120) -> None:

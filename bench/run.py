@@ -180,7 +180,7 @@ class Bench:
         self.release_taken()
 
     def ready(self) -> list[dict[str, Any]]:
-        from kata_vmcache.vm.owned import read_records
+        from kata_vmcache.vm.records import read_records
 
         return [r for _, r in read_records(self.state) if r.get("state") == "ready"]
 

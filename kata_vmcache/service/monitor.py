@@ -31,7 +31,7 @@ from ..config import Config
 from ..pool.autoscale import Autoscaler
 from ..pool.cache import VMCache
 from ..proto import vmcache_pb2, vmcache_pb2_grpc
-from ..vm.owned import Unclaimed
+from ..vm.records import Unclaimed
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kata_vmcache.procs import pid_alive
-from kata_vmcache.vm.owned import read_records
+from kata_vmcache.vm.records import read_records
 
 CLI = [sys.executable, "-m", "kata_vmcache"]
 #: Runs a command with RLIMIT_NOFILE set to (argv[1], argv[2]), as a shell with that
