@@ -61,8 +61,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+#: The packages that only say which layer a module is in: a log line names the module
+#: (`reload:`, `filling:`, `direct.<vm id>:`), as it did before the tree had layers.
+_LAYERS = ("service.", "pool.", "vm.", "factory.", "client.", "config.", "kata.")
+
+
 def _short_name(name: str) -> str:
-    return name.removeprefix("kata_vmcache.")
+    name = name.removeprefix("kata_vmcache.")
+    for layer in _LAYERS:
+        if name.startswith(layer):
+            return name.removeprefix(layer)
+    return name
 
 
 class TextFormatter(logging.Formatter):
