@@ -10,8 +10,8 @@ from the file the way Kata's loader resolves it (factory/direct.py `spec_from_co
 `VMSpec.argv()` has the line of the spec's generation write them in the syntax the
 installed QEMU accepts:
 
-    spec.argv(vm_id, uuid, paths)           # Kata1Line(spec).argv(...) for "1.x"
-    spec.kernel_command_line()              # Kata3Line(spec).kernel_command_line() for "3.x"
+    spec.argv(vm_id, uuid, paths)     # Kata1Line(spec).argv(...) when generation is "1.x",
+                                      # Kata3Line(spec).argv(...) when it is "3.x"
 
 Two VMs with equal specs are interchangeable: that is what the pool matches a request's
 configuration against. Where the names both lines use live: devices.py; where a VM's
@@ -30,7 +30,7 @@ from .line3 import Kata3Line
 from .paths import VMPaths
 
 Generation = Literal["1.x", "3.x"]
-#: The accelerator a VM runs with, resolved ("auto" is config.py's, before probing).
+#: The accelerator a VM runs with, resolved (config's AcceleratorSetting may say "auto").
 Accelerator = Literal["kvm", "tcg"]
 #: Kata's templating: plain RAM, the template's shared file, or a clone's private map of it.
 MemoryBackend = Literal["ram", "template", "clone"]
