@@ -136,7 +136,7 @@ def endpoint_of(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from .factory.direct import check_host, describe_vm
-    from .service.preflight import require
+    from .factory.host import require
 
     command: str = args.command
     if args.runtime_class is not None:

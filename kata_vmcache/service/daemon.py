@@ -37,6 +37,7 @@ from typing import Any
 from ..config import Config
 from ..errors import EndpointInUse, UsageError
 from ..factory import Factory
+from ..factory import host as preflight
 from ..factory.direct import DirectFactory
 from ..factory.template import TemplateFactory
 from ..fds import DescriptorWatch, raise_open_file_limit
@@ -49,7 +50,6 @@ from ..vm.qemu import is_vm_qemu
 from ..vm.qmp import Pidfd, stop_process
 from ..vm.records import Unclaimed, scan_records
 from ..vm.virtiofsd import is_virtiofsd
-from . import preflight
 from .metrics import MetricsServer, registry_for
 from .monitor import MonitorServicer
 from .notify import Notifier, publish_status, status_line

@@ -57,10 +57,10 @@ from .. import config as configmod
 from ..config import Config
 from ..errors import ConfigError, VmcacheError
 from ..factory import Factory
+from ..factory import host as preflight
 from ..pool.autoscale import Autoscaler
 from ..pool.cache import VMCache
 from ..procs import pid_alive
-from . import preflight
 from .logs import setup_logging
 from .notify import Notifier, status_line
 from .server import CacheServicer, apply_permissions
