@@ -232,7 +232,7 @@ class Syslog:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Syslog:
-        from kata_vmcache.factory.direct import syslog_listens
+        from kata_vmcache.factory.host import syslog_listens
         if not syslog_listens():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink("/dev/log")  # a stale socket file: nobody listens on it

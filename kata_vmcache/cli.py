@@ -135,8 +135,8 @@ def endpoint_of(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .factory.direct import check_host, describe_vm
     from .factory.host import require
+    from .factory.spec import describe_vm
 
     command: str = args.command
     if args.runtime_class is not None:
@@ -148,15 +148,13 @@ def run(args: argparse.Namespace) -> int:
 
         config = load_config(args)
         setup_logging(debug=args.debug, json_lines=config.daemon.log_format == "json")
-        require(config)  # what the file alone cannot tell, before what this host lacks
-        for w in check_host(config):
+        for w in require(config):  # what the file alone cannot tell, on this host
             logging.getLogger(PROG).warning("%s", w)
         asyncio.run(serve(config))
         return 0
     if command == "check-config":
         config = load_config(args)
-        require(config)  # what the file alone cannot tell (machine type, state_dir)
-        for w in check_host(config):
+        for w in require(config):  # what the file alone cannot tell, on this host
             logging.getLogger(PROG).warning("%s", w)
         rows = [*configmod.describe(config), *describe_vm(config)]
         width = max(len(k) for k, _ in rows)

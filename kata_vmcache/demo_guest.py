@@ -502,7 +502,7 @@ def build_demo(dest: Path, *, cache_number: int = 2) -> DemoBuild:
 
 async def probe_accelerator(guest: DemoGuest, timeout: float = KVM_PROBE_SECONDS) -> str:
     """"kvm" if the demo guest comes up under KVM within `timeout`, else "tcg"."""
-    from .factory.direct import kvm_usable
+    from .factory.host import kvm_usable
     from .vm.guest_channel import READY_LINE
     from .vm.paths import VMPaths
     from .vm.probe import SerialLineProbe

@@ -189,7 +189,7 @@ def pytest_configure(config: pytest.Config) -> None:
     import socket
     import threading
 
-    from kata_vmcache.factory.direct import syslog_listens
+    from kata_vmcache.factory.host import syslog_listens
     if hasattr(config, "workerinput") or syslog_listens():
         return
     with contextlib.suppress(FileNotFoundError):

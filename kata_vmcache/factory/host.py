@@ -20,12 +20,34 @@ import difflib
 import functools
 import os
 import pwd
+import socket
 import stat
 import subprocess
 from pathlib import Path
+from typing import Literal
 
+from .. import kata
 from ..config import Config, problem_in
 from ..errors import ConfigError, ConfigProblem, QemuUnusable
+from ..vm.devices import TEMPLATING_REFUSED
+from ..vm.virtiofsd import ARGUMENTS as VIRTIOFSD_ARGUMENTS
+from ..vm.virtiofsd import (
+    CACHE_MODES_3X,
+    capabilities,
+    chroot_sandbox,
+    help_text,
+    receives_mounts,
+)
+from .spec import (
+    FALLBACK_FILE_BACKED_MEM,
+    VHOST_VSOCK,
+    VIRTIO_FS,
+    _qemu_table,
+    check_kata3,
+    file_backed_memory,
+    host_has_vsock,
+    proxy_path,
+)
 
 #: How long QEMU may take to list its machines (it starts no VM for that).
 MACHINE_HELP_TIMEOUT = 10.0
@@ -53,11 +75,15 @@ def check(config: Config) -> list[ConfigProblem]:
     return problems
 
 
-def require(config: Config) -> None:
-    """Raise ConfigError with every problem `check()` finds."""
+def require(config: Config) -> list[ConfigProblem]:
+    """Everything this host must have for `config`, as check-config, the start and every
+    reload check it: ConfigError naming each missing piece (what the file alone cannot
+    tell first: QEMU's machine types, the state directory; then what the VM needs: its
+    agent channel, kata-proxy, virtiofsd, ...), else the warnings."""
     problems = check(config)
     if problems:
         raise ConfigError(problems)
+    return check_host(config)
 
 
 # --- QEMU's machine types ------------------------------------------------------------------
@@ -180,3 +206,170 @@ def claim_state_dir(config: Config) -> None:
         problems = [f"cannot use {path}: {exc.strerror}"]
     if problems:
         raise ConfigError([problem_in(config, "vmcache.state_dir", p) for p in problems])
+
+
+def kvm_usable() -> bool:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def resolve_accelerator(setting: str) -> Literal["kvm", "tcg"]:
+    if setting == "kvm":
+        return "kvm"
+    if setting == "tcg":
+        return "tcg"
+    return "kvm" if kvm_usable() else "tcg"
+
+
+def check_host(config: Config) -> list[ConfigProblem]:
+    """What this host must have for the configured Kata VM, checked before anything boots
+    (`init` and `check-config`): raises ConfigError naming each missing piece, returns
+    warnings. Not part of config.load(): a file is valid or not on any host."""
+    problems: list[ConfigProblem] = []
+    warnings: list[ConfigProblem] = []
+    d = config.daemon
+    source = config.source
+    problems += check_shared_fs(config)
+    # A guest without an agent needs no vsock: that its VMs get none is no warning (it
+    # asks nothing of its reader); check-config's kata.agent_channel line says so.
+    if d.kata_version == "3.x" and not host_has_vsock() and d.guest_agent == "kata":
+        problems.append(ConfigProblem(
+            "vmcache.guest_agent", f"Kata 3.x reaches its agent over vsock, and this host "
+            f"has no {VHOST_VSOCK} (load the vhost_vsock module; got guest_agent = "
+            '"kata")', source))
+    if d.kata_version == "3.x":
+        # Once per key: shared_fs or a virtio-fs key may be named above already.
+        named = {p.key for p in problems}
+        problems += [p for p in check_kata3(config) if p.key not in named]
+    proxy = proxy_path(config)
+    if proxy is not None and not (proxy.is_file() and os.access(proxy, os.X_OK)):
+        problems.append(ConfigProblem(
+            "proxy.kata.path", f"no kata-proxy at {str(proxy)!r}: Kata 1.x with use_vsock = "
+            "false reaches the agent only through a kata-proxy per VM (install Kata 1.x's "
+            'kata-proxy, or set [vmcache] guest_agent = "none" for a guest without an agent)',
+            source))
+    elif proxy is not None and not syslog_listens():
+        warnings.append(ConfigProblem(
+            "proxy.kata.path", "nothing listens on /dev/log: Kata 1.x's kata-proxy logs to "
+            "syslog and exits at once without it, so no VM can boot until a syslog (journald) "
+            "listens there", source))
+    if problems:
+        raise ConfigError(problems)
+    return warnings
+
+
+def check_shared_fs(config: Config) -> list[ConfigProblem]:
+    """What sharing files with the guest needs of the file and of this host: templating
+    refused with shared memory (as Kata refuses it), and for virtio-fs a virtiofsd that
+    takes the generation's arguments, shared guest RAM, and a QEMU with the DAX window a
+    cache size asks for."""
+    generation = config.daemon.kata_version
+    hv = kata.hypervisor_config(config.document, generation)
+    problems: list[ConfigProblem] = []
+
+    def problem(key: str, message: str) -> None:
+        problems.append(ConfigProblem(key, message, config.source))
+
+    shared_fs = hv["SharedFS"]
+    virtio_fs = shared_fs == VIRTIO_FS
+    if config.factory.enable_template and (virtio_fs or hv["FileBackedMemRootDir"]):
+        why = 'shared_fs = "virtio-fs"' if virtio_fs else "file_mem_backend set"
+        where = "createSandbox" if generation == "1.x" else "CreateVM"
+        problem("factory.enable_template", f"{TEMPLATING_REFUSED} (Kata {generation}'s "
+                f"qemu.go {where}, with {why}): set enable_template = false")
+    if not virtio_fs:
+        return problems
+    origin = "" if "shared_fs" in _qemu_table(config) else f" (Kata {generation}'s default)"
+    daemon = hv["VirtioFSDaemon"]
+    if not daemon:
+        problem("hypervisor.qemu.virtio_fs_daemon", f'not set, and shared_fs = "virtio-fs"'
+                f"{origin} needs one (Kata's loader refuses the file too; QEMU's own "
+                "virtiofsd is /usr/lib/qemu/virtiofsd in Debian's qemu-system-common)")
+    else:
+        said = virtiofsd_problem(Path(daemon), generation)
+        if said:
+            problem("hypervisor.qemu.virtio_fs_daemon", said)
+    if daemon and not syslog_listens():
+        problem("hypervisor.qemu.virtio_fs_daemon", "nothing listens on /dev/log: Kata "
+                "starts virtiofsd with --syslog, and QEMU's virtiofsd then exits as soon as "
+                "QEMU connects (start a syslog daemon, such as journald)")
+    storage = config.daemon.vm_storage_path
+    receives, mountpoint = receives_mounts(storage)
+    if not receives and not chroot_sandbox(list(hv["VirtioFSExtraArgs"] or ())):
+        problem("vmcache.vm_storage_path", f"{storage} is on a private mount ({mountpoint}): "
+                "what kata-runtime mounts into a VM's share once a sandbox takes it (the "
+                "container's root file system) never reaches that VM's virtiofsd, which "
+                "serves the share from a mount namespace of its own; make it shared (`mount "
+                f"--make-rshared {mountpoint}`, as systemd hosts have it) or add \"-o\", "
+                '"sandbox=chroot" to virtio_fs_extra_args')
+    cache = hv["VirtioFSCache"]
+    modes = CACHE_MODES_3X if generation == "3.x" else CACHE_MODES_1X
+    if cache not in modes:
+        problem("hypervisor.qemu.virtio_fs_cache", f"got {cache!r}; Kata {generation}'s "
+                f"virtiofsd takes {', '.join(modes)}")
+    if file_backed_memory(hv) is None:
+        root = hv["FileBackedMemRootDir"] or FALLBACK_FILE_BACKED_MEM
+        problem("hypervisor.qemu.file_mem_backend", f"virtio-fs needs the guest RAM in "
+                f"shared memory, under file_mem_backend or {FALLBACK_FILE_BACKED_MEM}, and "
+                f"{root!r} is not a directory (Kata would boot the VM with private RAM, "
+                "which vhost-user cannot map)")
+    size = hv["VirtioFSCacheSize"]
+    if size and not qemu_device_has(config.hypervisor.path, "vhost-user-fs-pci", "cache-size"):
+        problem("hypervisor.qemu.virtio_fs_cache_size", f"got {size}: QEMU "
+                f"{config.hypervisor.path} has no DAX window for virtio-fs (its "
+                "vhost-user-fs-pci has no cache-size property); set 0")
+    return problems
+
+
+#: The cache modes each generation's virtiofsd takes: 1.x's configuration documents
+#: none, auto and always (QEMU's C virtiofsd), 3.x's virtiofsd.go valid() the rest.
+CACHE_MODES_1X = ("none", "auto", "always")
+
+
+def virtiofsd_problem(daemon: Path, generation: kata.Generation) -> str | None:
+    """Why `daemon` cannot be the VMs' virtiofsd, or None: it must run, be a vhost-user
+    fs backend, and take the arguments the generation starts it with."""
+    if not (daemon.is_file() and os.access(daemon, os.X_OK)):
+        return (f"no virtiofsd at {str(daemon)!r} (QEMU's own is /usr/lib/qemu/virtiofsd in "
+                "Debian's qemu-system-common)")
+    try:
+        kind = capabilities(daemon).get("type")
+    except (OSError, ValueError) as exc:
+        return f"{str(daemon)!r} is not a working virtiofsd: {exc}"
+    if kind != "fs":
+        return (f"{str(daemon)!r} is a vhost-user backend of type {kind!r}, not a virtiofsd "
+                '(type "fs")')
+    text = help_text(daemon)
+    missing = [arg for arg in VIRTIOFSD_ARGUMENTS[generation] if arg not in text]
+    if missing:
+        hint = ("Kata 3.x starts the Rust virtiofsd (--shared-dir, --cache); QEMU's own C "
+                "virtiofsd takes 1.x's -o source=" if generation == "3.x" else
+                "Kata 1.x starts virtiofsd with -o source= and --fd, as QEMU's own C "
+                "virtiofsd takes them")
+        return (f"{str(daemon)!r} does not take Kata {generation}'s arguments "
+                f"({', '.join(missing)} not in its --help; {hint})")
+    return None
+
+
+def qemu_device_has(qemu: Path, device: str, prop: str) -> bool:
+    """Whether QEMU's `device` has the property `prop` (`-device <device>,help`)."""
+    try:
+        done = subprocess.run([str(qemu), "-device", f"{device},help"], capture_output=True,
+                              timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return f"{prop}=" in done.stdout.decode(errors="replace")
+
+
+def syslog_listens(path: str = "/dev/log") -> bool:
+    """Whether a syslog daemon receives datagrams on `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True

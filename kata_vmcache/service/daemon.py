@@ -36,8 +36,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import EndpointInUse, UsageError
-from ..factory import Factory
-from ..factory import host as preflight
+from ..factory import Factory, host
 from ..factory.direct import DirectFactory
 from ..factory.template import TemplateFactory
 from ..fds import DescriptorWatch, raise_open_file_limit
@@ -260,11 +259,12 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
     lock: int | None = None
     metrics: MetricsServer | None = None
     try:
-        # What the file cannot tell (QEMU's machine types, whose state_dir): before
-        # anything is touched. An existing state_dir is never re-moded (preflight.py).
-        await asyncio.to_thread(preflight.require, config)
+        # What the file cannot tell (QEMU's machine types, whose state_dir, what the VM
+        # needs of this host): before anything is touched. An existing state_dir is never
+        # re-moded (factory/host.py). Its warnings are the command line's to show.
+        await asyncio.to_thread(host.require, config)
         prepare_endpoint(endpoint)
-        preflight.claim_state_dir(config)
+        host.claim_state_dir(config)
         lock = lock_state_dir(state_dir)
         recovered = await recover(state_dir, config.daemon.vm_storage_path,
                                   timeout=config.daemon.stop_timeout)

@@ -56,8 +56,7 @@ from typing import Literal
 from .. import config as configmod
 from ..config import Config
 from ..errors import ConfigError, VmcacheError
-from ..factory import Factory
-from ..factory import host as preflight
+from ..factory import Factory, host
 from ..pool.autoscale import Autoscaler
 from ..pool.cache import VMCache
 from ..procs import pid_alive
@@ -227,8 +226,9 @@ class Reloader:
         keep = "still serving with the previous settings"
         try:
             new, warnings = configmod.load(old.source)
-            # As at start: what the file cannot tell (QEMU's machine types, ...).
-            preflight.require(new)
+            # As at start: what the file cannot tell (QEMU's machine types, the VM's
+            # virtiofsd, kata-proxy, ...), checked on this host.
+            warnings = [*warnings, *host.require(new)]
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("configuration reload refused: %s", problem)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from kata_vmcache import config as cfg
-from kata_vmcache.factory.direct import spec_from_config
+from kata_vmcache.factory.spec import spec_from_config
 from kata_vmcache.procs import cmdline
 from kata_vmcache.vm.paths import VMPaths
 

@@ -22,7 +22,7 @@ import pytest
 from kata_vmcache import config as cfg
 from kata_vmcache import kata
 from kata_vmcache.errors import ConfigError
-from kata_vmcache.factory.direct import spec_from_config
+from kata_vmcache.factory.spec import spec_from_config
 from kata_vmcache.kata import host
 from kata_vmcache.service.server import config_reply
 from kata_vmcache.vm.paths import VMPaths

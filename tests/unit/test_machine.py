@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from kata_vmcache import config as cfg
-from kata_vmcache.factory import direct
+from kata_vmcache.factory import spec as derivation
 from kata_vmcache.vm.devices import argv_lines, running_nested
 from kata_vmcache.vm.paths import VMPaths
 
@@ -94,8 +94,8 @@ def assets(tmp_path: Path) -> dict[str, Path]:
 @pytest.fixture
 def host(monkeypatch: pytest.MonkeyPatch) -> None:
     """The reference host: a 2-CPU VM (nested) with 24105 MiB, no vsock."""
-    monkeypatch.setattr(direct, "running_nested", lambda: True)
-    monkeypatch.setattr(direct, "host_has_vsock", lambda: False)
+    monkeypatch.setattr(derivation, "running_nested", lambda: True)
+    monkeypatch.setattr(derivation, "host_has_vsock", lambda: False)
     monkeypatch.setattr("kata_vmcache.config.model.host_memory_mib", lambda: 24105)
     monkeypatch.setattr("kata_vmcache.kata.host._host_cpus_3x", lambda: 2)
     monkeypatch.setattr("kata_vmcache.kata.host._go_num_cpu", lambda: 2)
@@ -104,7 +104,7 @@ def host(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def build(text: str, vm_id: str = "<id>") -> list[str]:
     config, _ = cfg.parse(text)
-    spec = direct.spec_from_config(config, "kvm")
+    spec = derivation.spec_from_config(config, "kvm")
     paths = VMPaths.for_vm(vm_id, vm_storage=config.daemon.vm_storage_path,
                            state_dir=config.daemon.state_dir)
     return spec.argv(vm_id, "<uuid>", paths)
@@ -176,22 +176,22 @@ def test_the_agent_channel_follows_the_generation_and_the_host(
     assert "name=agent.channel.0" in line
     assert "vhost-vsock" not in line
     assert "agent.use_vsock=false" in line
-    monkeypatch.setattr(direct, "host_has_vsock", lambda: True)
+    monkeypatch.setattr(derivation, "host_has_vsock", lambda: True)
     monkeypatch.setattr("kata_vmcache.kata.host._host_supports_vsock", lambda: True)
     config, _ = cfg.parse(text)
-    spec = direct.spec_from_config(config, "kvm")
+    spec = derivation.spec_from_config(config, "kvm")
     paths = VMPaths.for_vm("abc", vm_storage=Path("/run/vc/vm"), state_dir=Path("/s"))
     line = " ".join(spec.argv("abc", "<uuid>", paths, cid=7))
     assert "vhost-vsock-pci,disable-modern=true,id=vsock-7,guest-cid=7,romfile=" in line
     assert "agent.channel.0" not in line
     assert "agent.use_vsock=true" in line
-    assert direct.proxy_path(config) is None  # 1.x with vsock runs no proxy
+    assert derivation.proxy_path(config) is None  # 1.x with vsock runs no proxy
 
 
 @pytest.mark.usefixtures("host")
 def test_templating_maps_the_template_memory_file(assets: dict[str, Path]) -> None:
     config, _ = cfg.parse(one_x_file(assets))
-    spec = direct.spec_from_config(config, "tcg")
+    spec = derivation.spec_from_config(config, "tcg")
     paths = VMPaths.for_vm("abc", vm_storage=Path("/v"), state_dir=Path("/s"))
     template = spec.argv("abc", "u", paths, memory="template", memory_path=Path("/t/memory"))
     clone = spec.argv("abc", "u", paths, memory="clone", memory_path=Path("/t/memory"))

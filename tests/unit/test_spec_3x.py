@@ -9,7 +9,7 @@ import pytest
 
 from kata_vmcache import config as cfg
 from kata_vmcache.errors import ConfigError
-from kata_vmcache.factory.direct import check_kata3, spec_from_config
+from kata_vmcache.factory.spec import check_kata3, spec_from_config
 from kata_vmcache.kata import host
 
 HOST_MEMORY_MIB = 16384
@@ -179,11 +179,11 @@ def test_3x_agent_readiness_is_a_ttrpc_check_on_vsock(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A 3.x guest with Kata's agent is asked over ttrpc on its vsock port 1024; a 1.x
     guest on vsock keeps the gRPC check."""
-    from kata_vmcache.factory import direct
+    from kata_vmcache.factory import direct, spec
     from kata_vmcache.vm.probe import KataAgentProbe, KataTtrpcProbe
     from kata_vmcache.vm.ttrpc import VsockAddress
 
-    monkeypatch.setattr(direct, "host_has_vsock", lambda: True)
+    monkeypatch.setattr(spec, "host_has_vsock", lambda: True)
     monkeypatch.setattr(host, "_host_supports_vsock", lambda: True)
     factory = direct.DirectFactory(write(tmp_path, vmcache='guest_agent = "kata"\n'
                                                           'ready_probe = "kata-agent"'))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from kata_vmcache.factory.direct import syslog_listens
+from kata_vmcache.factory.host import syslog_listens
 
 
 def test_a_listener_is_seen_and_a_stale_socket_is_not(tmp_path: Path) -> None:

@@ -17,8 +17,9 @@ import pytest
 from machine_cases import UUID, base, paths
 
 from kata_vmcache import config as cfg
-from kata_vmcache.factory import direct
-from kata_vmcache.factory.direct import check_shared_fs, spec_from_config
+from kata_vmcache.factory import host as host_checks
+from kata_vmcache.factory.host import check_shared_fs
+from kata_vmcache.factory.spec import spec_from_config
 from kata_vmcache.kata import host
 from kata_vmcache.vm.devices import TEMPLATING_REFUSED
 from kata_vmcache.vm.virtiofsd import is_virtiofsd, receives_mounts, virtiofsd_argv
@@ -114,8 +115,8 @@ def test_a_recorded_pid_must_export_that_share() -> None:
 @pytest.fixture(autouse=True)
 def pinned_host(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(host, "_host_memory_mib", lambda: 16384)
-    monkeypatch.setattr(direct, "syslog_listens", lambda path="/dev/log": True)
-    monkeypatch.setattr(direct, "receives_mounts", lambda path: (True, "/"))
+    monkeypatch.setattr(host_checks, "syslog_listens", lambda path="/dev/log": True)
+    monkeypatch.setattr(host_checks, "receives_mounts", lambda path: (True, "/"))
 
 
 def write(tmp: Path, qemu: str, *, version: str = "1.x", factory: str = "") -> cfg.Config:
@@ -234,7 +235,7 @@ def test_no_shared_memory_directory_is_refused(tmp_path: Path) -> None:
 
 
 def test_no_syslog_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(direct, "syslog_listens", lambda path="/dev/log": False)
+    monkeypatch.setattr(host_checks, "syslog_listens", lambda path="/dev/log": False)
     config = write(tmp_path, f'shared_fs = "virtio-fs"\nvirtio_fs_daemon = '
                              f'"{fake_daemon(tmp_path)}"')
     problems = check_shared_fs(config)
@@ -257,7 +258,7 @@ def test_a_cache_size_needs_a_qemu_with_a_dax_window(tmp_path: Path) -> None:
     Kata 1.x's stock cache size of 1024 MiB cannot boot on it."""
     config = write(tmp_path, f'shared_fs = "virtio-fs"\nvirtio_fs_daemon = '
                              f'"{QEMU_VIRTIOFSD}"\nvirtio_fs_cache_size = 1024')
-    has_dax = direct.qemu_device_has(Path("/usr/bin/qemu-system-x86_64"),
+    has_dax = host_checks.qemu_device_has(Path("/usr/bin/qemu-system-x86_64"),
                                      "vhost-user-fs-pci", "cache-size")
     keys = [p.key for p in check_shared_fs(config)]
     assert keys == ([] if has_dax else ["hypervisor.qemu.virtio_fs_cache_size"])
@@ -287,7 +288,7 @@ def test_which_mount_decides_propagation(tmp_path: Path, path: str, receives: bo
 
 def test_a_private_vm_storage_is_refused_unless_virtiofsd_chroots(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(direct, "receives_mounts", lambda path: (False, "/"))
+    monkeypatch.setattr(host_checks, "receives_mounts", lambda path: (False, "/"))
     daemon = fake_daemon(tmp_path)
     config = write(tmp_path, f'shared_fs = "virtio-fs"\nvirtio_fs_daemon = "{daemon}"')
     problems = check_shared_fs(config)
