@@ -11,10 +11,12 @@ host's MemTotal), which `cache_target` and `budget_note` weigh against one VM's 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 from .. import kata
@@ -161,8 +163,21 @@ class Config:
     document: Mapping[str, Any] = field(repr=False, default_factory=dict)
 
     def kata_vm_config(self) -> dict[str, Any]:
-        """The `Config` payload: Kata's VMConfig JSON for the file's generation."""
+        """The `Config` payload: Kata's VMConfig JSON for the file's generation (a fresh
+        copy: the caller may change it)."""
         return kata.vm_config(self.document, self.daemon.kata_version)
+
+    @functools.cached_property
+    def kata_hypervisor(self) -> Mapping[str, Any]:
+        """Kata's HypervisorConfig for this file, as the file's generation's loader derives
+        it: derived once per configuration, and read (never changed) by everything that
+        builds or checks its VM."""
+        return MappingProxyType(kata.hypervisor_config(self.document, self.daemon.kata_version))
+
+    @functools.cached_property
+    def kata_proxy(self) -> Mapping[str, Any]:
+        """Kata 1.x's ProxyConfig for this file (Path, Debug), derived once."""
+        return MappingProxyType(kata.vm_config(self.document, "1.x")["ProxyConfig"])
 
     @property
     def max_memory_mib(self) -> int:

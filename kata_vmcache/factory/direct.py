@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import kata
 from ..config import Config
 from ..errors import GuestNotReady, LaunchError
 from ..vm.devices import (
@@ -149,7 +148,7 @@ class DirectFactory:
         self.vm_storage = config.daemon.vm_storage_path
         self.proxy = proxy_path(config)
         self.cids = VsockCids()
-        hv = kata.hypervisor_config(config.document, config.daemon.kata_version)
+        hv = config.kata_hypervisor
         #: What each VM's virtiofsd is started with (virtio-fs only).
         self.virtiofsd: dict[str, Any] | None = None
         if self.spec.shared_fs == VIRTIO_FS:
@@ -221,7 +220,7 @@ class DirectFactory:
         """Kata 1.x's setupProxy: once QEMU has created kata.sock, before the agent check."""
         if self.proxy is None:
             return
-        kata_proxy = kata.vm_config(self.config.document, "1.x")["ProxyConfig"]
+        kata_proxy = self.config.kata_proxy
         vm.proxy = KataProxy(self.proxy, vm.id, vm.paths, debug=bool(kata_proxy["Debug"]),
                              log=vm.log)
         vm.proxy.start(vm.priority)

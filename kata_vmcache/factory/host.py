@@ -268,7 +268,7 @@ def check_shared_fs(config: Config) -> list[ConfigProblem]:
     takes the generation's arguments, shared guest RAM, and a QEMU with the DAX window a
     cache size asks for."""
     generation = config.daemon.kata_version
-    hv = kata.hypervisor_config(config.document, generation)
+    hv = config.kata_hypervisor
     problems: list[ConfigProblem] = []
 
     def problem(key: str, message: str) -> None:

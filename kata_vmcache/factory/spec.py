@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,11 +26,11 @@ from ..vm.spec import VMSpec
 
 def spec_from_config(config: Config, accelerator: Literal["kvm", "tcg"]) -> VMSpec:
     """The VM Kata would build from the file: sizes from the validated settings, devices
-    and kernel parameters from Kata's own derivation of the file (kata.py). Raises
+    and kernel parameters from Kata's own derivation of the file (kata/). Raises
     ConfigError for a Kata 3.x file whose VM cannot be built as Kata builds it."""
     h = config.hypervisor
     # One derivation: the payload the Config reply sends, for the file's generation.
-    kata_hv = kata.hypervisor_config(config.document, config.daemon.kata_version)
+    kata_hv = config.kata_hypervisor
     spec = VMSpec(
         qemu=h.path,
         kernel=h.kernel,
@@ -70,9 +71,9 @@ def spec_from_config(config: Config, accelerator: Literal["kvm", "tcg"]) -> VMSp
     return dataclasses.replace(spec, **kata3_fields(config, kata_hv))
 
 
-def kata3_fields(config: Config, kata_hv: dict[str, Any]) -> dict[str, Any]:
+def kata3_fields(config: Config, kata_hv: Mapping[str, Any]) -> dict[str, Any]:
     """The VMSpec fields only Kata 3.x's device model reads (machine.Kata3Line), from
-    Kata's HypervisorConfig (kata.py), and where that has no key, from the file as
+    Kata's HypervisorConfig (kata/), and where that has no key, from the file as
     kata-containers 3.30.0's loader reads it (src/runtime/pkg/katautils/config.go,
     newQemuHypervisorConfig)."""
     q = _qemu_table(config)
@@ -93,14 +94,14 @@ def kata3_fields(config: Config, kata_hv: dict[str, Any]) -> dict[str, Any]:
         "legacy_serial": kata_hv["LegacySerial"],
         "rootfs_type": kata_hv["RootfsType"],
         # config.go kernelVerityParams(): the string as written (HypervisorConfig's
-        # KernelVerityParams, which kata.py does not emit).
+        # KernelVerityParams, which kata/ does not emit).
         "kernel_verity_params": _str(q, "kernel_verity_params"),
         "mem_prealloc": kata_hv["MemPrealloc"],
         "hugepages": kata_hv["HugePages"],
         "vhost_user_store": kata_hv["EnableVhostUserStore"],
         "pvpanic": kata_hv["GuestMemoryDumpPath"] != "",
         # config.go: reclaim_guest_freed_memory and indep_iothreads (defaults false and 0,
-        # config-settings.go.in), which kata.py does not emit.
+        # config-settings.go.in), which kata/ does not emit.
         "balloon": _bool(q, "reclaim_guest_freed_memory"),
         "iothreads": kata_hv["EnableIOThreads"],
         "indep_iothreads": _int(q, "indep_iothreads"),
@@ -119,7 +120,7 @@ FALLBACK_FILE_BACKED_MEM = "/dev/shm"
 VIRTIO_FS = "virtio-fs"
 
 
-def file_backed_memory(kata_hv: dict[str, Any]) -> Path | None:
+def file_backed_memory(kata_hv: Mapping[str, Any]) -> Path | None:
     """Where the guest RAM is a shared file, as qemu.go decides it (createSandbox in 1.x,
     CreateVM in 3.x, then setupFileBackedMem): with virtio-fs or file_mem_backend set,
     under file_mem_backend, else /dev/shm. A directory that does not exist is only logged
@@ -141,7 +142,7 @@ def check_kata3(config: Config) -> list[ConfigProblem]:
     kata-vmcache cannot build the way Kata does. File-level rules, kept beside the 3.x
     device model (machine.Kata3Line) whose assumptions they state."""
     q = _qemu_table(config)
-    hv = kata.hypervisor_config(config.document, "3.x")
+    hv = config.kata_hypervisor  # a 3.x file: its 3.x derivation
     source = config.source
     problems: list[ConfigProblem] = []
 
@@ -208,7 +209,7 @@ def agent_channel(config: Config) -> Literal["serial", "vsock", ""]:
     port, as Kata 1.x falls back), 3.x always uses vsock. A guest without an agent gets
     the channel only where the host can provide it (config.py refuses the rest)."""
     if config.daemon.kata_version == "1.x":
-        return "vsock" if kata.hypervisor_config(config.document, "1.x")["UseVSock"] else "serial"
+        return "vsock" if config.kata_hypervisor["UseVSock"] else "serial"
     return "vsock" if host_has_vsock() else ""
 
 
@@ -222,7 +223,7 @@ def proxy_path(config: Config) -> Path | None:
     if (config.daemon.kata_version != "1.x" or config.daemon.guest_agent != "kata"
             or agent_channel(config) != "serial"):
         return None
-    path = kata.vm_config(config.document, "1.x")["ProxyConfig"]["Path"]
+    path = config.kata_proxy["Path"]
     return Path(path or kata.DEFAULT_PROXY_PATH)
 
 
@@ -246,7 +247,7 @@ def describe_vm(config: Config) -> list[tuple[str, str]]:
         how = f"vhost-vsock-pci, a guest CID per VM, agent port {AGENT_VSOCK_PORT}"
     else:
         how = f"none (no {VHOST_VSOCK} on this host)"
-    hv = kata.hypervisor_config(config.document, d.kata_version)
+    hv = config.kata_hypervisor
     if hv["SharedFS"] == VIRTIO_FS:
         memory = file_backed_memory(hv)
         share = (f"virtio-fs: a virtiofsd per VM ({hv['VirtioFSDaemon']}, cache "

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
+from ..kata import Generation
 from .line1 import Kata1Line
 from .line3 import Kata3Line
 from .paths import VMPaths
 
-Generation = Literal["1.x", "3.x"]
 #: The accelerator a VM runs with, resolved (config's AcceleratorSetting may say "auto").
 Accelerator = Literal["kvm", "tcg"]
 #: Kata's templating: plain RAM, the template's shared file, or a clone's private map of it.

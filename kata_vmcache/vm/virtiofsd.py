@@ -43,11 +43,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from ..kata import Generation
 from ..procs import cmdline, pid_alive
 from .companion import Companion, stop_handed_out
 from .paths import VMPaths
 from .priority import Level
-from .spec import Generation
 
 #: virtiofsd.go valid(): the cache modes Kata 3.x passes on.
 CACHE_MODES_3X = ("auto", "always", "metadata", "never")
