@@ -62,7 +62,7 @@ kata-compare: venv
 # The benchmark: a real daemon on the demo guest; writes bench/results/latest.{json,md} and
 # latency.png, and the pool policies (pool.md, pool-<trace>.png; about 19.5 of its ~26
 # minutes here). Never fails because of a number. BENCH_ARGS="--samples 200" for more;
-# BENCH_ARGS="--no-pool" or "--pool-only --traces steady" for shorter runs (README).
+# BENCH_ARGS="--no-pool" or "--pool-only --traces steady" for shorter runs (docs/performance.md).
 bench: setup
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 

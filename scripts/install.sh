@@ -62,6 +62,11 @@ else
 fi
 
 install -D -m 0644 "$SHARE/README.md" "$root$PREFIX/share/doc/kata-vmcache/README.md"
+# The README links these pages: install them beside it.
+for page in "$SHARE"/docs/*.md; do
+    [ -e "$page" ] || continue
+    install -D -m 0644 "$page" "$root$PREFIX/share/doc/kata-vmcache/docs/${page##*/}"
+done
 install -D -m 0644 "$SHARE/etc/configuration.toml" \
   "$root$PREFIX/share/kata-vmcache/configuration.toml"
 for unit in kata-vmcache.service kata-vmcache@.service; do

@@ -18,7 +18,7 @@ state with `migrate-incoming`. It stays paused, except for one check before it e
 cache: resume, a ping the guest answers only after sleeping on its own timers, pause. A
 clone whose timers do not run is never handed out.
 
-Why the template is never resumed after the save (README, "VM templating"): the RAM file
+Why the template is never resumed after the save (docs/templating.md): the RAM file
 is shared, so a template that runs on moves the guest's memory (its timekeeping, its timer
 queues) past the saved device state (the clock, the LAPIC timer). A clone then restores a
 clock that is behind what its memory believes, and every timer-driven thing in the guest

@@ -27,7 +27,7 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheels")
     build = tmp_path_factory.mktemp("src")
     shutil.copytree(REPO, build / "src", ignore=shutil.ignore_patterns(
-        ".venv", ".demo", ".git", "*_cache", "build", "*.egg-info", "bench"))
+        ".venv", ".demo", ".git", "*_cache", ".cache", "build", "*.egg-info", "bench"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                     "--no-build-isolation", "-w", str(out), str(build / "src")],
                    check=True, timeout=120)
@@ -59,6 +59,9 @@ def test_installer_lays_a_working_tree_in_a_root(tmp_path: Path, wheels: Path) -
     config = root / "etc" / "kata-containers" / "configuration.toml"
     assert config.read_text() == (REPO / "etc" / "configuration.toml").read_text()
     assert (venv / "share" / "doc" / "kata-vmcache" / "README.md").is_file()
+    # The README's links resolve on the host too: its docs/ pages are installed beside it.
+    installed = {p.name for p in (venv / "share" / "doc" / "kata-vmcache" / "docs").glob("*.md")}
+    assert installed == {p.name for p in (REPO / "docs").glob("*.md")}
 
     analyze = shutil.which("systemd-analyze")
     if analyze is None:

@@ -165,7 +165,7 @@ def test_template_is_reused_with_same_settings_and_rebuilt_on_change(
 
 def test_clone_with_frozen_timers_is_never_cached(
         template_config: TemplateConfig, template_path: Path) -> None:
-    """Reproduces the cause (README, "VM templating"): the template's shared RAM runs on
+    """Reproduces the cause (docs/templating.md): the template's shared RAM runs on
     past its saved device state. Clones then restore a clock that is behind what their
     memory believes and their timers stall for as long; the check must refuse them."""
     config = load(template_config(cache_number=1))
