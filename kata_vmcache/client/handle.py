@@ -26,17 +26,8 @@ not alive. A resumed guest's clock stood still while it was paused and its entro
 the one every VM from the same cache started with: `sync_guest()` sets the clock and mixes
 fresh bytes in (Kata's `SyncTime` and `ReseedRNG` after `Resume`).
 
-Hot-plug, as Kata does it (virtcontainers/qemu.go `hotplugAddCPUs`, `hotplugAddMemory`):
-
-- vCPUs: `query-hotpluggable-cpus` lists the free slots with the driver and the properties
-  (socket-id, core-id, thread-id) that place one; Kata's layout is one core per socket, so
-  each vCPU is one `device_add` of that driver.
-- memory: a `memory-backend-ram` object plus a `pc-dimm` device on it, one DIMM slot per
-  request; the VM was started with `slots` and `maxmem` headroom for this.
-
-The guest finishes a hot-plug asynchronously and acknowledges it through ACPI `_OST`, which
-QEMU reports as an `ACPI_DEVICE_OST` event. Only then may the guest's agent `online` the new
-CPUs and memory blocks; afterwards both QMP and the guest are asked what the VM has.
+Hot-plug (`hotplug()`) runs hotplug.py's steps, as Kata does it, on the handle's QMP
+session and agent port, each wait bounded and cut short when QEMU exits.
 """
 
 from __future__ import annotations
@@ -47,19 +38,18 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from ..errors import (
     GuestError,
     GuestTimeout,
     GuestUnresponsive,
     HotplugError,
-    RequestError,
     VMDead,
     VMStateError,
 )
@@ -68,22 +58,15 @@ from ..vm.proxy import stop_handed_out_proxy
 from ..vm.qemu import is_vm_qemu
 from ..vm.qmp import Pidfd, ask_quit, disconnect, open_session, stop_process
 from ..vm.virtiofsd import stop_handed_out_virtiofsd
+from .hotplug import MIB, acknowledged, check_result, growth, plug_cpus, plug_memory
 
 if TYPE_CHECKING:
     from .rpc import BaseVM
 
 log = logging.getLogger(__name__)
 
-MIB = 1024 * 1024
-#: The unit x86_64 Linux onlines hot-added memory in (its memory block, for guests with
-#: less than 64 GiB); a DIMM of another size would leave part of it offline.
-MEMORY_BLOCK_MIB = 128
-#: ACPI _OST status codes (ACPI 6.5, 6.3.5): success, and "insertion in progress".
-OST_SUCCESS = 0
-OST_IN_PROGRESS = 0x80
 #: How long QEMU gets to exit after `quit` (or SIGTERM) before SIGKILL.
 STOP_TIMEOUT = 3.0
-#: Bytes mixed into the guest's random pool after resume.
 
 Source = Literal["cache", "direct"]
 T = TypeVar("T")
@@ -369,21 +352,16 @@ class VMHandle:
 
     async def hotplug(self, *, cpus: int | None = None, memory_mib: int | None = None,
                       timeout: float = 30.0) -> None:
-        """Grow the VM to `cpus` vCPUs and `memory_mib` MiB and have the guest online them.
+        """Grow the VM to `cpus` vCPUs and `memory_mib` MiB and have the guest online them
+        (hotplug.py: the steps).
 
-        The added memory must be whole memory blocks (MEMORY_BLOCK_MIB). HotplugError when
-        QEMU or the guest does not take a device, or the result is not what was asked.
+        The added memory must be whole memory blocks (hotplug.MEMORY_BLOCK_MIB).
+        HotplugError when QEMU or the guest does not take a device, or the result is not
+        what was asked.
         """
         cpus = self.vcpus if cpus is None else cpus
         memory_mib = self.memory_mib if memory_mib is None else memory_mib
-        add_cpus, add_mib = cpus - self.vcpus, memory_mib - self.memory_mib
-        if add_cpus < 0 or add_mib < 0:
-            raise RequestError(f"VM {self.id} has {self.vcpus} vCPUs and {self.memory_mib} "
-                               f"MiB; hot-unplug is not supported (asked for {cpus} vCPUs, "
-                               f"{memory_mib} MiB)")
-        if add_mib % MEMORY_BLOCK_MIB:
-            raise RequestError(f"memory: hot-added memory must be a multiple of "
-                               f"{MEMORY_BLOCK_MIB} MiB (asked for {add_mib} MiB more)")
+        add_cpus, add_mib = growth(self, cpus, memory_mib)
         if not add_cpus and not add_mib:
             return
         started = time.monotonic()
@@ -395,10 +373,10 @@ class VMHandle:
             # Listen before plugging: the acknowledgement can come before device_add returns.
             with qmp.listener(("ACPI_DEVICE_OST",)) as events:
                 if add_cpus:
-                    devices += await self._plug_cpus(add_cpus)
+                    devices += await plug_cpus(self, add_cpus)
                 if add_mib:
-                    devices.append(await self._plug_memory(add_mib))
-                await self._until_exit(self._acknowledged(events, devices), timeout,
+                    devices.append(await plug_memory(self, add_mib))
+                await self._until_exit(acknowledged(self.id, events, devices), timeout,
                                        what=f"the guest's acknowledgement of {devices}")
         except _OutOfTime:
             raise HotplugError(f"VM {self.id}: the guest did not acknowledge {devices} "
@@ -410,70 +388,9 @@ class VMHandle:
         after = await self._guest_call(guest.online(timeout), timeout, "online")
         qmp_cpus, qmp_mib = await self.query_resources()
         self.vcpus, self.memory_mib = qmp_cpus, qmp_mib
-        problems = []
-        if (qmp_cpus, qmp_mib) != (cpus, memory_mib):
-            problems.append(f"QEMU has {qmp_cpus} vCPUs and {qmp_mib} MiB")
-        if after.cpus != cpus:
-            problems.append(f"the guest has {after.cpus} vCPUs online")
-        # The guest's MemTotal grows by the whole DIMM once every block of it is online.
-        added_kib = after.mem_kib - before.mem_kib
-        if added_kib < add_mib * 1024:
-            problems.append(f"the guest's memory grew by {added_kib // 1024} MiB")
-        if problems:
-            raise HotplugError(f"VM {self.id}: asked for {cpus} vCPUs and {memory_mib} MiB, "
-                               f"but {'; '.join(problems)}")
+        check_result(self.id, (cpus, memory_mib), (qmp_cpus, qmp_mib), before, after, add_mib)
         self.log.info("hot-added %d vCPUs and %d MiB in %.2f s: %d vCPUs, %d MiB",
                       add_cpus, add_mib, time.monotonic() - started, cpus, memory_mib)
-
-    async def _plug_cpus(self, count: int) -> list[str]:
-        slots = await self.execute("query-hotpluggable-cpus")
-        free = sorted((s for s in slots if "qom-path" not in s),
-                      key=lambda s: tuple(s["props"].get(k, 0)
-                                          for k in ("socket-id", "core-id", "thread-id")))
-        if len(free) < count:
-            raise HotplugError(f"VM {self.id}: {count} more vCPUs asked for, but only "
-                               f"{len(free)} free vCPU slots (QemuSMP.MaxCPUs "
-                               f"{self.max_vcpus})")
-        devices = []
-        for slot in free[:count]:
-            props = slot["props"]
-            # e.g. kvc-cpu-core0-socket1-thread0: unique, and says where it sits.
-            device = "kvc-cpu-" + "-".join(f"{k.removesuffix('-id')}{props[k]}"
-                                           for k in sorted(props))
-            await self.execute("device_add", {"driver": slot["type"], "id": device, **props})
-            devices.append(device)
-        return devices
-
-    async def _plug_memory(self, mib: int) -> str:
-        existing = await self.execute("query-memory-devices")
-        n = len(existing)
-        backend, device = f"kvc-mem{n}", f"kvc-dimm{n}"
-        await self.execute("object-add", {"qom-type": "memory-backend-ram", "id": backend,
-                                          "size": mib * MIB})
-        try:
-            await self.execute("device_add", {"driver": "pc-dimm", "id": device,
-                                              "memdev": backend})
-        except VMStateError:
-            with contextlib.suppress(VMStateError):
-                await self.execute("object-del", {"id": backend})
-            raise
-        return device
-
-    async def _acknowledged(self, events: EventListener, devices: Iterable[str]) -> None:
-        """Return once the guest has acknowledged every device (ACPI _OST status 0)."""
-        pending = set(devices)
-        async for event in events:
-            data: Any = event["data"]
-            info = data["info"]
-            device, status = info.get("device"), info.get("status")
-            if device not in pending or status == OST_IN_PROGRESS:
-                continue
-            if status != OST_SUCCESS:
-                raise HotplugError(f"VM {self.id}: the guest refused {device} (ACPI _OST "
-                                   f"status {status:#x})")
-            pending.discard(device)
-            if not pending:
-                return
 
     # --- the end -------------------------------------------------------------------------
 

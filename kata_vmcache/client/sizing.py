@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import RequestError
-from .handle import MEMORY_BLOCK_MIB
+from .hotplug import MEMORY_BLOCK_MIB
 
 
 @dataclass(frozen=True)
