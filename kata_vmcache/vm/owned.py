@@ -40,6 +40,7 @@ from .devices import BRIDGE_CAPACITY, BRIDGE_START_ADDR
 from .handoff import HandOff
 from .paths import VMPaths
 from .priority import Level, promote
+from .process import VMProcess
 from .qemu import QemuProcess
 from .spec import MemoryBackend, VMSpec
 
@@ -92,7 +93,7 @@ class VM:
         self.virtiofsd: Any = None
         # memory, memory_path: Kata's templating (the template VM's shared RAM file, or a
         # clone's private mapping of it).
-        self.process = QemuProcess(
+        self.process: VMProcess = QemuProcess(
             spec.argv(self.id, self.uuid, self.paths, memory=memory, memory_path=memory_path,
                       cid=cid, incoming=incoming),
             self.paths, log=self.log, on_exit=self._qemu_exited)
