@@ -44,7 +44,7 @@ ConfigFactory = Callable[..., Path]
 
 @pytest.fixture
 def make_config(demo_guest: Any, workdir: Path) -> ConfigFactory:
-    from kata_vmcache.demo_guest import render_config
+    from kata_vmcache.demo_config import render_config
 
     def make(cache_number: int = 2, name: str = "configuration.toml", **ours: object) -> Path:
         path = workdir / name

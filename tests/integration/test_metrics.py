@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from kata_vmcache.demo_guest import render_config
+from kata_vmcache.demo_config import render_config
 
 from .harness import Daemon, run_cli, wait_for
 
