@@ -17,6 +17,8 @@ from kata_vmcache.proto import cache_pb2
 from kata_vmcache.service.server import CacheServicer
 from kata_vmcache.vm.owned import VM
 
+from .fakes import FakeFactory
+
 
 def make_config(endpoint: Path) -> Config:
     return Config(
@@ -89,17 +91,18 @@ async def get_base_vm(servicer: CacheServicer, context: FakeContext) -> None:
     """One GetBaseVM call, ended as grpc ends it: the done callbacks (where the servicer
     books the delivery) run once the handler is over, however it ended."""
     try:
-        await servicer.GetBaseVM(empty_pb2.Empty(), context)  # type: ignore[arg-type]
+        await servicer.GetBaseVM(empty_pb2.Empty(), context)
     finally:
         context.end()
 
 
 async def hand_off(cache: VMCache) -> VM:
-    """Take a VM the way GetBaseVM does (the cache's factory is test_cache.FakeFactory,
-    whose `created` finds the VM the written reply names)."""
+    """Take a VM the way GetBaseVM does (the cache's factory is a fakes.FakeFactory, whose
+    `created` finds the VM the written reply names)."""
     context = FakeContext()
     await get_base_vm(servicer_for(cache), context)
     reply, = context.written
-    created: list[VM] = cache.factory.created  # type: ignore[attr-defined]
-    vm, = (vm for vm in created if vm.id == reply.id)
+    factory = cache.factory
+    assert isinstance(factory, FakeFactory), factory
+    vm, = (vm for vm in factory.created if vm.id == reply.id)
     return vm

@@ -1,189 +1,27 @@
-"""Pool logic of VMCache, with a fake QEMU process at the seam (no VMs are booted here:
-tests/integration proves the same behaviour on real QEMU)."""
+"""Pool logic of VMCache, with a fake QEMU process at the seam (fakes.py; no VMs are booted
+here: tests/integration proves the same behaviour on real QEMU)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
-import pytest_asyncio
-from servicer_fakes import Aborted, hand_off
 
-from kata_vmcache.errors import CacheClosed, LaunchError
+from kata_vmcache.errors import CacheClosed
 from kata_vmcache.pool import filling
 from kata_vmcache.pool.cache import VMCache
-from kata_vmcache.vm.owned import VM, VMState
-from kata_vmcache.vm.spec import VMSpec
+from kata_vmcache.vm.owned import VMState
 
-SPEC = VMSpec(qemu=Path("/bin/true"), kernel=Path("/k"), initrd=Path("/i"), image=None,
-              machine_type="q35", kernel_params=(), vcpus=1, max_vcpus=2, memory_mib=256,
-              memory_slots=4, max_memory_mib=1024, accelerator="tcg")
+from .fakes import FakeFactory, fake, fake_pool, pool_running, until
+from .servicer_fakes import Aborted, hand_off
 
 
-class FakeProcess:
-    # Above any pid_max (2**22): a fake pid never names a real process, whose threads
-    # priority.promote() would otherwise touch.
-    _next_pid = 5_000_000
-    priority = "normal"
-
-    def __init__(self, vm: VM) -> None:
-        self.vm = vm
-        self.pid: int | None = None
-        self.running = False
-        self.released = False
-        self.stopped = False
-        self.killed = False
-        self.paused = True
-
-    async def start(self) -> None:
-        FakeProcess._next_pid += 1
-        self.pid = FakeProcess._next_pid
-        self.running = True
-
-    async def execute(self, command: str, arguments: object = None,
-                      timeout: float = 5.0) -> object:
-        assert self.running
-        assert not self.released
-        if command == "query-status":
-            return {"status": "paused" if self.paused else "running"}
-        return {}
-
-    async def release(self) -> None:
-        self.released = True
-
-    # The pool holds no QMP session (QemuProcess.idle); this fake never has one.
-    qmp = None
-    probing = None
-
-    async def idle(self) -> None:
-        pass
-
-    def release_idle(self) -> None:
-        self.released = True
-
-    def problem_now(self) -> str | None:
-        return None if self.running else "QEMU is not running"
-
-    async def probe_status(self, timeout: float) -> str:
-        assert self.running
-        assert not self.released
-        return "paused" if self.paused else "running"
-
-    async def stop(self, timeout: float = 3.0) -> None:
-        self.stopped = True
-        self.running = False
-
-    async def kill(self) -> None:
-        self.killed = True
-        self.running = False
-
-    async def reclaim(self, timeout: float = 1.0) -> str:
-        assert self.running
-        self.released = False
-        return "paused" if self.paused else "running"
-
-    def die(self) -> None:
-        self.running = False
-        self.vm._qemu_exited(-9)
-
-
-LOG = logging.getLogger("test_cache")
-
-
-class FakeFactory:
-    """The Factory protocol (factory/__init__.py) over fake QEMU processes."""
-
-    spec = SPEC
-    accelerator = "tcg"
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.gate: asyncio.Event | None = None  # when set, boots wait for it
-        self.fail_next = 0
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.created: list[VM] = []
-
-    def use_accelerator(self, accelerator: str) -> None:
-        pass
-
-    def template_bytes(self) -> int:
-        return 0
-
-    def status_metadata(self) -> list[tuple[str, str]]:
-        return []
-
-    async def close(self) -> None:
-        pass
-
-    def create(self) -> VM:
-        vm = VM(self.spec, state_dir=self.tmp, vm_storage=self.tmp / "vm", log=LOG)
-        vm.process = FakeProcess(vm)  # type: ignore[assignment]
-        self.created.append(vm)
-        return vm
-
-    async def boot(self, vm: VM) -> None:
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            await vm.process.start()
-            if self.gate is not None:
-                await self.gate.wait()
-            else:
-                await asyncio.sleep(0)
-            if self.fail_next:
-                self.fail_next -= 1
-                vm.transition(VMState.FAILED, "boom")
-                raise LaunchError("guest exploded")
-            vm.boot_seconds = 0.01
-            vm.prepare_handoff()
-            vm.transition(VMState.READY)
-        finally:
-            self.in_flight -= 1
-
-
-@contextlib.asynccontextmanager
-async def pool_running(cache: VMCache) -> AsyncIterator[VMCache]:
-    """The pool's run() for the block; afterwards it is cancelled and the cache closed."""
-    task = asyncio.create_task(cache.run())
-    try:
-        yield cache
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await cache.close()
-
-
-@contextlib.asynccontextmanager
-async def fake_pool(directory: Path, target: int) -> AsyncIterator[tuple[VMCache, FakeFactory]]:
-    """A running pool of `target` fake VMs; run() must end by its cancellation."""
-    factory = FakeFactory(directory)
-    cache = VMCache(factory, target, parallelism=2)
-    task = asyncio.create_task(cache.run())
-    yield cache, factory
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await cache.close()
-
-
-@pytest_asyncio.fixture
-async def pool(tmp_path: Path) -> AsyncIterator[tuple[VMCache, FakeFactory]]:
-    async with fake_pool(tmp_path, 3) as pool:
-        yield pool
-
-
-async def until(cache: VMCache, predicate: object, timeout: float = 5.0) -> None:
-    async def loop() -> None:
-        while not predicate():  # type: ignore[operator]
-            await cache.wait_changed()
-    await asyncio.wait_for(loop(), timeout)
+@pytest.fixture
+def pool_size() -> int:
+    return 3
 
 
 @pytest.mark.asyncio
@@ -204,7 +42,7 @@ async def test_each_vm_handed_out_once_and_refilled(pool: tuple[VMCache, FakeFac
     for vm in taken:
         assert vm.state is VMState.HANDED_OFF
         assert vm.history == [VMState.BOOTING, VMState.READY, VMState.HANDED_OFF]
-        assert vm.process.released  # type: ignore[attr-defined]
+        assert vm.process.released
     await until(cache, lambda: cache.ready_count == 3)
     assert cache.stats.handed_out == 5
     assert not any(vm in cache.owned() for vm in taken)
@@ -272,7 +110,7 @@ async def test_dead_vm_leaves_pool_and_is_replaced(pool: tuple[VMCache, FakeFact
     cache, factory = pool
     await until(cache, lambda: cache.ready_count == 3)
     victim = cache.owned()[0]
-    victim.process.die()  # type: ignore[attr-defined]
+    fake(victim).die()
     assert victim not in cache.owned()
     assert victim.state is VMState.DEAD
     await until(cache, lambda: cache.ready_count == 3)
@@ -288,8 +126,8 @@ async def test_running_vm_leaves_the_pool_at_the_next_check(
     cache, _ = pool
     await until(cache, lambda: cache.ready_count == 3)
     bad = cache.owned()[0]
-    bad.process.paused = False  # type: ignore[attr-defined]
-    await until(cache, lambda: bad.process.killed)  # type: ignore[attr-defined]
+    fake(bad).paused = False
+    await until(cache, lambda: fake(bad).killed)
     assert bad not in cache.owned()
     assert cache.stats.discarded == 1
     got = await hand_off(cache)
@@ -305,7 +143,7 @@ async def test_vm_being_probed_is_handed_out_after_its_probe(
     await until(cache, lambda: cache.ready_count == 3)
     first = cache.owned()[0]
     probe: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    first.process.probing = probe  # type: ignore[attr-defined]
+    fake(first).probing = probe
     assert cache.reserve_nowait() is None  # the fast path does not wait
     taking = asyncio.ensure_future(hand_off(cache))
     # One loop turn: the hand-off takes `first` and waits for its probe (and only that).
@@ -313,10 +151,10 @@ async def test_vm_being_probed_is_handed_out_after_its_probe(
     assert cache.ready_count == 2
     assert not taking.done()
     probe.set_result("running")
-    first.process.probing = None  # type: ignore[attr-defined]
+    fake(first).probing = None
     got = await taking
     assert got is not first
-    await until(cache, lambda: first.process.killed)  # type: ignore[attr-defined]
+    await until(cache, lambda: fake(first).killed)
 
 
 @pytest.mark.asyncio
@@ -331,8 +169,8 @@ async def test_close_stops_owned_vms_and_fails_waiters(tmp_path: Path) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await cache.close()
-    assert all(vm.process.stopped for vm in owned)  # type: ignore[attr-defined]
-    assert not handed.process.stopped  # type: ignore[attr-defined]
+    assert all(fake(vm).stopped for vm in owned)
+    assert not fake(handed).stopped
     with pytest.raises(Aborted) as refused:
         await hand_off(cache)
     assert refused.value.code is grpc.StatusCode.UNAVAILABLE

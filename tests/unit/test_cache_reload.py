@@ -1,6 +1,7 @@
 """What a configuration reload asks of the pool: a new factory (old VMs retired, handed-off
 ones untouched), a new size while boots are in flight, a new number of boot slots. Fakes at
-the QEMU seam, as in test_cache.py; tests/integration/test_systemd.py does it on real QEMU."""
+the QEMU seam (fakes.py), as in test_cache.py; tests/integration/test_systemd.py does it on
+real QEMU."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from servicer_fakes import hand_off
-from test_cache import SPEC, FakeFactory, pool_running, until
 
 from kata_vmcache.pool import filling
 from kata_vmcache.pool.cache import VMCache
 from kata_vmcache.vm.owned import VM, VMState
+
+from .fakes import SPEC, FakeFactory, fake, pool_running, until
+from .servicer_fakes import hand_off
 
 
 class SpecFactory(FakeFactory):
@@ -35,7 +37,7 @@ async def running(tmp_path: Path) -> AsyncIterator[tuple[VMCache, SpecFactory]]:
 
 
 def stopped(vm: VM) -> bool:
-    return bool(vm.process.stopped)  # type: ignore[attr-defined]
+    return fake(vm).stopped
 
 
 @pytest.mark.asyncio

@@ -6,37 +6,22 @@ sequence, detach."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import subprocess
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
-from qmp_peer import FakeQMP, child_argv
 
 from kata_vmcache.client.handle import VMHandle
 from kata_vmcache.client.rpc import BaseVM
 from kata_vmcache.errors import VMDead, VMStateError
 
+from .qmp_peer import FakeQMP, child_argv
+
 pytestmark = pytest.mark.asyncio
 VM_ID = "dddddddddddd"
-
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="kvc-h-"))  # short: socket paths
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest_asyncio.fixture
-async def peer(tmp: Path) -> AsyncIterator[FakeQMP]:
-    async with FakeQMP(tmp / "qmp.sock") as fake:
-        yield fake
 
 
 class QEMU:
@@ -87,43 +72,43 @@ def adopt(tmp: Path, qmp: Path, qemu: QEMU) -> VMHandle:
 
 
 async def test_stop_asks_quit_then_removes_the_vms_directories(
-        tmp: Path, peer: FakeQMP, qemus: list[QEMU]) -> None:
+        short_tmp: Path, peer: FakeQMP, qemus: list[QEMU]) -> None:
     qemus.append(qemu := QEMU())
     peer.on["quit"] = qemu.end
-    async with adopt(tmp, peer.path, qemu) as vm:
+    async with adopt(short_tmp, peer.path, qemu) as vm:
         assert vm.running
         await vm.resume()
     assert peer.commands == ["qmp_capabilities", "cont", "quit"]
     assert qemu.exit_signal() == signal.SIGKILL  # how the fake answers quit
     assert not vm.running
-    assert not (tmp / "state").exists()
-    assert not (tmp / "vm").exists()
+    assert not (short_tmp / "state").exists()
+    assert not (short_tmp / "vm").exists()
 
 
-async def test_adopting_a_pid_that_is_not_the_vms_qemu(tmp: Path, peer: FakeQMP,
+async def test_adopting_a_pid_that_is_not_the_vms_qemu(short_tmp: Path, peer: FakeQMP,
                                                        qemus: list[QEMU]) -> None:
     qemus.append(other := QEMU(vm_id="eeeeeeeeeeee"))
     with pytest.raises(VMDead, match=f"its QEMU \\(pid {other.pid}\\) is gone"):
-        adopt(tmp, peer.path, other)
+        adopt(short_tmp, peer.path, other)
     assert other.proc.poll() is None  # never signalled: not proven to be that VM's
-    assert not (tmp / "state").exists()
+    assert not (short_tmp / "state").exists()
 
 
 async def test_stop_when_another_client_holds_qmp_is_sigterm(
-        tmp: Path, peer: FakeQMP, qemus: list[QEMU],
+        short_tmp: Path, peer: FakeQMP, qemus: list[QEMU],
         caplog: pytest.LogCaptureFixture) -> None:
     qemus.append(qemu := QEMU())
     peer.greet = False
-    vm = adopt(tmp, peer.path, qemu)
+    vm = adopt(short_tmp, peer.path, qemu)
     await vm.stop(0.2)  # quit gets 0.2 s to be answered, then SIGTERM
     assert qemu.exit_signal() == signal.SIGTERM
     assert "killing" not in caplog.text
 
 
 async def test_stop_kills_a_qemu_that_ignores_sigterm(
-        tmp: Path, qemus: list[QEMU], caplog: pytest.LogCaptureFixture) -> None:
+        short_tmp: Path, qemus: list[QEMU], caplog: pytest.LogCaptureFixture) -> None:
     qemus.append(qemu := QEMU(ignore_term=True))
-    vm = adopt(tmp, tmp / "no-qmp.sock", qemu)
+    vm = adopt(short_tmp, short_tmp / "no-qmp.sock", qemu)
     await vm.stop(0.1)
     assert qemu.exit_signal() == signal.SIGKILL
     assert f"QEMU {qemu.pid} ignored SIGTERM for 0.1 s; killing it" in caplog.text
@@ -133,12 +118,12 @@ async def test_stop_kills_a_qemu_that_ignores_sigterm(
     ("silent", "no answer to QMP 'query-status' within 0.1 s"),
     ("hang_up", "QMP closed during 'query-status'"),
 ])
-async def test_a_command_fails_naming_its_cause(tmp: Path, peer: FakeQMP,
+async def test_a_command_fails_naming_its_cause(short_tmp: Path, peer: FakeQMP,
                                                 qemus: list[QEMU], script: str,
                                                 message: str) -> None:
     qemus.append(qemu := QEMU())
     getattr(peer, script).add("query-status")
-    vm = adopt(tmp, peer.path, qemu)
+    vm = adopt(short_tmp, peer.path, qemu)
     try:
         with pytest.raises(VMDead, match=VM_ID) as failed:
             await vm.execute("query-status", timeout=0.1)
@@ -149,10 +134,10 @@ async def test_a_command_fails_naming_its_cause(tmp: Path, peer: FakeQMP,
 
 
 async def test_qemu_exiting_during_a_command_is_said_at_once(
-        tmp: Path, peer: FakeQMP, qemus: list[QEMU]) -> None:
+        short_tmp: Path, peer: FakeQMP, qemus: list[QEMU]) -> None:
     qemus.append(qemu := QEMU())
     peer.hold["query-status"] = asyncio.Event()  # never set: only the exit can end it
-    vm = adopt(tmp, peer.path, qemu)
+    vm = adopt(short_tmp, peer.path, qemu)
     command = asyncio.ensure_future(vm.execute("query-status", timeout=60))
     await peer.arrived("query-status").wait()
     await peer.event("SHUTDOWN", {"guest": False, "reason": "host-signal"})
@@ -161,14 +146,14 @@ async def test_qemu_exiting_during_a_command_is_said_at_once(
         await command
     assert not vm.running
     await vm.stop()  # nothing left to stop: the directories go
-    assert not (tmp / "state").exists()
+    assert not (short_tmp / "state").exists()
 
 
 async def test_detach_leaves_it_running_and_stop_takes_it_again(
-        tmp: Path, peer: FakeQMP, qemus: list[QEMU]) -> None:
+        short_tmp: Path, peer: FakeQMP, qemus: list[QEMU]) -> None:
     qemus.append(qemu := QEMU())
     peer.on["quit"] = qemu.end
-    vm = adopt(tmp, peer.path, qemu)
+    vm = adopt(short_tmp, peer.path, qemu)
     await vm.connect()
     await vm.detach()
     await peer.closed().wait()  # QEMU's one QMP slot is free for whoever comes next

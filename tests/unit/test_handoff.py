@@ -8,13 +8,14 @@ import logging
 from pathlib import Path
 
 import pytest
-from test_cache import SPEC
 
 from kata_vmcache.client.rpc import BaseVM
 from kata_vmcache.errors import VMStateError
 from kata_vmcache.proto import cache_pb2
 from kata_vmcache.vm.handoff import HandOff
 from kata_vmcache.vm.owned import VM, VMState
+
+from .fakes import SPEC
 
 
 class Proxy:

@@ -85,7 +85,9 @@ def booted(config: cfg.Config, tmp_path: Path) -> dict[str, Any]:
     smp = argv[argv.index("-smp") + 1]
     max_cpus = re.search(r"maxcpus=(\d+)", smp)
     assert max_cpus is not None, smp
-    return {"binary": argv[0], "memory": int(re.fullmatch(r"(\d+)M?(,.*)?", memory)[1]),  # type: ignore[index]
+    mib = re.fullmatch(r"(\d+)M?(,.*)?", memory)
+    assert mib is not None, memory
+    return {"binary": argv[0], "memory": int(mib[1]),
             "vcpus": int(smp.split(",")[0]), "max_vcpus": int(max_cpus[1])}
 
 

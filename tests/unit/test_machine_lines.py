@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from machine_cases import CASES_1X, IMAGE_BYTES, build, masked
+
+from .machine_cases import CASES_1X, IMAGE_BYTES, build, masked
 
 GOLDEN_1X = Path(__file__).parent.parent / "data" / "machine" / "argv-1x.json"
 

@@ -8,15 +8,11 @@ import asyncio
 import json
 import re
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from servicer_fakes import hand_off, make_config
-from test_cache import FakeFactory, fake_pool, until
 
 from kata_vmcache.config import AutoscaleSettings
 from kata_vmcache.errors import UsageError
@@ -25,14 +21,11 @@ from kata_vmcache.pool.autoscale import REASON_KINDS, Autoscaler
 from kata_vmcache.pool.cache import VMCache
 from kata_vmcache.service.metrics import MetricsServer, registry_for
 
+from .fakes import FakeFactory, until
+from .servicer_fakes import hand_off, make_config
+
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "kata-vmcache.json"
-
-
-@pytest_asyncio.fixture
-async def pool(tmp_path: Path) -> AsyncIterator[tuple[VMCache, FakeFactory]]:
-    async with fake_pool(tmp_path, 2) as pool:
-        yield pool
 
 
 async def scrape(server: MetricsServer, request: bytes) -> tuple[str, str]:

@@ -1,5 +1,5 @@
 """The Monitor service (protos/vmcache.proto) and its client, over a real gRPC server on a
-real Unix socket; the VMs behind it are the pool's fake processes (test_cache.py), so this
+real Unix socket; the VMs behind it are the pool's fake processes (fakes.py), so this
 proves the service's logic: contents, push on change, coalescing, heartbeats, ending on
 shutdown. tests/integration/test_tui.py proves the same service on the real daemon."""
 
@@ -7,56 +7,33 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 import grpc
 import pytest
-import pytest_asyncio
-from servicer_fakes import hand_off, make_config
-from test_cache import FakeFactory, fake_pool, until
 
 from kata_vmcache.client.snapshot import MonitorClient, Snapshot
 from kata_vmcache.errors import NoMonitor, ServerGone, ServerUnavailable
 from kata_vmcache.pool.activity import CacheActivity
 from kata_vmcache.pool.cache import VMCache
-from kata_vmcache.service.monitor import MonitorServicer, add_to_server
+from kata_vmcache.service.monitor import HEARTBEAT, MIN_INTERVAL, MonitorServicer, add_to_server
 from kata_vmcache.vm.owned import VMState
 
-
-@dataclass
-class Served:
-    cache: VMCache
-    factory: FakeFactory
-    endpoint: Path
-    stopping: asyncio.Event
+from .fakes import FakeFactory, fake, until
+from .servicer_fakes import hand_off, make_config
 
 
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="kvc-"))  # short: sun_path holds 107 bytes
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-async def serve(cache: VMCache, endpoint: Path, **knobs: float) -> tuple[grpc.aio.Server,
-                                                                          asyncio.Event]:
+async def serve(cache: VMCache, endpoint: Path, *, heartbeat: float = HEARTBEAT,
+                min_interval: float = MIN_INTERVAL) -> tuple[grpc.aio.Server, asyncio.Event]:
     stopping = asyncio.Event()
-    servicer = MonitorServicer(cache, make_config(endpoint), stopping=stopping, **knobs)
+    servicer = MonitorServicer(cache, make_config(endpoint), stopping=stopping,
+                               heartbeat=heartbeat, min_interval=min_interval)
     server = grpc.aio.server()
     add_to_server(servicer, server)
     server.add_insecure_port(f"unix:{endpoint}")
     await server.start()
     return server, stopping
-
-
-@pytest_asyncio.fixture
-async def pool(sockdir: Path) -> AsyncIterator[tuple[VMCache, FakeFactory]]:
-    async with fake_pool(sockdir, 2) as pool:
-        yield pool
 
 
 def test_activity_is_bounded_and_numbered() -> None:
@@ -77,7 +54,7 @@ async def test_pool_records_events_and_hand_off_latency(
     taken = await hand_off(cache)
     await until(cache, lambda: cache.ready_count == 2)  # the refill is in: one boot at a time
     victim = cache.owned()[0]
-    victim.process.die()  # type: ignore[attr-defined]
+    fake(victim).die()
     factory.fail_next = 1
     await until(cache, lambda: cache.stats.boot_failures == 1)
     events = list(cache.activity.events)
@@ -104,14 +81,14 @@ async def test_pool_records_events_and_hand_off_latency(
 
 @pytest.mark.asyncio
 async def test_snapshot_describes_the_pool(pool: tuple[VMCache, FakeFactory],
-                                           sockdir: Path) -> None:
+                                           short_tmp: Path) -> None:
     cache, _ = pool
     await until(cache, lambda: cache.ready_count == 2)
     await hand_off(cache)
     # Refilled before the snapshot: a boot ending between the snapshot and the asserts
     # below would make them compare two different moments (seen under a loaded make test).
     await until(cache, lambda: cache.ready_count == 2 and cache.booting_count == 0)
-    endpoint = sockdir / "s.sock"
+    endpoint = short_tmp / "s.sock"
     server, _ = await serve(cache, endpoint)
     try:
         async with MonitorClient(endpoint) as monitor:
@@ -141,17 +118,24 @@ async def test_snapshot_describes_the_pool(pool: tuple[VMCache, FakeFactory],
     assert snap.as_json()["counters"]["handed_out"] == 1
 
 
+def watch(monitor: MonitorClient) -> AsyncGenerator[Snapshot]:
+    """monitor.watch(), as the async generator it is (a test closes it: aclose)."""
+    stream = monitor.watch()
+    assert isinstance(stream, AsyncGenerator), stream
+    return stream
+
+
 @pytest.mark.asyncio
 async def test_watch_pushes_each_change(pool: tuple[VMCache, FakeFactory],
-                                        sockdir: Path) -> None:
+                                        short_tmp: Path) -> None:
     """With heartbeats an hour apart, every snapshot after the first is a push."""
     cache, _ = pool
     await until(cache, lambda: cache.ready_count == 2)
-    endpoint = sockdir / "s.sock"
+    endpoint = short_tmp / "s.sock"
     server, _ = await serve(cache, endpoint, heartbeat=3600, min_interval=0)
     try:
         async with MonitorClient(endpoint) as monitor:
-            stream = monitor.watch()
+            stream = watch(monitor)
             first = await anext(stream)
             assert first.ready == 2
             assert first.counters.handed_out == 0
@@ -159,9 +143,9 @@ async def test_watch_pushes_each_change(pool: tuple[VMCache, FakeFactory],
 
             latest = first
 
-            async def until_seen(predicate: object) -> Snapshot:
+            async def until_seen(predicate: Callable[[Snapshot], bool]) -> Snapshot:
                 nonlocal latest
-                while not predicate(latest):  # type: ignore[operator]
+                while not predicate(latest):
                     latest = await anext(stream)
                 return latest
             snap = await asyncio.wait_for(
@@ -177,16 +161,16 @@ async def test_watch_pushes_each_change(pool: tuple[VMCache, FakeFactory],
 
 @pytest.mark.asyncio
 async def test_watch_coalesces_bursts(pool: tuple[VMCache, FakeFactory],
-                                      sockdir: Path) -> None:
+                                      short_tmp: Path) -> None:
     cache, factory = pool
     cache.resize(6)
     await until(cache, lambda: cache.ready_count == 6)
     factory.gate = asyncio.Event()  # refills wait: the burst is only the hand-offs
-    endpoint = sockdir / "s.sock"
+    endpoint = short_tmp / "s.sock"
     server, _ = await serve(cache, endpoint, heartbeat=3600, min_interval=1.0)
     try:
         async with MonitorClient(endpoint) as monitor:
-            stream = monitor.watch()
+            stream = watch(monitor)
             await anext(stream)
             for _ in range(5):
                 await hand_off(cache)  # each one is a change the watcher is told about
@@ -207,14 +191,14 @@ async def test_watch_coalesces_bursts(pool: tuple[VMCache, FakeFactory],
 
 @pytest.mark.asyncio
 async def test_watch_heartbeat_and_end_on_shutdown(pool: tuple[VMCache, FakeFactory],
-                                                   sockdir: Path) -> None:
+                                                   short_tmp: Path) -> None:
     cache, _ = pool
     await until(cache, lambda: cache.ready_count == 2)
-    endpoint = sockdir / "s.sock"
+    endpoint = short_tmp / "s.sock"
     server, stopping = await serve(cache, endpoint, heartbeat=0.05, min_interval=0)
     try:
         async with MonitorClient(endpoint) as monitor:
-            stream = monitor.watch()
+            stream = watch(monitor)
             first = await anext(stream)
             beat = await asyncio.wait_for(anext(stream), 10)  # nothing changed: heartbeat
             assert beat.taken_at > first.taken_at
@@ -234,14 +218,14 @@ async def test_watch_heartbeat_and_end_on_shutdown(pool: tuple[VMCache, FakeFact
 
 
 @pytest.mark.asyncio
-async def test_client_errors(sockdir: Path) -> None:
-    async with MonitorClient(sockdir / "nothing.sock") as monitor:
+async def test_client_errors(short_tmp: Path) -> None:
+    async with MonitorClient(short_tmp / "nothing.sock") as monitor:
         with pytest.raises(ServerUnavailable, match="no VM cache server"):
             await monitor.snapshot()
         with pytest.raises(ServerUnavailable):
             await anext(monitor.watch())
     # A server without our service (Kata's own VMCache server, say).
-    endpoint = sockdir / "kata.sock"
+    endpoint = short_tmp / "kata.sock"
     server = grpc.aio.server()
     server.add_insecure_port(f"unix:{endpoint}")
     await server.start()

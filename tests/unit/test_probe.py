@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -19,7 +19,7 @@ Status = agent_health_pb2.HealthCheckResponse
 
 
 class Agent(agent_health_pb2_grpc.HealthServicer):
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: Status.ServingStatus) -> None:
         self.status = status
         self.checks = 0
 
@@ -29,8 +29,12 @@ class Agent(agent_health_pb2_grpc.HealthServicer):
         return Status(status=self.status)
 
 
+#: Serves an agent on a Unix socket until the test ends.
+Serve = Callable[[Agent, Path], Awaitable[None]]
+
+
 @pytest_asyncio.fixture
-async def serve(tmp_path: Path) -> AsyncIterator[object]:
+async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
     servers: list[grpc.aio.Server] = []
 
     async def start(agent: Agent, path: Path) -> None:
@@ -63,18 +67,19 @@ PATHS = VMPaths(dir=Path("/nonexistent/vm"), own=Path("/nonexistent/own"),
 @pytest.mark.asyncio
 @pytest.mark.parametrize(("status", "name"), [(Status.SERVING, "SERVING"),
                                               (Status.NOT_SERVING, "NOT_SERVING")])
-async def test_any_answer_is_an_agent_that_is_up(serve: object, tmp_path: Path, status: int,
+async def test_any_answer_is_an_agent_that_is_up(serve: Serve, tmp_path: Path,
+                                                 status: Status.ServingStatus,
                                                  name: str) -> None:
     """Kata's agent.check() only asks for an answer; the status is kept for the log."""
     agent = Agent(status)
-    await serve(agent, tmp_path / "proxy.sock")  # type: ignore[operator]
+    await serve(agent, tmp_path / "proxy.sock")
     probe = await probed(f"unix://{tmp_path}/proxy.sock")
     assert probe.answer == name
     assert agent.checks == 1
 
 
 @pytest.mark.asyncio
-async def test_the_probe_asks_until_the_agent_is_up(serve: object, tmp_path: Path) -> None:
+async def test_the_probe_asks_until_the_agent_is_up(serve: Serve, tmp_path: Path) -> None:
     path = tmp_path / "proxy.sock"
     probe = KataAgentProbe(f"unix://{path}")
     await probe.attach(PATHS)
@@ -86,7 +91,7 @@ async def test_the_probe_asks_until_the_agent_is_up(serve: object, tmp_path: Pat
         assert b"did not answer yet (channel TRANSIENT_FAILURE)" in probe.seen[-1]
         assert str(path).encode() in probe.seen[-1]
         agent = Agent(Status.SERVING)
-        await serve(agent, path)  # type: ignore[operator]
+        await serve(agent, path)
         await asyncio.wait_for(waiting, 10)
     finally:
         await probe.close()
@@ -94,7 +99,7 @@ async def test_the_probe_asks_until_the_agent_is_up(serve: object, tmp_path: Pat
 
 
 @pytest.mark.asyncio
-async def test_one_request_waits_for_the_agent(serve: object, tmp_path: Path) -> None:
+async def test_one_request_waits_for_the_agent(serve: Serve, tmp_path: Path) -> None:
     """Kata's check is one request on a blocking dial, not a check every few ms: however
     long the agent takes to appear, it is asked once."""
     path = tmp_path / "proxy.sock"
@@ -104,7 +109,7 @@ async def test_one_request_waits_for_the_agent(serve: object, tmp_path: Path) ->
         waiting = asyncio.ensure_future(probe.wait())
         await asyncio.sleep(1.5)
         agent = Agent(Status.SERVING)
-        await serve(agent, path)  # type: ignore[operator]
+        await serve(agent, path)
         await asyncio.wait_for(waiting, 10)
     finally:
         await probe.close()
@@ -136,10 +141,10 @@ class RestartingAgent(Agent):
 
 
 @pytest.mark.asyncio
-async def test_a_call_broken_by_a_restarting_agent_is_asked_again(serve: object,
+async def test_a_call_broken_by_a_restarting_agent_is_asked_again(serve: Serve,
                                                                  tmp_path: Path) -> None:
     agent = RestartingAgent(Status.SERVING)
-    await serve(agent, tmp_path / "proxy.sock")  # type: ignore[operator]
+    await serve(agent, tmp_path / "proxy.sock")
     probe = await probed(f"unix://{tmp_path}/proxy.sock")
     assert agent.checks == 2
     assert probe.answer == "SERVING"

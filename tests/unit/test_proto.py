@@ -45,6 +45,7 @@ def test_messages_match_kata() -> None:
         desc = file.message_types_by_name[name]
         assert [(f.name, f.number, f.type) for f in desc.fields] == fields, name
     status = file.message_types_by_name["GrpcStatus"].fields_by_name["vmstatus"]
+    assert status.message_type is not None
     assert status.message_type.full_name == "cache.GrpcVMStatus"
     assert status.is_repeated
 

@@ -7,36 +7,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import signal
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from qmp_peer import FakeQMP, child_argv, sigstop
 
-from kata_vmcache.errors import VMDead, VMStateError
+from kata_vmcache.errors import LaunchError, VMDead, VMStateError
 from kata_vmcache.vm import qemu as qemu_module
 from kata_vmcache.vm.paths import VMPaths
 from kata_vmcache.vm.qemu import QemuProcess, RunState
+
+from .qmp_peer import FakeQMP, child_argv, sigstop
 
 pytestmark = pytest.mark.asyncio
 VM_ID = "cccccccccccc"
 
 
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="kvc-qp-"))  # short: socket paths
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest_asyncio.fixture
-async def peer(tmp: Path) -> AsyncIterator[FakeQMP]:
-    async with FakeQMP(tmp / "peer.sock") as fake:
-        yield fake
+def state(qemu: QemuProcess) -> RunState:
+    """Its run state now (read through a call: mypy would keep an assert's narrowing of
+    `qemu.state` across the awaits that change it)."""
+    return qemu.state
 
 
 class Fake:
@@ -62,8 +54,8 @@ class Fake:
 
 
 @pytest_asyncio.fixture
-async def fake(tmp: Path, peer: FakeQMP) -> AsyncIterator[Fake]:
-    made = Fake(tmp, peer)
+async def fake(short_tmp: Path, peer: FakeQMP) -> AsyncIterator[Fake]:
+    made = Fake(short_tmp, peer)
     try:
         yield made
     finally:
@@ -72,18 +64,18 @@ async def fake(tmp: Path, peer: FakeQMP) -> AsyncIterator[Fake]:
 
 async def test_start_idle_probe_and_stop_with_quit(fake: Fake, peer: FakeQMP) -> None:
     qemu = fake.qemu
-    assert qemu.state is RunState.NEW
+    assert state(qemu) is RunState.NEW
     await qemu.start()
-    assert qemu.state is RunState.SESSION
+    assert state(qemu) is RunState.SESSION
     assert await qemu.execute("query-status") == {"status": "paused", "running": False}
     await qemu.idle()
-    assert qemu.state is RunState.IDLE
+    assert state(qemu) is RunState.IDLE
     assert qemu.qmp is None
     assert peer.open_connections == 1  # the status channel only: the session is closed
     assert await qemu.probe_status(1.0) == "paused"
     assert qemu.problem_now() is None
     await qemu.stop()  # IDLE: no session to ask, so SIGTERM
-    assert qemu.state is RunState.EXITED
+    assert state(qemu) is RunState.EXITED
     assert fake.exits == [-signal.SIGTERM]
     assert fake.ended.is_set()
     assert "quit" not in peer.commands
@@ -94,7 +86,7 @@ async def test_stop_in_a_session_asks_quit(fake: Fake, peer: FakeQMP) -> None:
     await fake.qemu.stop()
     assert "quit" in peer.commands
     assert fake.exits == [-signal.SIGKILL]  # how the fake QEMU answers quit
-    assert fake.qemu.state is RunState.EXITED
+    assert state(fake.qemu) is RunState.EXITED
     await fake.qemu.stop()  # idempotent
 
 
@@ -103,14 +95,14 @@ async def test_two_stops_at_once_share_one_sequence(fake: Fake, peer: FakeQMP) -
     await asyncio.gather(fake.qemu.stop(), fake.qemu.stop())
     assert peer.commands.count("quit") == 1
     assert fake.exits == [-signal.SIGKILL]
-    assert fake.qemu.state is RunState.EXITED
+    assert state(fake.qemu) is RunState.EXITED
 
 
 async def test_execute_in_idle_opens_a_session_again(fake: Fake, peer: FakeQMP) -> None:
     await fake.qemu.start()
     await fake.qemu.idle()
     await fake.qemu.execute("cont")
-    assert fake.qemu.state is RunState.SESSION
+    assert state(fake.qemu) is RunState.SESSION
     assert peer.commands.count("qmp_capabilities") == 3  # session, channel, session
 
 
@@ -120,7 +112,7 @@ async def test_release_idle_gives_it_away_and_reclaim_asks_on_one_connection(
     await qemu.start()
     await qemu.idle()
     qemu.release_idle()
-    assert qemu.state is RunState.RELEASED
+    assert state(qemu) is RunState.RELEASED
     assert qemu.released
     with pytest.raises(VMDead, match="not running"):
         await qemu.execute("cont")
@@ -132,7 +124,7 @@ async def test_release_idle_gives_it_away_and_reclaim_asks_on_one_connection(
     before = peer.connections
     peer.answers["query-status"] = {"status": "running"}
     assert await qemu.reclaim(1.0) == "running"
-    assert qemu.state is RunState.IDLE
+    assert state(qemu) is RunState.IDLE
     assert peer.connections == before + 1  # reclaimed and asked on the same connection
     assert peer.open_connections == 1  # and that is the status channel it keeps
     assert await qemu.probe_status(1.0) == "running"
@@ -144,13 +136,13 @@ async def test_reclaim_of_a_slot_someone_else_holds_stays_released(
     qemu = fake.qemu
     await qemu.start()
     await qemu.release()
-    assert qemu.state is RunState.RELEASED
+    assert state(qemu) is RunState.RELEASED
     peer.greet = False  # the receiver holds QEMU's one QMP slot
     with pytest.raises(VMDead, match="query-status"):
         await qemu.reclaim(0.05)
-    assert qemu.state is RunState.RELEASED
+    assert state(qemu) is RunState.RELEASED
     await qemu.kill()  # the caller decides: even a released process goes
-    assert qemu.state is RunState.EXITED
+    assert state(qemu) is RunState.EXITED
     assert fake.exits == [-signal.SIGKILL]
 
 
@@ -161,7 +153,7 @@ async def test_an_exit_while_released_is_not_reported(fake: Fake) -> None:
     qemu.release_idle()
     fake.end()  # the receiver stops it
     await fake.ended.wait()
-    assert qemu.state is RunState.EXITED
+    assert state(qemu) is RunState.EXITED
     assert fake.exits == []  # not ours any more: nothing to report
     with pytest.raises(VMDead, match="not running"):
         await qemu.reclaim()
@@ -187,14 +179,14 @@ async def test_sigstop_is_a_problem_now_and_kill_ends_it(fake: Fake) -> None:
     sigstop(qemu.pid)
     assert qemu.problem_now() == "QEMU is stopped by a signal"
     await qemu.kill()
-    assert qemu.state is RunState.EXITED
+    assert state(qemu) is RunState.EXITED
     assert qemu.problem_now() == "QEMU is not running"
     assert fake.exits == [-signal.SIGKILL]
 
 
 async def test_a_qemu_ignoring_sigterm_is_killed_after_the_timeout(
-        tmp: Path, peer: FakeQMP, caplog: pytest.LogCaptureFixture) -> None:
-    made = Fake(tmp, peer, ignore_term=True)
+        short_tmp: Path, peer: FakeQMP, caplog: pytest.LogCaptureFixture) -> None:
+    made = Fake(short_tmp, peer, ignore_term=True)
     try:
         await made.qemu.start()
         await made.qemu.idle()
@@ -216,12 +208,12 @@ async def test_transitions_outside_the_table_name_both_states(fake: Fake) -> Non
         await fake.qemu.start()
 
 
-async def test_a_launch_whose_qemu_exits_says_why(tmp: Path) -> None:
-    paths = VMPaths.for_vm(VM_ID, vm_storage=tmp / "vm", state_dir=tmp / "state")
+async def test_a_launch_whose_qemu_exits_says_why(short_tmp: Path) -> None:
+    paths = VMPaths.for_vm(VM_ID, vm_storage=short_tmp / "vm", state_dir=short_tmp / "state")
     qemu = QemuProcess(["/bin/sh", "-c", "echo no such machine; exit 3"], paths,
                        log=logging.getLogger("test.qemu"))
-    with pytest.raises(Exception, match="exited during start-up") as failed:
+    with pytest.raises(LaunchError, match="exited during start-up") as failed:
         await qemu.start()
-    assert failed.value.returncode == 3  # type: ignore[attr-defined]
-    assert "no such machine" in failed.value.log_tail  # type: ignore[attr-defined]
-    assert qemu.state is RunState.EXITED
+    assert failed.value.returncode == 3
+    assert "no such machine" in failed.value.log_tail
+    assert state(qemu) is RunState.EXITED

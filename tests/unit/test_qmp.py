@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qmp_peer import FakeQMP, child_argv, sigstop
 
 from kata_vmcache.errors import VMDead
 from kata_vmcache.vm.qmp import (
@@ -27,15 +24,9 @@ from kata_vmcache.vm.qmp import (
     stop_process,
 )
 
+from .qmp_peer import FakeQMP, child_argv, sigstop
+
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    # Short: a Unix socket's path holds 107 bytes, and pytest's tmp_path can be longer.
-    path = Path(tempfile.mkdtemp(prefix="kvc-qmp-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -73,8 +64,8 @@ class Spawner:
 # --- StatusChannel and query_status ----------------------------------------------------
 
 
-async def test_status_channel_asks_query_status_and_skips_events(tmp: Path) -> None:
-    async with FakeQMP(tmp / "qmp.sock") as peer:
+async def test_status_channel_asks_query_status_and_skips_events(short_tmp: Path) -> None:
+    async with FakeQMP(short_tmp / "qmp.sock") as peer:
         channel = await StatusChannel.open(peer.path, 1.0, pid=1)
         try:
             assert await channel.status(1.0) == "paused"
@@ -95,9 +86,9 @@ async def test_status_channel_asks_query_status_and_skips_events(tmp: Path) -> N
     ("silent", "did not answer QMP 'query-status' within 0.1 s"),
     ("hang_up", "QEMU closed the connection"),
 ])
-async def test_status_channel_names_why_a_check_failed(tmp: Path, script: str,
+async def test_status_channel_names_why_a_check_failed(short_tmp: Path, script: str,
                                                        message: str) -> None:
-    async with FakeQMP(tmp / "qmp.sock") as peer:
+    async with FakeQMP(short_tmp / "qmp.sock") as peer:
         getattr(peer, script).add("query-status")
         channel = await StatusChannel.open(peer.path, 1.0, pid=1234)
         try:
@@ -108,15 +99,15 @@ async def test_status_channel_names_why_a_check_failed(tmp: Path, script: str,
             channel.close()
 
 
-async def test_query_status_on_a_slot_someone_else_holds_is_vmdead(tmp: Path) -> None:
-    async with FakeQMP(tmp / "qmp.sock") as peer:
+async def test_query_status_on_a_slot_someone_else_holds_is_vmdead(short_tmp: Path) -> None:
+    async with FakeQMP(short_tmp / "qmp.sock") as peer:
         peer.greet = False
         with pytest.raises(VMDead, match=r"did not answer QMP 'query-status' within 0\.3 s"):
             await query_status(peer.path, 0.2, pid=7, connect_timeout=0.1)
 
 
-async def test_query_status_keeps_the_channel_it_asked_on(tmp: Path) -> None:
-    async with FakeQMP(tmp / "qmp.sock") as peer:
+async def test_query_status_keeps_the_channel_it_asked_on(short_tmp: Path) -> None:
+    async with FakeQMP(short_tmp / "qmp.sock") as peer:
         status, channel = await query_status(peer.path, 1.0, pid=7, keep=True)
         assert status == "paused"
         assert channel is not None
@@ -130,24 +121,24 @@ async def test_query_status_keeps_the_channel_it_asked_on(tmp: Path) -> None:
         await peer.closed().wait()  # not kept: closed by query_status
 
 
-async def test_query_status_without_a_socket_is_vmdead(tmp: Path) -> None:
+async def test_query_status_without_a_socket_is_vmdead(short_tmp: Path) -> None:
     with pytest.raises(VMDead, match="QMP query-status failed"):
-        await query_status(tmp / "nothing.sock", 1.0, pid=7)
+        await query_status(short_tmp / "nothing.sock", 1.0, pid=7)
 
 
 # --- sessions --------------------------------------------------------------------------
 
 
-async def test_open_session_is_bounded_when_the_slot_never_greets(tmp: Path) -> None:
-    async with FakeQMP(tmp / "qmp.sock") as peer:
+async def test_open_session_is_bounded_when_the_slot_never_greets(short_tmp: Path) -> None:
+    async with FakeQMP(short_tmp / "qmp.sock") as peer:
         peer.greet = False
         with pytest.raises(TimeoutError):
             await open_session(peer.path, "test", 0.1)
         await peer.closed().wait()  # the half-open client was closed, not leaked
 
 
-async def test_open_session_and_disconnect(tmp: Path) -> None:
-    async with FakeQMP(tmp / "qmp.sock") as peer:
+async def test_open_session_and_disconnect(short_tmp: Path) -> None:
+    async with FakeQMP(short_tmp / "qmp.sock") as peer:
         client = await open_session(peer.path, "test", 1.0)
         assert await client.execute("query-status") == {"status": "paused", "running": False}
         await disconnect(client)
@@ -155,22 +146,22 @@ async def test_open_session_and_disconnect(tmp: Path) -> None:
         await disconnect(client)  # twice: still no error
 
 
-async def test_ask_quit_on_a_path_opens_and_closes_its_own_session(tmp: Path) -> None:
-    async with FakeQMP(tmp / "qmp.sock") as peer:
+async def test_ask_quit_on_a_path_opens_and_closes_its_own_session(short_tmp: Path) -> None:
+    async with FakeQMP(short_tmp / "qmp.sock") as peer:
         assert await ask_quit(peer.path, 1.0)
         assert peer.commands == ["qmp_capabilities", "quit"]
         await peer.closed().wait()
 
 
-async def test_ask_quit_says_no_when_quit_is_not_answered(tmp: Path) -> None:
-    async with FakeQMP(tmp / "qmp.sock") as peer:
+async def test_ask_quit_says_no_when_quit_is_not_answered(short_tmp: Path) -> None:
+    async with FakeQMP(short_tmp / "qmp.sock") as peer:
         peer.silent.add("quit")
         client = await open_session(peer.path, "test", 1.0)
         try:
             assert not await ask_quit(client, 0.1)
         finally:
             await disconnect(client)
-    assert not await ask_quit(tmp / "gone.sock", 1.0)
+    assert not await ask_quit(short_tmp / "gone.sock", 1.0)
 
 
 # --- Pidfd and the stop sequence --------------------------------------------------------
@@ -233,27 +224,22 @@ async def test_a_quit_that_fails_falls_back_to_sigterm(spawn: Spawner) -> None:
     assert child.returncode == -signal.SIGTERM
 
 
-async def test_wake_gets_a_sigstopped_process_to_handle_sigterm(spawn: Spawner) -> None:
+@pytest.mark.parametrize(("wake", "timeout", "ended_by"), [
+    # wake gets it to handle SIGTERM; a timeout the test would notice: without SIGCONT
+    # this ends with SIGKILL.
+    (True, 60.0, signal.SIGTERM),
+    (False, 0.1, signal.SIGKILL),  # without wake it needs SIGKILL
+], ids=["wake", "no-wake"])
+async def test_a_sigstopped_process(spawn: Spawner, wake: bool, timeout: float,
+                                    ended_by: signal.Signals) -> None:
     child = spawn()
     sigstop(child.pid)
     proc = Pidfd.of_child(child)
     try:
-        # A timeout the test would notice: without SIGCONT this ends with SIGKILL.
-        assert await stop_process(proc, 60.0, wake=True)
+        assert await stop_process(proc, timeout, wake=wake)
     finally:
         proc.close()
-    assert child.returncode == -signal.SIGTERM
-
-
-async def test_without_wake_a_sigstopped_process_needs_sigkill(spawn: Spawner) -> None:
-    child = spawn()
-    sigstop(child.pid)
-    proc = Pidfd.of_child(child)
-    try:
-        assert await stop_process(proc, 0.1)
-    finally:
-        proc.close()
-    assert child.returncode == -signal.SIGKILL
+    assert child.returncode == -ended_by
 
 
 async def test_a_watched_process_that_is_not_our_child(spawn: Spawner) -> None:

@@ -160,11 +160,11 @@ async def test_handed_off_vms_are_left_alone_until_their_qemu_exits(
         # time our event is awaited the watch has run.
         loop = asyncio.get_running_loop()
         pidfd = os.pidfd_open(qemu.pid)
-        exited = asyncio.Event()
-        loop.add_reader(pidfd, exited.set)
+        ended = asyncio.Event()
+        loop.add_reader(pidfd, ended.set)
         try:
             qemu.terminate()
-            await asyncio.wait_for(exited.wait(), 5)
+            await asyncio.wait_for(ended.wait(), 5)
         finally:
             loop.remove_reader(pidfd)
             os.close(pidfd)

@@ -1,19 +1,16 @@
 """The servicer's GetBaseVM path with a fake grpc context (servicer_fakes.py) over the pool of
-fake VMs (test_cache.py): what a real call does, step by step, and each way out of it. The
+fake VMs (fakes.py): what a real call does, step by step, and each way out of it. The
 same paths run on real QEMU over a real socket in tests/integration/test_handoff_races.py."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 import pytest_asyncio
 from google.protobuf import empty_pb2
-from servicer_fakes import Aborted, FakeContext, get_base_vm, servicer_for
-from test_cache import FakeFactory, fake_pool, until
 
 from kata_vmcache.pool.cache import VMCache
 from kata_vmcache.proto import cache_pb2
@@ -21,12 +18,15 @@ from kata_vmcache.service import server as servermod
 from kata_vmcache.shape import KEY as SHAPE_KEY
 from kata_vmcache.vm.owned import VM, VMState
 
+from .fakes import FakeFactory, fake, pool_running, until
+from .servicer_fakes import Aborted, FakeContext, get_base_vm, servicer_for
+
 
 @pytest_asyncio.fixture
-async def pool(tmp_path: Path) -> AsyncIterator[tuple[VMCache, FakeFactory]]:
-    async with fake_pool(tmp_path, 2) as pool:
-        await until(pool[0], lambda: pool[0].ready_count == 2)
-        yield pool
+async def pool(pool: tuple[VMCache, FakeFactory]) -> tuple[VMCache, FakeFactory]:
+    """conftest's pool of two, once both are ready."""
+    await until(pool[0], lambda: pool[0].ready_count == 2)
+    return pool
 
 
 def by_id(factory: FakeFactory, vm_id: str) -> VM:
@@ -59,17 +59,17 @@ async def test_reserve_reply_give_delivered(pool: tuple[VMCache, FakeFactory]) -
         # (its record says so), still held by the daemon.
         vm = by_id(factory, reply.id)
         seen.append((reply.id, vm.state, vm in cache.owned()))
-        assert not vm.process.released  # type: ignore[attr-defined]
+        assert not vm.process.released
 
     context = FakeContext(writer=write)
     servicer = servicer_for(cache)
-    await servicer.GetBaseVM(empty_pb2.Empty(), context)  # type: ignore[arg-type]
+    await servicer.GetBaseVM(empty_pb2.Empty(), context)
     reply, = context.written
     vm = by_id(factory, reply.id)
     assert seen == [(vm.id, VMState.READY, False)]
     # Given before the handler returns (the OK status follows it) ...
     assert vm.state is VMState.HANDED_OFF
-    assert vm.process.released  # type: ignore[attr-defined]
+    assert vm.process.released
     assert reply is vm.handoff.message  # the record made when it became ready, as is
     # ... and counted once the call is over (grpc's done callbacks, after the status).
     assert cache.stats.handed_out == 0
@@ -136,7 +136,7 @@ async def test_a_reply_never_read_is_given_up(pool: tuple[VMCache, FakeFactory],
     # stopped (not leaked), or found room: either way the pool holds exactly its target.
     assert cache.ready_count == 2
     await cache.pool.wait_background()  # the surplus VM's stop
-    assert sum(vm.process.stopped for vm in factory.created) == len(factory.created) - 2  # type: ignore[attr-defined]
+    assert sum(fake(vm).stopped for vm in factory.created) == len(factory.created) - 2
 
 
 @pytest.mark.asyncio
@@ -145,7 +145,7 @@ async def test_a_vm_that_dies_while_its_reply_is_written_is_refused(
     cache, factory = pool
 
     def die(reply: cache_pb2.GrpcVM) -> None:
-        by_id(factory, reply.id).process.die()  # type: ignore[attr-defined]
+        fake(by_id(factory, reply.id)).die()
 
     context = FakeContext(writer=die)
     with pytest.raises(Aborted) as refused:
@@ -160,7 +160,7 @@ async def test_a_vm_that_dies_while_its_reply_is_written_is_refused(
 async def test_no_vm_before_the_deadline(tmp_path: Path) -> None:
     factory = FakeFactory(tmp_path)
     factory.gate = asyncio.Event()  # nothing ever becomes ready
-    async with fake_pool_with(factory, 1) as cache:
+    async with pool_running(VMCache(factory, 1, parallelism=1)) as cache:
         context = FakeContext(deadline=servermod.DEADLINE_MARGIN + 0.05)
         with pytest.raises(Aborted) as refused:
             await get_base_vm(servicer_for(cache), context)
@@ -184,32 +184,11 @@ async def test_config_and_status_read_the_factory(pool: tuple[VMCache, FakeFacto
     cache, _ = pool
     servicer = servicer_for(cache)
     context = FakeContext()
-    await servicer.Config(empty_pb2.Empty(), context)  # type: ignore[arg-type]
+    await servicer.Config(empty_pb2.Empty(), context)
     assert dict(context.trailing)[SHAPE_KEY]  # the VM the factory boots, for clients
     context = FakeContext()
-    status = await servicer.Status(empty_pb2.Empty(), context)  # type: ignore[arg-type]
+    status = await servicer.Status(empty_pb2.Empty(), context)
     assert context.trailing == ()  # no template: nothing beyond Kata's message
     assert sorted(v.pid for v in status.vmstatus) == sorted(
         vm.pid for vm in cache.owned() if vm.pid is not None)
 
-
-def fake_pool_with(factory: FakeFactory, target: int) -> _Running:
-    return _Running(VMCache(factory, target, parallelism=1))
-
-
-class _Running:
-    """`async with`: the cache's run() for the block, then cancelled and the cache closed."""
-
-    def __init__(self, cache: VMCache) -> None:
-        self.cache = cache
-        self.task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> VMCache:
-        self.task = asyncio.create_task(self.cache.run())
-        return self.cache
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.task is not None
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-        await self.cache.close()

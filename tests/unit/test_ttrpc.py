@@ -21,6 +21,7 @@ from google.protobuf.descriptor import FieldDescriptor as F
 
 from kata_vmcache.errors import TtrpcError, TtrpcProtocolError
 from kata_vmcache.proto import agent_health_pb2, ttrpc_pb2
+from kata_vmcache.vm.paths import VMPaths
 from kata_vmcache.vm.probe import KataTtrpcProbe
 from kata_vmcache.vm.ttrpc import TtrpcClient, VsockAddress
 
@@ -233,10 +234,13 @@ async def test_an_unanswered_call_times_out(tmp_path: Path) -> None:
 
 # --- the probe ------------------------------------------------------------------------
 
+NO_VM = VMPaths(dir=Path("/nonexistent/vm"), own=Path("/nonexistent/own"),
+                sandbox=Path("/nonexistent/sbs"))
+
 @pytest.mark.asyncio
 async def test_probe_is_ready_when_the_agent_answers(agent: AgentStandIn) -> None:
     probe = KataTtrpcProbe(agent.path)
-    await probe.attach(None)  # type: ignore[arg-type]  # nothing to attach to
+    await probe.attach(NO_VM)  # nothing to attach to: the agent answers when asked
     await probe_until_ready(probe)
     assert probe.answer == "SERVING"
     (stream, kind, flags, request), = agent.received

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from machine_cases import UUID, base, paths
 
 from kata_vmcache import config as cfg
 from kata_vmcache.factory import host as host_checks
@@ -23,6 +22,8 @@ from kata_vmcache.factory.spec import spec_from_config
 from kata_vmcache.kata import host
 from kata_vmcache.vm.devices import TEMPLATING_REFUSED
 from kata_vmcache.vm.virtiofsd import is_virtiofsd, receives_mounts, virtiofsd_argv
+
+from .machine_cases import UUID, base, paths
 
 QEMU_VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
 CHAR = "char-" + UUID.replace("-", "")[:16]
