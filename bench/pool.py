@@ -44,13 +44,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 SAMPLE = 0.25
 MISS_MS = 500.0
 SEED = 17
 
-POLICIES: dict[str, dict[str, object]] = {
+
+
+class Settings(TypedDict):
+    """A policy's [factory]/[vmcache] settings (vm_cache_number and the autoscale keys)."""
+
+    cache_number: int
+    autoscale: NotRequired[bool]
+    min_ready: NotRequired[int]
+    max_ready: NotRequired[int]
+
+
+POLICIES: dict[str, Settings] = {
     "fixed-2": {"cache_number": 2},
     "fixed-8": {"cache_number": 8},
     "autoscale": {"cache_number": 2, "autoscale": True, "min_ready": 0, "max_ready": 16},
@@ -68,7 +79,8 @@ class Trace:
 def _poisson(rng: random.Random, rate: Callable[[float], float], peak: float,
              duration: float) -> tuple[float, ...]:
     """Arrivals of a Poisson process with a time-varying rate (thinning)."""
-    t, out = 0.0, []
+    t = 0.0
+    out: list[float] = []
     while True:
         t += rng.expovariate(peak)
         if t >= duration:

@@ -29,13 +29,14 @@ def simulate(trace: pool.Trace, policy: str, boot: float,
     """(miss rate, idle VM-seconds) of `policy` on `trace`."""
     now = 0.0
     settings = pool.POLICIES[policy]
-    target = int(settings["cache_number"])  # type: ignore[call-overload]
+    target = settings["cache_number"]
     scaler = None
     if settings.get("autoscale"):
-        scaler = Policy(AutoscaleSettings(True, int(settings["min_ready"]),  # type: ignore[call-overload]
-                                          int(settings["max_ready"]), 60.0),  # type: ignore[call-overload]
+        scaler = Policy(AutoscaleSettings(True, settings["min_ready"], settings["max_ready"], 60.0),
                         initial=target, parallelism=parallelism, clock=lambda: now)
-    ready, booting, waiters = target, [], []
+    ready = target
+    booting: list[float] = []  # when each boot in flight is ready
+    waiters: list[float] = []  # when each waiting caller arrived
     arrivals, i = sorted(trace.arrivals), 0
     waits: list[float] = []
     idle = 0.0

@@ -186,8 +186,14 @@ class Bench:
         return [r for _, r in read_records(self.state) if r.get("state") == "ready"]
 
     def wait_full(self) -> list[dict[str, Any]]:
-        return wait_for(lambda: len(self.ready()) >= CACHE and self.ready(), 300,  # type: ignore[no-any-return]
-                        f"{CACHE} ready VMs")
+        def full() -> list[dict[str, Any]]:
+            ready = self.ready()
+            return ready if len(ready) >= CACHE else []
+        found: list[dict[str, Any]] = wait_for(full, 300, f"{CACHE} ready VMs")
+        return found
+
+    def wait_ready(self, count: int) -> None:
+        wait_for(lambda: len(self.ready()) >= count, 300, f"{count} ready VMs")
 
     def worker(self, *args: str) -> dict[str, Any]:
         out = subprocess.run([*WORKER, *args], capture_output=True, check=True, timeout=600)
@@ -389,15 +395,15 @@ class Bench:
         runs: list[Any] = []
         for name in trace_names:
             for policy in policy_names:
-                ours = dict(pool.POLICIES[policy])
-                number = int(ours.pop("cache_number"))  # type: ignore[call-overload]
+                settings = pool.POLICIES[policy]
+                number = settings["cache_number"]
+                ours = {key: value for key, value in settings.items() if key != "cache_number"}
                 config = self.tmp / f"pool-{policy}-{name}.toml"
                 config.write_text(render_config(build.guest, endpoint=self.endpoint,
                                                 state_dir=self.state, cache_number=number,
                                                 accelerator=build.accelerator, **ours))
                 self.start_daemon(config, self.tmp / f"pool-{policy}-{name}.log")
-                wait_for(lambda n=number: len(self.ready()) >= n, 300,  # type: ignore[misc]
-                         f"{number} ready VMs")
+                self.wait_ready(number)
                 run = pool.Run(policy, traces[name])
                 asyncio.run(pool.replay(self.endpoint, run, stop_vm))
                 self.stop_daemon()
@@ -563,10 +569,10 @@ def main() -> int:
     if args.pool_only:
         try:
             bench.start_pool_only()
-            rows, runs = bench.pool_policies(trace_names, policy_names)
+            policies = bench.pool_policies(trace_names, policy_names)
         finally:
             bench.stop()
-        write_pool(args.out, rows, runs)
+        write_pool(args.out, *policies)
         return 0
     if args.quick:
         try:

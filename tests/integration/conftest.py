@@ -10,15 +10,16 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from kata_vmcache.demo_guest import DemoGuest
 
 from .harness import Daemon
 
 
 @pytest.fixture(scope="session")
-def demo_guest() -> Iterator[Any]:
+def demo_guest() -> Iterator[DemoGuest]:
     from kata_vmcache.demo_guest import build_demo_guest
 
     if not shutil.which("qemu-system-x86_64"):
@@ -43,7 +44,7 @@ ConfigFactory = Callable[..., Path]
 
 
 @pytest.fixture
-def make_config(demo_guest: Any, workdir: Path) -> ConfigFactory:
+def make_config(demo_guest: DemoGuest, workdir: Path) -> ConfigFactory:
     from kata_vmcache.demo_config import render_config
 
     def make(cache_number: int = 2, name: str = "configuration.toml", **ours: object) -> Path:

@@ -28,6 +28,16 @@ WITH_NOFILE = ("import os, resource, sys; "
                "os.execv(sys.argv[3], sys.argv[3:])")
 
 
+def exited(*pids: int) -> Callable[[], bool]:
+    """For wait_for: none of these processes is alive any more."""
+    return lambda: not any(pid_alive(pid) for pid in pids)
+
+
+def absent(path: Path) -> Callable[[], bool]:
+    """For wait_for: nothing is at `path` any more."""
+    return lambda: not path.exists()
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
              interval: float = 0.05) -> Any:
     """Poll an observable condition until it holds; fail naming what did not happen."""
@@ -163,12 +173,10 @@ class Daemon:
         argv = [*CLI, "--config", str(self.config), *debug, "init"]
         if self.nofile is not None:
             argv = [sys.executable, "-c", WITH_NOFILE, *map(str, self.nofile), *argv]
-        self.proc = subprocess.Popen(argv,
-                                     stdout=self._log, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **self.env})
-        wait_for(lambda: self.serving() or self.proc.poll() is not None, 30,  # type: ignore[union-attr]
-                 "the daemon to serve")
-        assert self.proc.poll() is None, f"daemon exited: {self.log()}"
+        proc = self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                            text=True, env={**os.environ, **self.env})
+        wait_for(lambda: self.serving() or proc.poll() is not None, 30, "the daemon to serve")
+        assert proc.poll() is None, f"daemon exited: {self.log()}"
         return self
 
     @property
@@ -187,8 +195,11 @@ class Daemon:
                 or r.get("state") == state]
 
     def wait_ready(self, count: int, timeout: float = 90.0) -> list[dict[str, Any]]:
-        return wait_for(lambda: len(self.records("ready")) >= count and self.records("ready"),
-                        timeout, f"{count} ready VMs")  # type: ignore[no-any-return]
+        def ready() -> list[dict[str, Any]]:
+            records = self.records("ready")
+            return records if len(records) >= count else []
+        found: list[dict[str, Any]] = wait_for(ready, timeout, f"{count} ready VMs")
+        return found
 
     def cli(self, *args: str, timeout: float = 90.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*CLI, "--config", str(self.config), *args],

@@ -34,7 +34,7 @@ from kata_vmcache.shape import VMShape
 from kata_vmcache.sync import SyncCacheClient
 from kata_vmcache.vm.guest_channel import GuestChannel
 
-from .harness import Daemon, console_run, qmp, run_cli, wait_for
+from .harness import Daemon, absent, console_run, exited, qmp, run_cli, wait_for
 
 pytestmark = pytest.mark.qemu
 
@@ -150,7 +150,8 @@ async def test_failure_after_the_vm_is_taken_leaves_nothing_running(
         make_daemon: Callable[..., Daemon], inject: Callable[[BaseVM], None]) -> None:
     daemon = make_daemon(cache_number=1)
     daemon.wait_ready(1)
-    async with InjectingClient(daemon.endpoint, inject) as client:
+    client = InjectingClient(daemon.endpoint, inject)
+    async with client:
         with pytest.raises(VMDead) as failed:
             await get_vm(config_of(daemon), client=client, cpus=2)
     taken, = client.taken
@@ -159,10 +160,9 @@ async def test_failure_after_the_vm_is_taken_leaves_nothing_running(
     assert taken.pid is not None
     # A SIGKILLed QEMU takes a moment to finish exiting (its memory is torn down after its
     # /proc entry stops naming it, which is what get_vm() saw).
-    wait_for(lambda: not pid_alive(taken.pid), 10, "the taken VM's QEMU to be gone")
+    wait_for(exited(taken.pid), 10, "the taken VM's QEMU to be gone")
     for key in ("StateDir", "VMDir"):
-        wait_for(lambda key=key: not Path(taken.hypervisor[key]).exists(), 10,
-                 f"the taken VM's {key} to be removed")
+        wait_for(absent(Path(taken.hypervisor[key])), 10, f"the taken VM's {key} to be removed")
 
 
 def test_cli_get_resume_wait_guest(make_daemon: Callable[..., Daemon]) -> None:

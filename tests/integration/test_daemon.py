@@ -20,7 +20,7 @@ import pytest
 
 from kata_vmcache.procs import cmdline, pid_alive
 
-from .harness import CLI, Console, Daemon, qmp, run_cli, stop_taken_vm, wait_for
+from .harness import CLI, Console, Daemon, exited, qmp, run_cli, stop_taken_vm, wait_for
 
 pytestmark = pytest.mark.qemu
 
@@ -32,21 +32,21 @@ def test_cache_fills_and_status_lists_live_qemu(daemon: Daemon) -> None:
     result = daemon.cli("status")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == f"VM cache server pid = {daemon.proc.pid}"  # type: ignore[union-attr]
+    assert lines[0] == f"VM cache server pid = {daemon.pid}"
     vm_lines = lines[1:]
     assert len(vm_lines) == 2
     pids = set()
     for line in vm_lines:
-        prefix, _, pid = line.partition(" Cpu = ")[0].rpartition(" ")
+        prefix, _, number = line.partition(" Cpu = ")[0].rpartition(" ")
         assert prefix == "VM pid =", line
         assert line.endswith(" Cpu = 1 Memory = 256MiB"), line
-        pids.add(int(pid))
+        pids.add(int(number))
     assert pids == {r["pid"] for r in ready}
     for pid in pids:
         assert pid_alive(pid)
         assert "qemu-system-x86_64" in cmdline(pid)[0]
     as_json = json.loads(daemon.cli("status", "--json").stdout)
-    assert as_json["pid"] == daemon.proc.pid  # type: ignore[union-attr]
+    assert as_json["pid"] == daemon.pid
     assert {v["pid"] for v in as_json["vms"]} == pids
 
 
@@ -105,7 +105,7 @@ def test_destroy_stops_owned_vms_but_not_handed_off_ones(daemon: Daemon) -> None
     assert time.monotonic() - started < 5
     assert not daemon.endpoint.exists()
     for pid in owned:
-        wait_for(lambda pid=pid: not pid_alive(pid), 5, f"owned QEMU {pid} to stop")
+        wait_for(exited(pid), 5, f"owned QEMU {pid} to stop")
     assert pid_alive(taken["hypervisor"]["Pid"])
     status, = qmp(Path(taken["hypervisor"]["QmpChannelpath"]), "query-status")
     assert status["status"] == "paused"
@@ -228,7 +228,7 @@ def test_config_rpc_carries_katas_json(daemon: Daemon) -> None:
     expected = kata.vm_config(tomllib.loads(daemon.config.read_text()), "3.x")
     assert data == json.loads(json.dumps(expected))
     assert agent == data["AgentConfig"]
-    assert data["AgentConfig"]["LongLiveConn"] is True  # type: ignore[index]
+    assert data["AgentConfig"]["LongLiveConn"] is True
     hv = data["HypervisorConfig"]
     assert isinstance(hv, dict)
     assert hv["NumVCPUsF"] == 1.0

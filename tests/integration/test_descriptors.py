@@ -77,7 +77,7 @@ def test_started_with_a_soft_limit_of_1024_it_serves_1500_idle_connections(
     d.wait_ready(1)
     assert open_limit(d.pid) == (4096, 4096)
     assert "raised the open-file limit from 1024 to 4096" in d.log()
-    conns = []
+    conns: list[RawConnection] = []
     try:
         for _ in range(IDLE_CONNECTIONS):
             conn = idle_connection(d.endpoint)
@@ -105,7 +105,11 @@ def test_out_of_descriptors_is_said_once_and_the_daemon_recovers(
     monitor = vmcache_pb2_grpc.MonitorStub(channel)
     conns: list[RawConnection] = []
     with channel, contextlib.ExitStack() as closing:
-        closing.callback(lambda: [c.close() for c in conns])
+        @closing.callback
+        def close_all() -> None:
+            for c in conns:
+                c.close()
+
         cache.Status(empty_pb2.Empty(), timeout=10)
         # Idle connections until the daemon accepts no more (one more waits in the backlog).
         while (conn := idle_connection(d.endpoint, accept_within=2.0)) is not None:

@@ -19,7 +19,7 @@ from conftest import our_qemus  # tests/conftest.py: the leak guard's own census
 
 from kata_vmcache.procs import pid_alive
 
-from .harness import Daemon, qmp, wait_for
+from .harness import Daemon, exited, qmp, wait_for
 
 pytestmark = pytest.mark.qemu
 
@@ -184,7 +184,7 @@ def test_stuck_orphans_are_stopped_side_by_side(make_daemon: Callable[..., Daemo
     second = make_daemon(cache_number=1)
     serving = time.monotonic() - started
     for pid in orphans:
-        wait_for(lambda pid=pid: not pid_alive(pid), 10, f"stuck orphan {pid} to be stopped")
+        wait_for(exited(pid), 10, f"stuck orphan {pid} to be stopped")
     gone = time.monotonic() - started
     report("3 SIGSTOPped orphans: serving after, all gone after (s)",
            f"{serving:.2f}, {gone:.2f}")

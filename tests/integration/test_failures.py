@@ -15,7 +15,7 @@ from conftest import our_qemus  # tests/conftest.py: the leak guard's own census
 
 from kata_vmcache.procs import pid_alive
 
-from .harness import Daemon, qmp, wait_for
+from .harness import Daemon, exited, qmp, wait_for
 from .observe import TakenVM, cpu_seconds, get_vm, owned_vms, status_pids
 
 pytestmark = pytest.mark.qemu
@@ -87,7 +87,7 @@ def test_restart_after_sigkill_stops_orphans_and_keeps_handed_off_vms(
     second = make_daemon(cache_number=2)  # same socket, same state dir
     report("restart after SIGKILL: serving after (s)", f"{time.monotonic() - started:.3f}")
     for pid in orphans:
-        wait_for(lambda pid=pid: not pid_alive(pid), 10, f"orphaned QEMU {pid} to be stopped")
+        wait_for(exited(pid), 10, f"orphaned QEMU {pid} to be stopped")
     log = second.log()
     assert log.count("by a previous daemon") == 2, log
     assert "replacing stale socket" in log, log
@@ -141,7 +141,7 @@ def test_sigterm_under_load_exits_fast_and_touches_no_handed_off_vm(
     assert len(outcomes) == 6
     for o in outcomes:
         if isinstance(o, grpc.RpcError):
-            assert o.code() is grpc.StatusCode.UNAVAILABLE, o  # type: ignore[attr-defined]
+            assert o.code() is grpc.StatusCode.UNAVAILABLE, o
     received = {o.pid for o in outcomes if isinstance(o, TakenVM)}
     assert handed <= received
     # Exactly the handed-off QEMUs survive, each still paused and answering.

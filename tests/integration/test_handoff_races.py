@@ -248,7 +248,7 @@ def test_twenty_callers_race_for_a_cache_of_two(make_daemon: Callable[..., Daemo
     assert len({vm.id for vm in got}) == len(got)
     assert len({vm.pid for vm in got}) == len(got)
     for deadline, took, exc in failed:
-        assert exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED, exc  # type: ignore[attr-defined]
+        assert exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED, exc
         # At its own deadline: not before it, and not long after (a loaded host is slow).
         assert deadline - 0.2 <= took <= deadline + 3, (deadline, took, exc)
     if failed:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from kata_vmcache.demo_config import render_config
+from kata_vmcache.demo_guest import DemoGuest
 
 from .harness import Daemon, run_cli, wait_for
 
@@ -93,7 +94,7 @@ def prometheus_for() -> Iterator[Callable[[str], Prometheus]]:
 
 def test_prometheus_sees_a_handoff_and_the_ready_gauge(
         make_daemon: Callable[..., Daemon], prometheus_for: Callable[[str], Prometheus],
-        demo_guest: Any, workdir: Path) -> None:
+        demo_guest: DemoGuest, workdir: Path) -> None:
     address = f"127.0.0.1:{free_port()}"
     daemon = make_daemon(1, metrics_address=address)
     daemon.wait_ready(1)

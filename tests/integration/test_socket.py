@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from kata_vmcache.demo_guest import DemoGuest
 from kata_vmcache.procs import cmdline
 
 from .harness import Daemon, wait_for
@@ -112,7 +113,7 @@ def _as_nobody(endpoint: Path, gid: int) -> subprocess.CompletedProcess[str]:
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing user needs root")
 def test_permissions_group_socket_argv_and_state_dirs(
         make_daemon: Callable[..., Daemon], make_config: Callable[..., Path],
-        demo_guest: object, workdir: Path) -> None:
+        demo_guest: DemoGuest, workdir: Path) -> None:
     # The workdir must be reachable by `nobody` for the group test (mkdtemp makes it 0700).
     os.chmod(workdir, 0o755)
     d = make_daemon(cache_number=1)
@@ -132,7 +133,7 @@ def test_permissions_group_socket_argv_and_state_dirs(
 
     # A kernel path full of shell syntax is one argument to QEMU, never shell input.
     trap = workdir / "k;touch PWNED;$(touch PWNED2)"
-    shutil.copy(demo_guest.kernel, trap)  # type: ignore[attr-defined]
+    shutil.copy(demo_guest.kernel, trap)
     config = make_config(cache_number=1, socket_mode="0660",
                          socket_group="nogroup")
     text = config.read_text()

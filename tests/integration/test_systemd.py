@@ -30,7 +30,7 @@ from kata_vmcache.client.rpc import CacheClient
 from kata_vmcache.procs import pid_alive
 from kata_vmcache.service.server import probe_endpoint
 
-from .harness import Daemon, qmp, run_cli, wait_for
+from .harness import Daemon, exited, qmp, run_cli, wait_for
 
 pytestmark = pytest.mark.qemu
 
@@ -252,7 +252,7 @@ def test_reload_of_vm_settings_retires_old_vms_and_config_follows(
                 and not old & {v["pid"] for v in vms})
     wait_for(refilled, 90, "2 VMs with the new memory size")
     for pid in old:
-        wait_for(lambda pid=pid: not pid_alive(pid), 10, f"retired QEMU {pid} to stop")
+        wait_for(exited(pid), 10, f"retired QEMU {pid} to stop")
     vm = d.get()
     assert vm["memory"] == 320
 

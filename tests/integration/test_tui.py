@@ -70,7 +70,7 @@ async def test_dashboard_follows_the_real_daemon(make_daemon: Callable[..., Daem
                     "the table to list the pids of `status`")
         snapshot = app.snapshot
         assert snapshot is not None
-        assert snapshot.pid == daemon.proc.pid
+        assert snapshot.pid == daemon.pid
         as_json = json.loads((await asyncio.to_thread(daemon.cli, "status", "--json")).stdout)
         assert {v["pid"] for v in as_json["snapshot"]["vms"]} == pids
         assert as_json["snapshot"]["ready"] == 2
@@ -110,7 +110,7 @@ async def test_dashboard_follows_the_real_daemon(make_daemon: Callable[..., Daem
         served = time.monotonic()
         await until(pilot, lambda: app.connection == "connected"
                     and app.snapshot is not None
-                    and app.snapshot.pid == daemon.proc.pid,  # type: ignore[union-attr]
+                    and app.snapshot.pid == daemon.pid,
                     "the dashboard to reconnect")
         now = time.monotonic()
         print(f"reconnected {now - began:.3f} s after the restart began, "
@@ -160,7 +160,7 @@ def test_tui_in_a_terminal(daemon: Daemon, tmux: list[str]) -> None:
     subprocess.run([*tmux, "respawn-pane", "-k", "-t", "tui", command], check=True)
     try:
         expected = [*(f" {r['pid']} " for r in ready), "Ready 2 / 2", "t Take VM", "q Quit",
-                    f"pid       {daemon.proc.pid}"]  # type: ignore[union-attr]
+                    f"pid       {daemon.pid}"]
         wait_for(lambda: all(e in screen(tmux) for e in expected), 30,
                  f"{expected} on screen")
         subprocess.run([*tmux, "send-keys", "-t", "tui", "?"], check=True)

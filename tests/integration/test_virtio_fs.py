@@ -36,7 +36,7 @@ from kata_vmcache.procs import cmdline, pid_alive
 from kata_vmcache.vm.guest_channel import GuestChannel
 from kata_vmcache.vm.virtiofsd import is_virtiofsd
 
-from .harness import Daemon, qmp, run_cli, stop_taken_vm, wait_for
+from .harness import Daemon, exited, qmp, run_cli, stop_taken_vm, wait_for
 
 pytestmark = pytest.mark.qemu
 
@@ -197,8 +197,8 @@ def test_a_restarted_daemon_stops_its_predecessor_s_vms_and_their_virtiofsd(
     assert all(pid_alive(r["pid"]) and pid_alive(r["virtiofsd_pid"]) for r in orphans)
     second = make_vfs_daemon(1)
     for r in orphans:
-        wait_for(lambda r=r: not pid_alive(r["pid"]) and not pid_alive(r["virtiofsd_pid"]),
-                 15, f"orphan {r['id']}'s QEMU and virtiofsd to be stopped")
+        wait_for(exited(r["pid"], r["virtiofsd_pid"]), 15,
+                 f"orphan {r['id']}'s QEMU and virtiofsd to be stopped")
     assert pid_alive(vm["Pid"])
     assert pid_alive(vm["VirtiofsdPid"])
     second.wait_ready(1)
