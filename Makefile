@@ -43,7 +43,9 @@ run: setup
 # schedule measured 10:02 for the suite, worksteal 7:16, same clone, same machine).
 TEST_JOBS ?= 2
 
-test: setup
+# The linters first (ruff, and mypy on the package, tests/ and bench/): CI runs `make test`,
+# so a lint error fails it as a failing test would.
+test: setup lint
 	$(BIN)/python -m pytest -n $(TEST_JOBS) $(if $(filter 0,$(TEST_JOBS)),,--dist worksteal)
 
 test-unit: venv
