@@ -32,8 +32,8 @@ from pathlib import Path
 
 from kata_vmcache.client.rpc import CacheClient
 from kata_vmcache.config import Config, load
-from kata_vmcache.demo_config import render_config
-from kata_vmcache.demo_guest import build_demo_guest
+from kata_vmcache.demo.config import render_config
+from kata_vmcache.demo.guest import build_demo_guest
 from kata_vmcache.factory.spec import spec_from_config
 from kata_vmcache.getvm import get_vm
 from kata_vmcache.vm.guest_channel import GuestChannel

@@ -143,8 +143,8 @@ class Bench:
     # set-up
 
     def start(self) -> None:
-        from kata_vmcache.demo_config import render_config
-        from kata_vmcache.demo_guest import build_demo
+        from kata_vmcache.demo.config import render_config
+        from kata_vmcache.demo.guest import build_demo
 
         build = build_demo(ROOT / ".demo")
         self.accelerator = build.accelerator
@@ -296,8 +296,8 @@ class Bench:
         SCHED_IDLE keeps out of running sandboxes' way must be no slower when nobody else
         wants the CPU. Each round empties the cache of 8 and times its refill, read from
         the daemon's own "ready in" lines."""
-        from kata_vmcache.demo_config import render_config
-        from kata_vmcache.demo_guest import build_demo
+        from kata_vmcache.demo.config import render_config
+        from kata_vmcache.demo.guest import build_demo
 
         build = build_demo(ROOT / ".demo")
         seconds: dict[str, list[float]] = {"idle": [], "normal": []}
@@ -384,8 +384,8 @@ class Bench:
         """bench/pool.py: each policy against each trace, on a daemon of its own."""
         import pool
 
-        from kata_vmcache.demo_config import render_config
-        from kata_vmcache.demo_guest import build_demo
+        from kata_vmcache.demo.config import render_config
+        from kata_vmcache.demo.guest import build_demo
 
         if self.daemon is not None:
             self.stop_daemon()

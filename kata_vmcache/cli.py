@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     if command == "tui":
         return tui(endpoint_of(args))
     if command == "demo-guest":
-        from .demo_guest import build_demo
+        from .demo.guest import build_demo
 
         if args.cache_number < 1:
             raise UsageError(f"--cache-number must be >= 1 (got {args.cache_number})")

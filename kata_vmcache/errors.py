@@ -145,7 +145,7 @@ class QemuUnusable(VmcacheError):
 
 
 class DemoGuestError(VmcacheError):
-    """The demo guest cannot be built from what this host has installed (demo_guest.py)."""
+    """The demo guest cannot be built from what this host has installed (demo/guest.py)."""
 
 
 class GuestTimeout(VmcacheError, TimeoutError):

@@ -2,7 +2,7 @@
 
 QEMU exposes the port as a Unix socket chardev (`-chardev socket,id=agent,...,server=on,
 wait=off -serial chardev:agent`). The protocol is one ASCII line per message; the guest
-side, with the full list of commands, is `kata_vmcache/guest/init`:
+side, with the full list of commands, is `kata_vmcache/demo/init`:
 
     async with await GuestChannel.connect(paths.agent) as ch:
         await qmp.execute("cont")

@@ -93,8 +93,8 @@ def cases(root: Path) -> list[tuple[str, Path]]:
         dest.write_text(text)
         out.append((src.stem, dest))
     # The file `kata-vmcache demo-guest` writes (render_config's Kata tables).
-    from kata_vmcache.demo_config import render_config
-    from kata_vmcache.demo_guest import DemoGuest
+    from kata_vmcache.demo.config import render_config
+    from kata_vmcache.demo.guest import DemoGuest
 
     guest = DemoGuest(files["KERNEL"], files["INITRD"], root / "demo-guest.toml")
     demo = root / "demo-guest.toml"

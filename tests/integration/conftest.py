@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from kata_vmcache.demo_guest import DemoGuest
+from kata_vmcache.demo.guest import DemoGuest
 
 from .harness import Daemon
 
 
 @pytest.fixture(scope="session")
 def demo_guest() -> Iterator[DemoGuest]:
-    from kata_vmcache.demo_guest import build_demo_guest
+    from kata_vmcache.demo.guest import build_demo_guest
 
     if not shutil.which("qemu-system-x86_64"):
         pytest.fail("qemu-system-x86_64 is not installed (run `make setup`)")
@@ -45,7 +45,7 @@ ConfigFactory = Callable[..., Path]
 
 @pytest.fixture
 def make_config(demo_guest: DemoGuest, workdir: Path) -> ConfigFactory:
-    from kata_vmcache.demo_config import render_config
+    from kata_vmcache.demo.config import render_config
 
     def make(cache_number: int = 2, name: str = "configuration.toml", **ours: object) -> Path:
         path = workdir / name

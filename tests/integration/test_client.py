@@ -25,8 +25,8 @@ import pytest
 
 from kata_vmcache.client.rpc import BaseVM, CacheClient
 from kata_vmcache.config import Config, load
-from kata_vmcache.demo_config import render_config
-from kata_vmcache.demo_guest import DemoGuest
+from kata_vmcache.demo.config import render_config
+from kata_vmcache.demo.guest import DemoGuest
 from kata_vmcache.errors import VMDead
 from kata_vmcache.getvm import get_vm
 from kata_vmcache.procs import cmdline, pid_alive

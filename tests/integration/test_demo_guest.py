@@ -23,8 +23,8 @@ import pytest
 import pytest_asyncio
 from qemu.qmp import ConnectError, QMPClient
 
-from kata_vmcache.demo_config import KERNEL_PARAMS
-from kata_vmcache.demo_guest import DemoGuest
+from kata_vmcache.demo.config import KERNEL_PARAMS
+from kata_vmcache.demo.guest import DemoGuest
 from kata_vmcache.vm.guest_channel import GuestChannel, GuestInfo
 
 from .harness import console_run

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from kata_vmcache.demo_guest import DemoGuest
-from kata_vmcache.demo_kernel import find_kernel, kernel_version, share_modules
+from kata_vmcache.demo.guest import DemoGuest
+from kata_vmcache.demo.kernel import find_kernel, kernel_version, share_modules
 from kata_vmcache.errors import DemoGuestError
 from kata_vmcache.vm.guest_channel import GuestChannel
 

@@ -24,8 +24,8 @@ from typing import Any
 import grpc
 import pytest
 
-from kata_vmcache.demo_config import render_config
-from kata_vmcache.demo_guest import DemoGuest
+from kata_vmcache.demo.config import render_config
+from kata_vmcache.demo.guest import DemoGuest
 from kata_vmcache.procs import cmdline, pid_alive
 from kata_vmcache.proto import agent_health_pb2, agent_health_pb2_grpc
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from kata_vmcache.demo_config import render_config
-from kata_vmcache.demo_guest import DemoGuest
+from kata_vmcache.demo.config import render_config
+from kata_vmcache.demo.guest import DemoGuest
 
 from .harness import Daemon, run_cli, wait_for
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kata_vmcache.demo_guest import DemoGuest
+from kata_vmcache.demo.guest import DemoGuest
 from kata_vmcache.procs import cmdline
 
 from .harness import Daemon, wait_for

@@ -29,9 +29,9 @@ from typing import Any
 import pytest
 from conftest import our_qemus  # tests/conftest.py: the leak guard's own census
 
-from kata_vmcache.demo_config import render_config
-from kata_vmcache.demo_guest import DemoGuest
-from kata_vmcache.demo_kernel import find_kernel, kernel_version, share_modules
+from kata_vmcache.demo.config import render_config
+from kata_vmcache.demo.guest import DemoGuest
+from kata_vmcache.demo.kernel import find_kernel, kernel_version, share_modules
 from kata_vmcache.procs import cmdline, pid_alive
 from kata_vmcache.vm.guest_channel import GuestChannel
 from kata_vmcache.vm.virtiofsd import is_virtiofsd

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from kata_vmcache.cpio import FIXED_MTIME
-from kata_vmcache.demo_config import KERNEL_PARAMS
-from kata_vmcache.demo_guest import STAMP_NAME, DemoGuest, build_demo_guest
-from kata_vmcache.demo_initramfs import init_script
-from kata_vmcache.demo_kernel import find_kernel, kernel_version, share_modules
+from kata_vmcache.demo.config import KERNEL_PARAMS
+from kata_vmcache.demo.cpio import FIXED_MTIME
+from kata_vmcache.demo.guest import STAMP_NAME, DemoGuest, build_demo_guest
+from kata_vmcache.demo.initramfs import init_script
+from kata_vmcache.demo.kernel import find_kernel, kernel_version, share_modules
 from kata_vmcache.errors import DemoGuestError, GuestError, GuestTimeout
 from kata_vmcache.vm.guest_channel import GuestChannel, GuestInfo
 

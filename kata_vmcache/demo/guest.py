@@ -3,7 +3,7 @@
 `build_demo_guest(dest)` makes, from the host's distribution packages only:
 
 - `dest/vmlinuz`: a copy of the host kernel (the newest `/boot/vmlinuz-*` unless given;
-  demo_kernel.py);
+  kernel.py);
 - `dest/initrd.img`: a gzip'd newc cpio archive (cpio.py, in pure Python) holding busybox,
   the guest's `/init` and, when the kernel has them, the modules the guest needs to mount a
   virtio-fs share (its `share` command): demo_initramfs.py lays it out.
@@ -14,7 +14,7 @@ records a digest of the inputs and of the outputs; when both still match, nothin
 rewritten, so running it on every `make setup` is cheap. Outputs are replaced atomically.
 
 `build_demo(dest)` is the `demo-guest DIR` command: the guest plus `dest/configuration.toml`
-for it (demo_config.py), its accelerator chosen once by booting the guest under KVM
+for it (config.py), its accelerator chosen once by booting the guest under KVM
 (`probe_accelerator`).
 
 The guest boots with `demo_config.KERNEL_PARAMS`: a root shell on the console (ttyS0, the
@@ -38,22 +38,16 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .demo_config import CONFIG_HEADER, KERNEL_PARAMS, render_config
-from .demo_initramfs import (
+from ..errors import DemoGuestError, VmcacheError
+from .config import CONFIG_HEADER, KERNEL_PARAMS, render_config
+from .initramfs import (
     DEFAULT_BUSYBOX,
     busybox_applets,
     check_static_busybox,
     init_script,
     initramfs,
 )
-from .demo_kernel import (
-    DEFAULT_MODULES_ROOT,
-    check_kernel,
-    find_kernel,
-    kernel_version,
-    share_modules,
-)
-from .errors import DemoGuestError, VmcacheError
+from .kernel import DEFAULT_MODULES_ROOT, check_kernel, find_kernel, kernel_version, share_modules
 
 log = logging.getLogger(__name__)
 
@@ -200,12 +194,12 @@ def build_demo(dest: Path, *, cache_number: int = 2) -> DemoBuild:
 
 async def probe_accelerator(guest: DemoGuest, timeout: float = KVM_PROBE_SECONDS) -> str:
     """"kvm" if the demo guest comes up under KVM within `timeout`, else "tcg"."""
-    from .factory.host import kvm_usable
-    from .vm.guest_channel import READY_LINE
-    from .vm.paths import VMPaths
-    from .vm.probe import SerialLineProbe
-    from .vm.qemu import QemuProcess
-    from .vm.spec import VMSpec
+    from ..factory.host import kvm_usable
+    from ..vm.guest_channel import READY_LINE
+    from ..vm.paths import VMPaths
+    from ..vm.probe import SerialLineProbe
+    from ..vm.qemu import QemuProcess
+    from ..vm.spec import VMSpec
 
     if not kvm_usable():
         return "tcg"

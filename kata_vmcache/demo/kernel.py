@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DemoGuestError
+from ..errors import DemoGuestError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .demo_guest import DemoGuest
+    from .guest import DemoGuest
 
 # The demo guest's kernel command line. Measured under TCG on the build machine (2 cores,
 # QEMU 7.2, Debian 6.1 cloud kernel, median of 5 boots, `cont` to KATA-VMCACHE-READY):

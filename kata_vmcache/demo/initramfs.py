@@ -1,9 +1,9 @@
 """The demo guest's initramfs, laid out (cpio.py writes the archive):
 
 - `/bin/busybox` (static, from busybox-static) and a symlink per busybox applet;
-- `/init` (`kata_vmcache/guest/init`, which also documents the agent protocol),
+- `/init` (`kata_vmcache/demo/init`, which also documents the agent protocol),
   `/dev/console` and the empty directories the init mounts over;
-- the kernel's virtio-fs modules (demo_kernel.py), when it has them: `/lib/modules/<name>.ko`,
+- the kernel's virtio-fs modules (kernel.py), when it has them: `/lib/modules/<name>.ko`,
   with `/lib/modules/share.load` naming them in load order.
 """
 
@@ -15,12 +15,12 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from ..errors import DemoGuestError
 from .cpio import CpioEntry, newc_archive
-from .demo_kernel import KernelModule
-from .errors import DemoGuestError
+from .kernel import KernelModule
 
 DEFAULT_BUSYBOX = Path("/bin/busybox")
-GUEST_INIT = Path(__file__).with_name("guest") / "init"
+GUEST_INIT = Path(__file__).with_name("init")
 #: In the archive: the modules' directory, and the list of them in load order (read by
 #: the guest's init).
 GUEST_MODULES_DIR = "lib/modules"
