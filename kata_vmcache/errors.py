@@ -141,7 +141,7 @@ class TemplateError(VmcacheError):
 
 
 class QemuUnusable(VmcacheError):
-    """The configured QEMU could not tell its machine types (preflight.py)."""
+    """The configured QEMU could not tell its machine types (factory/host.py)."""
 
 
 class DemoGuestError(VmcacheError):

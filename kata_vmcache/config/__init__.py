@@ -27,7 +27,7 @@ Integers in Kata's tables must fit the Go type Kata decodes them into: a value K
 cannot load is refused here.
 
 What the file alone cannot tell (does the configured QEMU know the machine type, can the
-state directory be ours) is checked by service/preflight.py, at `check-config`, start and
+state directory be ours) is checked by factory/host.py, at `check-config`, start and
 reload.
 
 The modules, in the order a file goes through them:

@@ -24,7 +24,7 @@ from .keys import KATA_VM_STORAGE_PATH
 from .values import is_int
 
 #: `[vmcache] accelerator` as written. "auto" is decided on the host (KVM when /dev/kvm is
-#: usable, else TCG, factory/direct.py), so a VM is launched with one of the other two:
+#: usable, else TCG, factory/host.py), so a VM is launched with one of the other two:
 #: the VM's `Accelerator` (vm/), which cannot say "auto".
 AcceleratorSetting = Literal["auto", "kvm", "tcg"]
 ReadyProbe = Literal["kata-agent", "serial"]

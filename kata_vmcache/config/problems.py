@@ -2,7 +2,7 @@
 
 A problem names its file, dotted key and line: `PATH:LINE: table.key: what is wrong`.
 tomllib gives no line numbers, so `KeyLines` finds each `key =` inside its `[table]` in the
-text. `problem_in` does the same for checks made after loading (preflight.py), which only
+text. `problem_in` does the same for checks made after loading (factory/host.py), which only
 have the `Config`. `suggest` adds "did you mean ...?" to an unknown key or choice.
 """
 
@@ -47,7 +47,7 @@ def suggest(key: str, known: frozenset[str]) -> str:
 
 def problem_in(config: Config, key: str, message: str) -> ConfigProblem:
     """A problem with `key` of the file `config` was read from, located at the key's line
-    (for checks made after loading: preflight.py)."""
+    (for checks made after loading: factory/host.py)."""
     line = None
     if config.source is not None:
         try:

@@ -72,7 +72,7 @@ def spec_from_config(config: Config, accelerator: Literal["kvm", "tcg"]) -> VMSp
 
 
 def kata3_fields(config: Config, kata_hv: Mapping[str, Any]) -> dict[str, Any]:
-    """The VMSpec fields only Kata 3.x's device model reads (machine.Kata3Line), from
+    """The VMSpec fields only Kata 3.x's device model reads (vm/line3.py Kata3Line), from
     Kata's HypervisorConfig (kata/), and where that has no key, from the file as
     kata-containers 3.30.0's loader reads it (src/runtime/pkg/katautils/config.go,
     newQemuHypervisorConfig)."""
@@ -140,7 +140,7 @@ EXTRA_MONITORS_3X = ("hmp", "qmp", "qmp-pretty")
 def check_kata3(config: Config) -> list[ConfigProblem]:
     """What in a Kata 3.x file Kata 3.30.0 itself refuses when it builds the VM, or what
     kata-vmcache cannot build the way Kata does. File-level rules, kept beside the 3.x
-    device model (machine.Kata3Line) whose assumptions they state."""
+    device model (vm/line3.py Kata3Line) whose assumptions they state."""
     q = _qemu_table(config)
     hv = config.kata_hypervisor  # a 3.x file: its 3.x derivation
     source = config.source

@@ -1,7 +1,7 @@
 """Live reload of configuration.toml: SIGHUP, `kata-vmcache reload`, `systemctl reload`.
 
 The daemon re-reads the file it was started with and validates it exactly as at start-up
-(the file, then what it names on this host: preflight.py).
+(the file, then what it names on this host: factory/host.py).
 Then, by what changed:
 
 | setting                                             | on reload                              |

@@ -1,6 +1,6 @@
 """Kata 3.x's QEMU command line for a factory VM (`generation = "3.x"`), as
 kata-containers 3.30.0 writes it: `Kata3Line`, with the 3.x checks of an image's root
-parameters (`kernel_root_params_3x`, `kernel_verity`) that factory/direct.py also runs on
+parameters (`kernel_root_params_3x`, `kernel_verity`) that factory/spec.py also runs on
 the file before any VM is built. line1.py is its 1.x counterpart; `VMSpec.argv()` picks
 one by the spec's generation. `Kata3Line`'s docstring says what it follows and where its
 line differs from 1.x's and from 3.x's own.

@@ -1,7 +1,7 @@
 """One QEMU process and, while we own it, its QMP session.
 
-`machine.VMSpec` is everything that makes two VMs interchangeable (what Kata compares), and
-turns into Kata's QEMU argument list; `machine.VMPaths` is where one VM's sockets and files
+`spec.VMSpec` is everything that makes two VMs interchangeable (what Kata compares), and
+turns into Kata's QEMU argument list; `paths.VMPaths` is where one VM's sockets and files
 live; `QemuProcess` owns the process (the QMP conversation and the stop sequence it uses
 are qmp.py's, shared with every other caller):
 

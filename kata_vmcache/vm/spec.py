@@ -6,7 +6,7 @@ builds a sandbox through the devices it expects to find: PCI bridges to hot-plug
 virtio-serial console, the SCSI controller, the RNG, the agent's channel (a virtio-serial
 port `agent.channel.0` on `kata.sock`, or a vhost-vsock device), the shared directory
 (9p tag `kataShared`, or virtio-fs). `VMSpec` holds what decides those devices, resolved
-from the file the way Kata's loader resolves it (factory/direct.py `spec_from_config`);
+from the file the way Kata's loader resolves it (factory/spec.py `spec_from_config`);
 `VMSpec.argv()` has the line of the spec's generation write them in the syntax the
 installed QEMU accepts:
 

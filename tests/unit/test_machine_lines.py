@@ -1,4 +1,4 @@
-"""Kata's QEMU command line for a factory VM (machine.VMSpec).
+"""Kata's QEMU command line for a factory VM (vm/spec.py VMSpec, vm/line1.py, vm/line3.py).
 
 Kata 1.x's line is pinned by a golden file written from the first cut of issue 12 (commit
 5837bd6, before the 3.x model existed): the 3.x work must leave it byte for byte as it was.
