@@ -1,4 +1,4 @@
-"""Kata's device model (vm/spec.py and its lines): the command line of a cached VM against the one Kata
+"""Kata's device model (vm/spec.py and its lines): a cached VM's command line against the one Kata
 1.x's own factory wrote for the same file, and how the file's options change it.
 
 The reference is the line captured from `kata-runtime factory init` (kata-containers/
