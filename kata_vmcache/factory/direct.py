@@ -312,21 +312,29 @@ class DirectFactory:
         if ready in done:
             raise LaunchError(f"guest readiness probe failed: {ready.exception()}",
                               argv=vm.process.argv)
-        raise self._not_ready(vm, probe, timeout)
+        heard = probe.seen
+        if self.spec.accelerator == "kvm" and self.auto and not heard:
+            self._fall_back_to_tcg(timeout)
+        raise not_ready(vm, heard, timeout)
 
-    def _not_ready(self, vm: VM, probe: ReadinessProbe, timeout: float) -> GuestNotReady:
-        accel = self.spec.accelerator
-        said = getattr(probe, "seen", [])
-        hint = ""
-        if accel == "kvm":
-            hint = ("; guests hang under KVM on some hosts: set accelerator = \"tcg\" "
-                    "in [vmcache] if this keeps happening")
-            if self.auto and not said:
-                self.spec = spec_from_config(self.config, "tcg")
-                log.warning("accelerator auto: the guest did not come up under KVM in %g s; "
-                            "using TCG for the next boots", timeout)
-        elif accel == "tcg":
-            hint = "; under TCG (software emulation) boots are slow: raise ready_timeout"
-        last = f" (last guest output: {said[-1].decode(errors='replace')!r})" if said else ""
-        return GuestNotReady(f"guest not ready after {timeout:g} s under {accel.upper()}"
-                             f"{last}{hint}", argv=vm.process.argv)
+    def _fall_back_to_tcg(self, timeout: float) -> None:
+        """Accelerator auto, and a guest that never said a word under KVM: the hosts where
+        guests hang under KVM (this project's build machine) get TCG from now on."""
+        self.spec = spec_from_config(self.config, "tcg")
+        log.warning("accelerator auto: the guest did not come up under KVM in %g s; "
+                    "using TCG for the next boots", timeout)
+
+
+def not_ready(vm: VM, said: list[bytes], timeout: float) -> GuestNotReady:
+    """The error of a boot whose guest did not signal within `timeout`: what it last said,
+    and what to do about it under the VM's accelerator."""
+    accel = vm.spec.accelerator
+    hint = ""
+    if accel == "kvm":
+        hint = ("; guests hang under KVM on some hosts: set accelerator = \"tcg\" "
+                "in [vmcache] if this keeps happening")
+    elif accel == "tcg":
+        hint = "; under TCG (software emulation) boots are slow: raise ready_timeout"
+    last = f" (last guest output: {said[-1].decode(errors='replace')!r})" if said else ""
+    return GuestNotReady(f"guest not ready after {timeout:g} s under {accel.upper()}"
+                         f"{last}{hint}", argv=vm.process.argv)

@@ -59,6 +59,12 @@ class ReadinessProbe(Protocol):
     async def close(self) -> None:
         """Release what attach() took; the guest keeps running."""
 
+    @property
+    def seen(self) -> list[bytes]:
+        """What the guest (or the agent's channel) last said short of ready: a boot that
+        times out shows it."""
+        ...
+
 
 class SerialLineProbe:
     """Ready when the guest prints `line` on our second serial port: the guest channel's
