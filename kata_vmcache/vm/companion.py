@@ -134,6 +134,14 @@ class Companion:
         it serves, has exited): not logged, no callback."""
         self._stopping = True
 
+    def end_with_qemu(self) -> None:
+        """Its VM's QEMU has exited, the VM being handed out: SIGTERM, once, even though
+        released (a virtiofsd has usually exited already, with QEMU's connection). Reaped
+        when it goes, as always; nothing waits for it here."""
+        if self.running and self._pidfd is not None:
+            self._stopping = True
+            self._pidfd.signal(signal.SIGTERM)
+
     def release(self) -> None:
         """Handed out with its VM: never signalled again (still reaped: it is our child)."""
         self._released = True

@@ -174,6 +174,11 @@ class VM:
             # stop removes the VM's directory itself (qemu.go cleanupVM); a client that
             # crashed does not.
             self.log.info("handed-out VM's QEMU %s has exited; removing its files", self.pid)
+            # Its companions served that QEMU alone, and their sockets go with the files: a
+            # receiver that never stopped them (Kata 1.x's vm.Stop() leaves the kata-proxy)
+            # would leave them running for nothing. They are still our children.
+            for companion in self.companions:
+                companion.end_with_qemu()
             self.remove_dirs()
 
     # the VM's processes: QEMU and its companions (Kata 1.x's kata-proxy, virtiofsd)

@@ -255,3 +255,23 @@ def test_check_config_names_generation_paths_and_agent_channel(
         f"virtio-serial port agent.channel.0 on {workdir}/vm/<vm id>/kata.sock, through "
         f"kata-proxy {proxy} listening on {workdir}/sbs/<vm id>/proxy.sock")
     assert rows["kata.readiness"].startswith("the agent's health check")
+
+
+def test_a_handed_out_vms_proxy_goes_with_its_qemu(demo_guest: DemoGuest,
+                                                   workdir: Path) -> None:
+    """A receiver that stops a taken VM's QEMU but not its kata-proxy (Kata 1.x's
+    vm.Stop() does that): the daemon, still the proxy's parent, ends it with the VM."""
+    config = one_x_config(demo_guest, workdir, stand_in_proxy(workdir), cache_number=1)
+    daemon = Daemon(config, workdir / "cache.sock", workdir / "state").start()
+    try:
+        daemon.wait_ready(1)
+        taken = daemon.get()
+        hypervisor, proxy = taken["hypervisor"], taken["proxyPid"]
+        assert pid_alive(proxy)
+        qmp(Path(hypervisor["QmpChannelpath"]), "quit")
+        wait_for(lambda: not pid_alive(proxy), 10, "the taken VM's kata-proxy to end")
+        assert proxy_facts(workdir, taken["id"])["events"][-1] == "SIGTERM"
+        assert not (workdir / "sbs" / taken["id"]).exists()
+        daemon.taken.clear()  # nothing of it is left to stop
+    finally:
+        daemon.stop()
