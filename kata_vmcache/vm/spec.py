@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from ..kata import Generation
+from ..kata import Generation, defaults
 from .line1 import Kata1Line
 from .line3 import Kata3Line
 from .paths import VMPaths
@@ -65,11 +65,11 @@ class VMSpec:
     accelerator: Accelerator
     generation: Generation = "1.x"
     #: DefaultBridges: PCI bridges for hot-plug (pc and q35 only).
-    bridges: int = 1
+    bridges: int = defaults.DEFAULT_BRIDGES
     #: Legacy virtio (`disable-modern=true`): the host is a VM and nesting checks are on.
     nested: bool = False
-    entropy_source: str = "/dev/urandom"
-    block_device_driver: str = "virtio-scsi"
+    entropy_source: str = defaults.DEFAULT_ENTROPY_SOURCE
+    block_device_driver: str = defaults.DEFAULT_BLOCK_DEVICE_DRIVER
     machine_accelerators: str = ""
     cpu_features: str = ""
     disable_image_nvdimm: bool = False
@@ -89,7 +89,7 @@ class VMSpec:
     own_serial: bool = False
     #: shared_fs: "virtio-9p" (a 9p device on the share directory), "virtio-fs" (a
     #: vhost-user-fs device on a virtiofsd's socket), "none" (3.x: no device).
-    shared_fs: str = "virtio-9p"
+    shared_fs: str = defaults.DEFAULT_SHARED_FS
     #: virtio_fs_cache_size (MiB; 0: no DAX window) and, 3.x only, virtio_fs_queue_size.
     virtio_fs_cache_size: int = 0
     virtio_fs_queue_size: int = 0
@@ -105,15 +105,15 @@ class VMSpec:
     legacy_serial: bool = False
     #: hot_plug_vfio / cold_plug_vfio ("no-port", "bridge-port", "root-port", "switch-port"):
     #: which PCIe ports a q35 VM gets (qemu.go createPCIeTopology).
-    hot_plug_vfio: str = "no-port"
-    cold_plug_vfio: str = "no-port"
+    hot_plug_vfio: str = defaults.DEFAULT_VFIO_PORT_3X
+    cold_plug_vfio: str = defaults.DEFAULT_VFIO_PORT_3X
     #: pcie_switch_port: downstream ports of the PCIe switch (with "switch-port").
     pcie_switch_port: int = 0
     #: default_maxmemory (Kata's DefaultMaxMemorySize) is `max_memory_mib`; this is
     #: memory_offset, which 3.x adds to maxmem with 1024 MiB for the NVDIMM.
     memory_offset_mib: int = 0
     #: rootfs_type and kernel_verity_params: the root= parameters of an image.
-    rootfs_type: str = "ext4"
+    rootfs_type: str = defaults.DEFAULT_ROOTFS_TYPE_3X
     kernel_verity_params: str = ""
     #: enable_mem_prealloc, enable_hugepages, enable_vhost_user_store: memory knobs.
     mem_prealloc: bool = False
