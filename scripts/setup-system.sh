@@ -10,6 +10,8 @@ packages=(
   systemd                  # systemd-analyze verify for the unit file tests
   tmux                     # drives the TUI in tests as a person would
   prometheus               # scrapes the daemon's /metrics in the integration suite
+  debootstrap              # the systemd test bed's Debian rootfs (make test-systemd)
+  systemd-container        # systemd-nspawn boots it, systemd as PID 1 (make test-systemd)
 )
 if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
   packages+=(python3-venv)

@@ -1,0 +1,296 @@
+"""The shipped systemd units under a real systemd as PID 1 (issue 25, first part).
+
+Opt-in: these tests run only with KVC_SYSTEMD=1 (`make test-systemd`) and skip otherwise,
+so `make test` and CI do not run them yet. Not for a technical reason: the bed boots and
+the tests pass here; wiring them into CI (its time budget on 2 cores, a runner where
+systemd-nspawn may run as root) did not fit in the session that wrote them.
+
+The bed (tests/systemd/bed.py) boots a private copy of a cached Debian bookworm rootfs
+under systemd-nspawn, with the project installed as `make install` would do it but the way
+the DaemonSet's pod runs scripts/install.sh (CHROOT=yes, offline from wheels built from
+this tree), so the virtualenv at /opt/kata-vmcache is built by the rootfs's own python3.
+The units are the shipped ones, untouched. Two things are the test's:
+- /etc/kata-containers/configuration.toml is the demo guest's configuration, its kernel
+  and initrd copied into the rootfs, with the shipped file's endpoint
+  (/run/kata-containers/cache.sock), state_dir (/run/kata-vmcache) and vm_storage_path;
+  the unit finds it by Kata's lookup order, as on a host;
+- a drop-in, kata-vmcache.service.d/test.conf, shortens WatchdogSec from 30s to 6s, so a
+  watchdog restart fits in a test. Nothing else of the unit is changed.
+
+Verified so far: `systemctl start` returns once READY=1 is sent and the socket serves;
+`systemctl status` shows the daemon's STATUS= line; the journal holds its start-up lines;
+a VM taken with `kata-vmcache get` survives `systemctl stop` and `systemctl restart`
+(KillMode=process), and each time the daemon stopped only the VMs it still owned; a
+refused edit makes `systemctl reload` fail with the reason in the journal while the same
+daemon keeps serving, and a good edit applies; a SIGSTOPped daemon is killed by the
+watchdog and restarted (Restart=on-failure), a taken VM survives, and the new daemon stops
+the VMs its predecessor still owned (RuntimeDirectoryPreserve=yes kept their records).
+
+Left of issue 25: `Restart=on-failure` not restarting after `kata-vmcache destroy`;
+kata-vmcache@a and @b side by side; the template factory's tmpfs under the hardening; the
+README's systemd section; running these in CI within the suite's budget (today ~30 s of
+set-up, a private copy, wheels and install.sh, then ~30 s of tests, plus the ~75 s rootfs
+build once per machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from . import bed
+
+REPO = Path(__file__).resolve().parents[2]
+UNIT = "kata-vmcache"
+ENDPOINT = "/run/kata-containers/cache.sock"
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.skipif(os.environ.get("KVC_SYSTEMD") != "1",
+                       reason="systemd-as-PID-1 tests are opt-in: KVC_SYSTEMD=1 "
+                              "(make test-systemd)"),
+    # A booted container and TCG boots inside it: longer than the suite's 120 s default.
+    pytest.mark.timeout(300),
+]
+
+#: Shortens the shipped 30 s watchdog so a watchdog restart fits in a test; the rest of the
+#: unit is as shipped.
+DROP_IN = "[Service]\nWatchdogSec=6s\n"
+
+
+def _wheels(out: Path) -> Path:
+    """Our wheel and its dependencies', built from this tree (the DaemonSet image's way)."""
+    src = out / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".venv", ".demo", ".git", "*_cache", ".cache", "build", "*.egg-info", "bench"))
+    wheels = out / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
+                    "-w", str(wheels), str(src)], check=True, timeout=300,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return wheels
+
+
+def _configure(root: Path) -> None:
+    """The demo guest inside the rootfs, and Kata's configuration.toml pointing at it."""
+    demo = root / "usr/share/kata-vmcache-demo"
+    subprocess.run([str(Path(sys.executable).parent / "kata-vmcache"), "demo-guest",
+                    "--cache-number", "1", str(demo)], check=True, timeout=300,
+                   stdout=subprocess.DEVNULL)
+    generated = demo / "configuration.toml"
+    lines = []
+    for line in generated.read_text().replace(str(root), "").splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key == "vm_cache_endpoint":
+            line = f'vm_cache_endpoint = "{ENDPOINT}"'
+        elif key == "state_dir":
+            line = 'state_dir = "/run/kata-vmcache"'
+        elif key == "vm_storage_path":
+            line = 'vm_storage_path = "/run/vc/vm"'
+        lines.append(line)
+    generated.unlink()
+    config = root / "etc/kata-containers/configuration.toml"
+    config.write_text("\n".join(lines) + "\n")
+    drop_in = root / f"etc/systemd/system/{UNIT}.service.d/test.conf"
+    drop_in.parent.mkdir(parents=True, exist_ok=True)
+    drop_in.write_text(DROP_IN)
+
+
+@pytest.fixture(scope="module")
+def container() -> Iterator[bed.Container]:
+    why = bed.unavailable()
+    if why is not None:
+        pytest.fail(why)  # KVC_SYSTEMD=1 asked for these tests: never skip silently
+    timings = {}
+    started = time.monotonic()
+    cached = bed.build()
+    timings["rootfs (cached, or built)"] = time.monotonic() - started
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=bed.CACHE))
+    root = work / "root"
+    container = None
+    try:
+        started = time.monotonic()
+        subprocess.run(["cp", "-a", "--reflink=auto", str(cached), str(root)], check=True,
+                       timeout=300)
+        timings["private copy"] = time.monotonic() - started
+        started = time.monotonic()
+        wheels = _wheels(work)
+        # Not this machine's pip settings (PIP_FIND_LINKS...): the wheels are all it needs.
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("PIP_")},
+               "ROOT": str(root), "CHROOT": "yes", "WHEELS": str(wheels),
+               "SOURCE": "kata-vmcache"}
+        subprocess.run([str(REPO / "scripts/install.sh")], env=env, check=True, timeout=300)
+        _configure(root)
+        timings["wheels, install.sh, demo guest"] = time.monotonic() - started
+        started = time.monotonic()
+        container = bed.boot(root, work / "nspawn.log")
+        timings["boot to multi-user"] = time.monotonic() - started
+        container.timings.update(timings)
+        yield container
+    finally:
+        if container is not None:
+            container.stop()
+        shutil.rmtree(work)
+
+
+def qemus(c: bed.Container) -> dict[int, str]:
+    """The container's kata-vmcache QEMUs: pid (as the container numbers it) -> VM name."""
+    out = c.run("ps", "-eo", "pid=,args=").stdout
+    found = {}
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        words = args.split()
+        if words and words[0].rsplit("/", 1)[-1].startswith("qemu-system"):
+            names = [w for w in words if w.startswith("sandbox-")]
+            if names:
+                found[int(pid)] = names[0]
+    return found
+
+
+def status(c: bed.Container) -> dict[str, object]:
+    # --endpoint: not the configuration's, which a test may have broken on purpose.
+    return dict(json.loads(c.run("/opt/kata-vmcache/bin/kata-vmcache", "status", "--json",
+                                 "--endpoint", ENDPOINT).stdout))
+
+
+def owned_pids(c: bed.Container) -> set[int]:
+    vms = status(c)["vms"]
+    assert isinstance(vms, list)
+    return {int(v["pid"]) for v in vms}
+
+
+def wait_owned(c: bed.Container, timeout: float = 120) -> set[int]:
+    """The pids of the cache's ready VMs, once it has one."""
+    deadline = time.monotonic() + timeout
+    while not (pids := owned_pids(c)):
+        assert time.monotonic() < deadline, "the cache readied no VM"
+        time.sleep(0.5)  # polling another process's state through the CLI
+    return pids
+
+
+def show(c: bed.Container, *props: str) -> dict[str, str]:
+    out = c.run("systemctl", "show", UNIT, *(f"--property={p}" for p in props)).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def journal(c: bed.Container) -> str:
+    return c.run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat").stdout
+
+
+@pytest.fixture
+def service(container: bed.Container) -> Iterator[bed.Container]:
+    """Each test starts the unit itself; afterwards it is stopped and any VM a test took is
+    killed, so no QEMU outlives the test (the suite's leak guard would see it)."""
+    yield container
+    container.run("systemctl", "stop", UNIT, check=False)
+    for pid in qemus(container):
+        container.run("kill", "-KILL", str(pid), check=False)
+    container.run("systemctl", "reset-failed", UNIT, check=False)
+
+
+def test_start_returns_once_ready(service: bed.Container,
+                                  report: Callable[[str, object], None]) -> None:
+    c = service
+    for what, seconds in c.timings.items():
+        report(f"systemd bed: {what}", f"{seconds:.1f} s")
+    started = time.monotonic()
+    c.run("systemctl", "start", UNIT)
+    report("systemctl start kata-vmcache", f"{time.monotonic() - started:.2f} s")
+    # Type=notify: start returned, so READY=1 came; the socket answers at once.
+    state = show(c, "ActiveState", "SubState", "MainPID", "StatusText")
+    assert (state["ActiveState"], state["SubState"]) == ("active", "running")
+    assert status(c)["pid"] == int(state["MainPID"])
+    assert state["StatusText"], "the daemon sent no STATUS="
+    text = c.run("systemctl", "status", "--no-pager", UNIT, check=False).stdout
+    assert f'Status: "{state["StatusText"]}"' in text, text
+    # The journal holds the start-up lines (stderr is the journal under the unit).
+    assert f"serving 1 TCG VMs (1 vCPU, 256 MiB) on {ENDPOINT}" in journal(c), journal(c)
+
+
+def test_taken_vm_survives_stop_and_restart(service: bed.Container) -> None:
+    c = service
+    c.run("systemctl", "start", UNIT)
+    taken = json.loads(c.run("/opt/kata-vmcache/bin/kata-vmcache", "get",
+                             "--timeout", "120").stdout)
+    mine = {pid for pid, name in qemus(c).items() if name == f"sandbox-{taken['id']}"}
+    assert len(mine) == 1, qemus(c)
+    owned = wait_owned(c)
+    assert not owned & mine
+
+    c.run("systemctl", "stop", UNIT)
+    # KillMode=process: systemd signalled the daemon only; the daemon stopped its own VMs.
+    assert set(qemus(c)) == mine, (qemus(c), owned)
+    assert show(c, "ActiveState")["ActiveState"] == "inactive"
+
+    c.run("systemctl", "start", UNIT)
+    owned = wait_owned(c)
+    c.run("systemctl", "restart", UNIT)
+    assert set(qemus(c)).isdisjoint(owned), (qemus(c), owned)
+    assert mine <= set(qemus(c))
+    # The restarted daemon serves, and the VM it was not given is still not its own.
+    assert not owned_pids(c) & mine
+
+
+def test_reload_refuses_a_bad_edit_and_applies_a_good_one(service: bed.Container) -> None:
+    c = service
+    config = c.root / "etc/kata-containers/configuration.toml"
+    good = config.read_text()
+    c.run("systemctl", "start", UNIT)
+    pid = show(c, "MainPID")["MainPID"]
+    try:
+        config.write_text(good.replace("vm_cache_number = 1", "vm_cache_number = -1"))
+        refused = c.run("systemctl", "reload", UNIT, check=False)
+        assert refused.returncode != 0, refused
+        assert "factory.vm_cache_number" in journal(c), journal(c)
+        # The old settings keep serving, in the same daemon.
+        assert show(c, "ActiveState", "MainPID") == {"ActiveState": "active", "MainPID": pid}
+        assert status(c)["pid"] == int(pid)
+
+        config.write_text(good.replace("vm_cache_number = 1", "vm_cache_number = 2"))
+        c.run("systemctl", "reload", UNIT)
+        assert "configuration reloaded" in journal(c), journal(c)
+        deadline = time.monotonic() + 120
+        while len(owned_pids(c)) < 2:
+            assert time.monotonic() < deadline, status(c)
+            time.sleep(0.5)  # polling another process's state through the CLI
+    finally:
+        config.write_text(good)
+
+
+def test_watchdog_restarts_a_stopped_daemon(service: bed.Container,
+                                            report: Callable[[str, object], None]) -> None:
+    c = service
+    c.run("systemctl", "start", UNIT)
+    taken = json.loads(c.run("/opt/kata-vmcache/bin/kata-vmcache", "get",
+                             "--timeout", "120").stdout)
+    mine = {pid for pid, name in qemus(c).items() if name == f"sandbox-{taken['id']}"}
+    owned = wait_owned(c)
+    old = show(c, "MainPID", "NRestarts")
+    c.run("kill", "-STOP", old["MainPID"])
+    stopped = time.monotonic()
+    # WatchdogSec=6s (the drop-in): systemd sends SIGABRT (with SIGCONT), Restart=on-failure
+    # starts a new daemon RestartSec=2s later; it stops the VMs its predecessor still owned.
+    deadline = stopped + 60
+    while True:
+        now = show(c, "MainPID", "NRestarts", "ActiveState")
+        if now["ActiveState"] == "active" and now["MainPID"] not in ("0", old["MainPID"]):
+            break
+        assert time.monotonic() < deadline, now
+        time.sleep(0.2)  # polling systemd's view of the unit
+    report("SIGSTOP to a new daemon serving", f"{time.monotonic() - stopped:.1f} s")
+    assert int(now["NRestarts"]) == int(old["NRestarts"]) + 1
+    assert "Watchdog timeout" in journal(c), journal(c)
+    assert status(c)["pid"] == int(now["MainPID"])
+    deadline = time.monotonic() + 60
+    while not set(qemus(c)).isdisjoint(owned):
+        assert time.monotonic() < deadline, (qemus(c), owned)
+        time.sleep(0.2)  # polling for the new daemon's clean-up
+    assert mine <= set(qemus(c))
