@@ -53,7 +53,7 @@ test-unit: venv
 
 # The shipped units under a real systemd as PID 1 (tests/systemd/: a Debian rootfs booted
 # under systemd-nspawn, as root). Opt-in, not part of `make test` or CI yet; the rootfs is
-# built once per machine (~75 s) into /var/cache/kata-vmcache-test, then ~1 min a run.
+# built once per machine (~75 s) into /var/cache/kata-vmcache-test, then ~80 s a run.
 test-systemd: setup
 	KVC_SYSTEMD=1 $(BIN)/python -m pytest tests/systemd
 

@@ -79,7 +79,12 @@ def build(packages: Sequence[str] = PACKAGES) -> Path:
              SUITE, str(tmp), MIRROR],
             check=True, stdout=subprocess.DEVNULL,
         )
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "usr/lib/systemd/systemd").exists():
+                raise
+            shutil.rmtree(tmp)  # another session built it meanwhile: theirs is as good
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
