@@ -58,6 +58,8 @@ class Supervisor:
             problem = f"QMP failed: {exc!r}"
         if problem is not None and fds.exhausted():
             return  # the check could not run for want of a descriptor: no verdict
+        if problem is not None and vm.process.exited_now():
+            return  # its QMP failed because it exited: its exit watch says so (died())
         # A VM taken meanwhile is its hand-off's to check; one that exited is already gone.
         if problem is not None and vm in self.pool.ready:
             self.pool.ready.remove(vm)

@@ -387,6 +387,18 @@ class QemuProcess:
         if channel is not None:
             asyncio.get_running_loop().call_soon(channel.close)
 
+    def exited_now(self) -> bool:
+        """Whether QEMU has exited, even if the loop has not run our exit callback yet (a
+        waitid on the pidfd, without reaping)."""
+        pidfd = self._pidfd.fd if self._pidfd is not None else None
+        if self._exited.is_set() or pidfd is None:
+            return self._proc is not None
+        try:
+            return os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT) \
+                is not None
+        except OSError:
+            return True
+
     def problem_now(self) -> str | None:
         """Why the process cannot be handed out right now, or None: it exited (even if the
         loop has not run our exit callback yet), or a signal stopped it (SIGSTOP: it would

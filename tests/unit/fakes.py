@@ -83,6 +83,9 @@ class FakeProcess:
     def problem_now(self) -> str | None:
         return None if self.running else "QEMU is not running"
 
+    def exited_now(self) -> bool:
+        return not self.running
+
     async def probe_status(self, timeout: float) -> str:
         assert self.running
         assert not self.released
