@@ -38,7 +38,7 @@ from .client.rpc import (
     config_differences,
     describe_differences,
 )
-from .client.sizing import Sizing, _int, base_vcpus, size_request
+from .client.sizing import Sizing, base_vcpus, int_field, size_request
 from .config import Config
 from .errors import UsageError
 from .factory.direct import DirectFactory, abandon
@@ -103,11 +103,11 @@ async def get_vm(config: Config | None = None, *, cpus: int | None = None,
     else:  # Kata's own server: its VMConfig JSON (3.x has the maxmem, 1.x does not)
         h = cache_config.get("HypervisorConfig") or {}
         size_request(cpus, memory_mib, base_cpus=base_vcpus(h),
-                     base_memory_mib=_int(h, "MemorySize", 0),
-                     max_cpus=_int(h, "DefaultMaxVCPUs", 0),
-                     max_memory_mib=_int(h, "DefaultMaxMemorySize", 0) or (
+                     base_memory_mib=int_field(h, "MemorySize", 0),
+                     max_cpus=int_field(h, "DefaultMaxVCPUs", 0),
+                     max_memory_mib=int_field(h, "DefaultMaxMemorySize", 0) or (
                          config.max_memory_mib if config else None),
-                     memory_slots=_int(h, "MemSlots", 0) if "MemSlots" in h else None)
+                     memory_slots=int_field(h, "MemSlots", 0) if "MemSlots" in h else None)
     base = await client.get_base_vm(timeout=timeout)
     handle = VMHandle.adopt(base, source="cache")
     return await _bring_up(handle, cpus, memory_mib, wait_guest=wait_guest,

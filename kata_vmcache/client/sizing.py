@@ -54,7 +54,8 @@ def size_request(cpus: int | None, memory_mib: int | None, *, base_cpus: int,
     return Sizing(cpus, rounded)
 
 
-def _int(table: Mapping[str, Any], key: str, default: int) -> int:
+def int_field(table: Mapping[str, Any], key: str, default: int) -> int:
+    """An integer of a server's JSON reply (a bool is not one), else `default`."""
     value = table.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
@@ -63,7 +64,7 @@ def base_vcpus(hypervisor: Mapping[str, Any]) -> int:
     """The vCPUs of the cache's VMs from its HypervisorConfig: 1.x's NumVCPUs, or 3.x's
     NumVCPUsF rounded up as 3.x's NumVCPUs() does (1 when neither is there)."""
     if "NumVCPUs" in hypervisor:
-        return _int(hypervisor, "NumVCPUs", 1)
+        return int_field(hypervisor, "NumVCPUs", 1)
     exact = hypervisor.get("NumVCPUsF")
     if isinstance(exact, int | float) and not isinstance(exact, bool) and exact > 0:
         return math.ceil(exact)

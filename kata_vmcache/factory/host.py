@@ -42,11 +42,11 @@ from .spec import (
     FALLBACK_FILE_BACKED_MEM,
     VHOST_VSOCK,
     VIRTIO_FS,
-    _qemu_table,
     check_kata3,
     file_backed_memory,
     host_has_vsock,
     proxy_path,
+    qemu_table,
 )
 
 #: How long QEMU may take to list its machines (it starts no VM for that).
@@ -283,7 +283,7 @@ def check_shared_fs(config: Config) -> list[ConfigProblem]:
                 f"qemu.go {where}, with {why}): set enable_template = false")
     if not virtio_fs:
         return problems
-    origin = "" if "shared_fs" in _qemu_table(config) else f" (Kata {generation}'s default)"
+    origin = "" if "shared_fs" in qemu_table(config) else f" (Kata {generation}'s default)"
     daemon = hv["VirtioFSDaemon"]
     if not daemon:
         problem("hypervisor.qemu.virtio_fs_daemon", f'not set, and shared_fs = "virtio-fs"'

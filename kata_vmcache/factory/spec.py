@@ -18,6 +18,7 @@ from typing import Any, Literal
 from .. import kata
 from ..config import Config
 from ..errors import ConfigError, ConfigProblem
+from ..kata.go import toml_bool, toml_int, toml_str, toml_table
 from ..vm.devices import AGENT_CHANNEL_NAME, AGENT_VSOCK_PORT, running_nested
 from ..vm.line3 import MACHINES_3X, MAX_PCIE_PORTS_3X, kernel_root_params_3x
 from ..vm.paths import sandbox_storage
@@ -76,7 +77,7 @@ def kata3_fields(config: Config, kata_hv: Mapping[str, Any]) -> dict[str, Any]:
     Kata's HypervisorConfig (kata/), and where that has no key, from the file as
     kata-containers 3.30.0's loader reads it (src/runtime/pkg/katautils/config.go,
     newQemuHypervisorConfig)."""
-    q = _qemu_table(config)
+    q = qemu_table(config)
     return {
         "machine_type": kata_hv["HypervisorMachineType"],
         "virtio_fs_queue_size": kata_hv["VirtioFSQueueSize"],
@@ -95,16 +96,16 @@ def kata3_fields(config: Config, kata_hv: Mapping[str, Any]) -> dict[str, Any]:
         "rootfs_type": kata_hv["RootfsType"],
         # config.go kernelVerityParams(): the string as written (HypervisorConfig's
         # KernelVerityParams, which kata/ does not emit).
-        "kernel_verity_params": _str(q, "kernel_verity_params"),
+        "kernel_verity_params": toml_str(q, "kernel_verity_params"),
         "mem_prealloc": kata_hv["MemPrealloc"],
         "hugepages": kata_hv["HugePages"],
         "vhost_user_store": kata_hv["EnableVhostUserStore"],
         "pvpanic": kata_hv["GuestMemoryDumpPath"] != "",
         # config.go: reclaim_guest_freed_memory and indep_iothreads (defaults false and 0,
         # config-settings.go.in), which kata/ does not emit.
-        "balloon": _bool(q, "reclaim_guest_freed_memory"),
+        "balloon": toml_bool(q, "reclaim_guest_freed_memory"),
         "iothreads": kata_hv["EnableIOThreads"],
-        "indep_iothreads": _int(q, "indep_iothreads"),
+        "indep_iothreads": max(toml_int(q, "indep_iothreads"), 0),
         "seccomp_sandbox": kata_hv["SeccompSandbox"],
         "firmware": Path(kata_hv["FirmwarePath"]) if kata_hv["FirmwarePath"] else None,
         "pflash": tuple(kata_hv["PFlash"] or ()),
@@ -141,7 +142,7 @@ def check_kata3(config: Config) -> list[ConfigProblem]:
     """What in a Kata 3.x file Kata 3.30.0 itself refuses when it builds the VM, or what
     kata-vmcache cannot build the way Kata does. File-level rules, kept beside the 3.x
     device model (vm/line3.py Kata3Line) whose assumptions they state."""
-    q = _qemu_table(config)
+    q = qemu_table(config)
     hv = config.kata_hypervisor  # a 3.x file: its 3.x derivation
     source = config.source
     problems: list[ConfigProblem] = []
@@ -161,7 +162,7 @@ def check_kata3(config: Config) -> list[ConfigProblem]:
                 "Kata 3.x adds intel-iommu on q35 only)")
     if hv["ImagePath"]:
         try:
-            kernel_root_params_3x(hv["RootfsType"], True, _str(q, "kernel_verity_params"))
+            kernel_root_params_3x(hv["RootfsType"], True, toml_str(q, "kernel_verity_params"))
         except ValueError as exc:
             key = "rootfs_type" if "rootfs" in str(exc) else "kernel_verity_params"
             problem(key, f"{exc} (Kata 3.x refuses it)")
@@ -181,21 +182,6 @@ def check_kata3(config: Config) -> list[ConfigProblem]:
         problem("extra_monitor_socket", f"got {monitor!r}; expected one of "
                 f"{', '.join(EXTRA_MONITORS_3X)}")
     return problems
-
-
-def _str(table: Any, key: str) -> str:
-    value = table.get(key)
-    return value if isinstance(value, str) else ""
-
-
-def _bool(table: Any, key: str) -> bool:
-    value = table.get(key)
-    return value if isinstance(value, bool) else False
-
-
-def _int(table: Any, key: str) -> int:
-    value = table.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def kata_params(params: list[dict[str, str]]) -> list[str]:
@@ -227,9 +213,9 @@ def proxy_path(config: Config) -> Path | None:
     return Path(path or kata.DEFAULT_PROXY_PATH)
 
 
-def _qemu_table(config: Config) -> Any:
-    hypervisor = config.document.get("hypervisor")
-    return hypervisor.get("qemu", {}) if isinstance(hypervisor, dict) else {}
+def qemu_table(config: Config) -> Mapping[str, Any]:
+    """The file's [hypervisor.qemu] table, as Kata's loader reads it."""
+    return toml_table(config.document, "hypervisor", "qemu")
 
 
 def describe_vm(config: Config) -> list[tuple[str, str]]:

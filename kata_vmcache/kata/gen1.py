@@ -57,14 +57,23 @@ from .defaults import (
     NO_PROXY_TYPE,
     _default_memory,
 )
-from .go import _bool, _comma_list, _go_fields, _int, _resolve, _str, _str_list, _table
+from .go import (
+    _comma_list,
+    _go_fields,
+    _resolve,
+    toml_bool,
+    toml_int,
+    toml_str,
+    toml_str_list,
+    toml_table,
+)
 from .kernel_params import _boot_params, _deserialize_params, _param
 
 
 def _use_vsock(h: Mapping[str, Any]) -> bool:
     # newQemuHypervisorConfig: use_vsock only sticks when the host has vsock; otherwise Kata
     # warns and falls back to the serial port.
-    return _bool(h, "use_vsock") and host._host_supports_vsock()
+    return toml_bool(h, "use_vsock") and host._host_supports_vsock()
 
 
 def agent_table(doc: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -102,12 +111,12 @@ def _kernel_params_1x(h: Mapping[str, Any], image_path: str, block_driver: str,
     params = _boot_params(image_path, block_driver)
     # KataAgentKernelParams on a copy with KataAgentSetDefaultTraceConfigOptions applied
     # (mode "" -> dynamic, type "" -> isolated).
-    if _bool(agent, "enable_debug"):
+    if toml_bool(agent, "enable_debug"):
         params.append(_param("agent.log", "debug"))
-    if _bool(agent, "enable_tracing") and _str(agent, "trace_mode") == "static":
-        params.append(_param("agent.trace", _str(agent, "trace_type") or "isolated"))
+    if toml_bool(agent, "enable_tracing") and toml_str(agent, "trace_mode") == "static":
+        params.append(_param("agent.trace", toml_str(agent, "trace_type") or "isolated"))
     # ContainerPipeSize only ever comes from an annotation, never from the file.
-    user = _deserialize_params(_go_fields(_str(h, "kernel_params")))
+    user = _deserialize_params(_go_fields(toml_str(h, "kernel_params")))
     # AddKernelParam rejects an empty key ("=x"), failing Kata's whole load; nothing to match.
     params += [p for p in user if p["Key"] != ""]
     return params
@@ -116,13 +125,13 @@ def _kernel_params_1x(h: Mapping[str, Any], image_path: str, block_driver: str,
 def hypervisor(h: Mapping[str, Any], agent: Mapping[str, Any]) -> dict[str, Any]:
     """1.x's HypervisorConfig, in the struct's field order (kata-containers/runtime
     virtcontainers/hypervisor.go)."""
-    image = _resolve(_str(h, "image"))
-    initrd = _resolve(_str(h, "initrd"))
-    firmware = _resolve(_str(h, "firmware"))  # defaultFirmwarePath is "": nothing to resolve
-    machine_type = _str(h, "machine_type") or DEFAULT_MACHINE_TYPE
-    block_driver = _str(h, "block_device_driver") or DEFAULT_BLOCK_DEVICE_DRIVER
-    disable_nvdimm = _bool(h, "disable_image_nvdimm") or machine_type == MACHINE_TYPE_MICROVM
-    bridges = _int(h, "default_bridges")
+    image = _resolve(toml_str(h, "image"))
+    initrd = _resolve(toml_str(h, "initrd"))
+    firmware = _resolve(toml_str(h, "firmware"))  # defaultFirmwarePath is "": nothing to resolve
+    machine_type = toml_str(h, "machine_type") or DEFAULT_MACHINE_TYPE
+    block_driver = toml_str(h, "block_device_driver") or DEFAULT_BLOCK_DEVICE_DRIVER
+    disable_nvdimm = toml_bool(h, "disable_image_nvdimm") or machine_type == MACHINE_TYPE_MICROVM
+    bridges = toml_int(h, "default_bridges")
     requested_vcpus = h.get("default_vcpus")
     # 1.x decodes default_vcpus as int32: a fractional value does not load (the validator
     # says so); rounded up here only so that this function stays total.
@@ -132,24 +141,24 @@ def hypervisor(h: Mapping[str, Any], agent: Mapping[str, Any]) -> dict[str, Any]
         else 0)
     return {
         "NumVCPUs": vcpus,
-        "DefaultMaxVCPUs": _default_max_vcpus_1x(_int(h, "default_maxvcpus")),
+        "DefaultMaxVCPUs": _default_max_vcpus_1x(toml_int(h, "default_maxvcpus")),
         # 1.x @6626a36c keeps any non-zero value; 1.x @0100af18 applies the 256 MiB floor.
-        "MemorySize": _default_memory(_int(h, "default_memory")),
+        "MemorySize": _default_memory(toml_int(h, "default_memory")),
         "DefaultBridges": (DEFAULT_BRIDGES if bridges == 0 else min(bridges, MAX_PCI_BRIDGES)),
-        "Msize9p": _int(h, "msize_9p") or DEFAULT_MSIZE_9P,
-        "MemSlots": _int(h, "memory_slots") or DEFAULT_MEM_SLOTS,
-        "MemOffset": _int(h, "memory_offset"),
-        "VirtioFSCacheSize": _int(h, "virtio_fs_cache_size"),
+        "Msize9p": toml_int(h, "msize_9p") or DEFAULT_MSIZE_9P,
+        "MemSlots": toml_int(h, "memory_slots") or DEFAULT_MEM_SLOTS,
+        "MemOffset": toml_int(h, "memory_offset"),
+        "VirtioFSCacheSize": toml_int(h, "virtio_fs_cache_size"),
         "KernelParams": _kernel_params_1x(h, image, block_driver, agent),
         "HypervisorParams": None,
-        "KernelPath": _resolve(_str(h, "kernel") or DEFAULT_KERNEL_PATH),
+        "KernelPath": _resolve(toml_str(h, "kernel") or DEFAULT_KERNEL_PATH),
         "ImagePath": image,
         "InitrdPath": initrd,
         "FirmwarePath": firmware,
-        "MachineAccelerators": _comma_list(_str(h, "machine_accelerators")),
-        "CPUFeatures": _comma_list(_str(h, "cpu_features")),
-        "HypervisorPath": _resolve(_str(h, "path") or DEFAULT_HYPERVISOR_PATH),
-        "HypervisorPathList": _str_list(h, "valid_hypervisor_paths"),
+        "MachineAccelerators": _comma_list(toml_str(h, "machine_accelerators")),
+        "CPUFeatures": _comma_list(toml_str(h, "cpu_features")),
+        "HypervisorPath": _resolve(toml_str(h, "path") or DEFAULT_HYPERVISOR_PATH),
+        "HypervisorPathList": toml_str_list(h, "valid_hypervisor_paths"),
         "HypervisorCtlPathList": None,  # acrn only
         "HypervisorCtlPath": "",  # acrn only
         "JailerPath": "",  # firecracker only
@@ -158,44 +167,44 @@ def hypervisor(h: Mapping[str, Any], agent: Mapping[str, Any]) -> dict[str, Any]
         "HypervisorMachineType": machine_type,
         "MemoryPath": "",
         "DevicesStatePath": "",
-        "EntropySource": _str(h, "entropy_source") or DEFAULT_ENTROPY_SOURCE,
-        "SharedFS": _str(h, "shared_fs") or DEFAULT_SHARED_FS,
-        "VirtioFSDaemon": _str(h, "virtio_fs_daemon"),  # not resolved by Kata
-        "VirtioFSDaemonList": _str_list(h, "valid_virtio_fs_daemon_paths"),
-        "VirtioFSCache": _str(h, "virtio_fs_cache") or DEFAULT_VIRTIO_FS_CACHE,
-        "VirtioFSExtraArgs": _str_list(h, "virtio_fs_extra_args"),
-        "FileBackedMemRootDir": _str(h, "file_mem_backend"),
+        "EntropySource": toml_str(h, "entropy_source") or DEFAULT_ENTROPY_SOURCE,
+        "SharedFS": toml_str(h, "shared_fs") or DEFAULT_SHARED_FS,
+        "VirtioFSDaemon": toml_str(h, "virtio_fs_daemon"),  # not resolved by Kata
+        "VirtioFSDaemonList": toml_str_list(h, "valid_virtio_fs_daemon_paths"),
+        "VirtioFSCache": toml_str(h, "virtio_fs_cache") or DEFAULT_VIRTIO_FS_CACHE,
+        "VirtioFSExtraArgs": toml_str_list(h, "virtio_fs_extra_args"),
+        "FileBackedMemRootDir": toml_str(h, "file_mem_backend"),
         # PFlash(): the configured strings (only checked, not resolved), [] when none.
-        "PFlash": _str_list(h, "pflashes") or [],
-        "FileBackedMemRootList": _str_list(h, "valid_file_mem_backends"),
-        "BlockDeviceCacheSet": _bool(h, "block_device_cache_set"),
-        "BlockDeviceCacheDirect": _bool(h, "block_device_cache_direct"),
-        "BlockDeviceCacheNoflush": _bool(h, "block_device_cache_noflush"),
-        "DisableBlockDeviceUse": _bool(h, "disable_block_device_use"),
-        "EnableIOThreads": _bool(h, "enable_iothreads"),
-        "Debug": _bool(h, "enable_debug"),
-        "MemPrealloc": _bool(h, "enable_mem_prealloc"),
-        "HugePages": _bool(h, "enable_hugepages"),
-        "VirtioMem": _bool(h, "enable_virtio_mem"),
-        "IOMMU": _bool(h, "enable_iommu"),
-        "IOMMUPlatform": _bool(h, "enable_iommu_platform"),
+        "PFlash": toml_str_list(h, "pflashes") or [],
+        "FileBackedMemRootList": toml_str_list(h, "valid_file_mem_backends"),
+        "BlockDeviceCacheSet": toml_bool(h, "block_device_cache_set"),
+        "BlockDeviceCacheDirect": toml_bool(h, "block_device_cache_direct"),
+        "BlockDeviceCacheNoflush": toml_bool(h, "block_device_cache_noflush"),
+        "DisableBlockDeviceUse": toml_bool(h, "disable_block_device_use"),
+        "EnableIOThreads": toml_bool(h, "enable_iothreads"),
+        "Debug": toml_bool(h, "enable_debug"),
+        "MemPrealloc": toml_bool(h, "enable_mem_prealloc"),
+        "HugePages": toml_bool(h, "enable_hugepages"),
+        "VirtioMem": toml_bool(h, "enable_virtio_mem"),
+        "IOMMU": toml_bool(h, "enable_iommu"),
+        "IOMMUPlatform": toml_bool(h, "enable_iommu_platform"),
         "Realtime": False,  # no configuration key; never set by the loader
-        "Mlock": not _bool(h, "enable_swap"),
-        "DisableNestingChecks": _bool(h, "disable_nesting_checks"),
+        "Mlock": not toml_bool(h, "enable_swap"),
+        "DisableNestingChecks": toml_bool(h, "disable_nesting_checks"),
         "UseVSock": _use_vsock(h),
         "DisableImageNvdimm": disable_nvdimm,
-        "HotplugVFIOOnRootBus": _bool(h, "hotplug_vfio_on_root_bus"),
-        "PCIeRootPort": _int(h, "pcie_root_port"),
+        "HotplugVFIOOnRootBus": toml_bool(h, "hotplug_vfio_on_root_bus"),
+        "PCIeRootPort": toml_int(h, "pcie_root_port"),
         "BootToBeTemplate": False,
         "BootFromTemplate": False,
-        "DisableVhostNet": _bool(h, "disable_vhost_net"),
-        "EnableVhostUserStore": _bool(h, "enable_vhost_user_store"),
-        "VhostUserStorePath": _str(h, "vhost_user_store_path") or DEFAULT_VHOST_USER_STORE_PATH,
-        "VhostUserStorePathList": _str_list(h, "valid_vhost_user_store_paths"),
-        "GuestHookPath": _str(h, "guest_hook_path"),
+        "DisableVhostNet": toml_bool(h, "disable_vhost_net"),
+        "EnableVhostUserStore": toml_bool(h, "enable_vhost_user_store"),
+        "VhostUserStorePath": toml_str(h, "vhost_user_store_path") or DEFAULT_VHOST_USER_STORE_PATH,
+        "VhostUserStorePathList": toml_str_list(h, "valid_vhost_user_store_paths"),
+        "GuestHookPath": toml_str(h, "guest_hook_path"),
         "VMid": "",
         "SELinuxProcessLabel": "",
-        "EnableAnnotations": _str_list(h, "enable_annotations"),
+        "EnableAnnotations": toml_str_list(h, "enable_annotations"),
     }
 
 
@@ -209,15 +218,15 @@ def agent_config(doc: Mapping[str, Any]) -> dict[str, Any]:
     agent = table if table is not None else {}
     return {
         "LongLiveConn": False,
-        "UseVSock": table is not None and _use_vsock(_table(doc, "hypervisor",
+        "UseVSock": table is not None and _use_vsock(toml_table(doc, "hypervisor",
                                                             HYPERVISOR_TYPE)),
-        "Debug": _bool(agent, "enable_debug"),
-        "Trace": _bool(agent, "enable_tracing"),
+        "Debug": toml_bool(agent, "enable_debug"),
+        "Trace": toml_bool(agent, "enable_tracing"),
         "ContainerPipeSize": 0,  # from an annotation only
         # Kept as written: 1.x applies the trace defaults to a copy, for kernel params only.
-        "TraceMode": _str(agent, "trace_mode"),
-        "TraceType": _str(agent, "trace_type"),
-        "KernelModules": _str_list(agent, "kernel_modules"),
+        "TraceMode": toml_str(agent, "trace_mode"),
+        "TraceType": toml_str(agent, "trace_type"),
+        "KernelModules": toml_str_list(agent, "kernel_modules"),
     }
 
 
@@ -225,12 +234,12 @@ def proxy_config(doc: Mapping[str, Any], use_vsock: bool) -> tuple[str, dict[str
     """ProxyType and ProxyConfig (1.x only; 3.x has no proxy)."""
     if use_vsock:
         # LoadConfiguration: with vsock there is no proxy; Debug is [runtime] enable_debug.
-        return NO_PROXY_TYPE, {"Path": "", "Debug": _bool(_table(doc, "runtime"),
+        return NO_PROXY_TYPE, {"Path": "", "Debug": toml_bool(toml_table(doc, "runtime"),
                                                           "enable_debug")}
-    proxy = _table(doc, "proxy")
+    proxy = toml_table(doc, "proxy")
     kata = proxy.get("kata")
     if isinstance(kata, Mapping):
-        return KATA_PROXY_TYPE, {"Path": _resolve(_str(kata, "path") or DEFAULT_PROXY_PATH),
-                                 "Debug": _bool(kata, "enable_debug")}
+        return KATA_PROXY_TYPE, {"Path": _resolve(toml_str(kata, "path") or DEFAULT_PROXY_PATH),
+                                 "Debug": toml_bool(kata, "enable_debug")}
     # initConfig's defaultProxy with a zero ProxyConfig.
     return KATA_PROXY_TYPE, {"Path": "", "Debug": False}

@@ -65,15 +65,15 @@ from .defaults import (
     _default_memory,
 )
 from .go import (
-    _bool,
     _comma_list,
     _float32,
-    _int,
-    _number,
-    _optional_uint,
     _resolve,
-    _str,
-    _str_list,
+    toml_bool,
+    toml_int,
+    toml_number,
+    toml_optional_uint,
+    toml_str,
+    toml_str_list,
 )
 from .kernel_params import _boot_params, _deserialize_params, _kernel_param_fields, _param
 
@@ -126,18 +126,18 @@ def _kernel_params_3x(h: Mapping[str, Any], image_path: str, block_driver: str,
     scan mode, KataAgentKernelParams, then the user's kernel_params (KernelParamFields, so
     quoted values keep their spaces), duplicates kept."""
     params = _boot_params(image_path, block_driver)
-    if _bool(agent, "enable_debug"):
+    if toml_bool(agent, "enable_debug"):
         params.append(_param("agent.log", "debug"))
-    if _bool(agent, "enable_tracing"):
+    if toml_bool(agent, "enable_tracing"):
         params.append(_param("agent.trace", "true"))
     # ContainerPipeSize comes from an annotation only: never > 0 here.
-    if _bool(agent, "debug_console_enabled"):
+    if toml_bool(agent, "debug_console_enabled"):
         params += [_param(k, v) for k, v in DEBUG_CONSOLE_PARAMS_3X]
-    if (timeout := _int(agent, "cdh_api_timeout")) > 0:
+    if (timeout := toml_int(agent, "cdh_api_timeout")) > 0:
         params.append(_param("agent.cdh_api_timeout", str(timeout)))
-    if (timeout := _int(agent, "launch_process_timeout")) > 0:
+    if (timeout := toml_int(agent, "launch_process_timeout")) > 0:
         params.append(_param("agent.launch_process_timeout", str(timeout)))
-    user = _deserialize_params(_kernel_param_fields(_str(h, "kernel_params")))
+    user = _deserialize_params(_kernel_param_fields(toml_str(h, "kernel_params")))
     # AddKernelParam refuses an empty key, failing the load (loader_refusals names it).
     params += [p for p in user if p["Key"] != ""]
     return params
@@ -147,147 +147,147 @@ def hypervisor(h: Mapping[str, Any], agent: Mapping[str, Any]) -> dict[str, Any]
     """3.30.0's HypervisorConfig as newQemuHypervisorConfig, SetKernelParams and GetVM's
     validateHypervisorConfig leave it, in the struct's field order (exported fields only:
     encoding/json skips customAssets)."""
-    image = _resolve(_str(h, "image"))
-    initrd = _resolve(_str(h, "initrd"))
-    firmware = _resolve(_str(h, "firmware"))  # defaultFirmwarePath is ""
-    pflash = _str_list(h, "pflashes") or []
-    machine_type = _str(h, "machine_type") or DEFAULT_MACHINE_TYPE_3X
-    block_driver = _str(h, "block_device_driver") or DEFAULT_BLOCK_DEVICE_DRIVER
+    image = _resolve(toml_str(h, "image"))
+    initrd = _resolve(toml_str(h, "initrd"))
+    firmware = _resolve(toml_str(h, "firmware"))  # defaultFirmwarePath is ""
+    pflash = toml_str_list(h, "pflashes") or []
+    machine_type = toml_str(h, "machine_type") or DEFAULT_MACHINE_TYPE_3X
+    block_driver = toml_str(h, "block_device_driver") or DEFAULT_BLOCK_DEVICE_DRIVER
     if block_driver == "virtio-blk" and machine_type == MACHINE_TYPE_CCW:
         block_driver = "virtio-blk-ccw"  # validateHypervisorConfig
-    disable_nvdimm = (_bool(h, "disable_image_nvdimm") or machine_type == MACHINE_TYPE_MICROVM
+    disable_nvdimm = (toml_bool(h, "disable_image_nvdimm") or machine_type == MACHINE_TYPE_MICROVM
                       or (host._is_arm64() and firmware == "" and not pflash))
-    bridges = _int(h, "default_bridges")
-    loglevel = _int(h, "hypervisor_loglevel")
+    bridges = toml_int(h, "default_bridges")
+    loglevel = toml_int(h, "hypervisor_loglevel")
     return {
         "Groups": None,
-        "KernelPath": _resolve(_str(h, "kernel") or DEFAULT_KERNEL_PATH),
+        "KernelPath": _resolve(toml_str(h, "kernel") or DEFAULT_KERNEL_PATH),
         "ImagePath": image,
         "InitrdPath": initrd,
-        "RootfsType": _str(h, "rootfs_type") or DEFAULT_ROOTFS_TYPE_3X,
+        "RootfsType": toml_str(h, "rootfs_type") or DEFAULT_ROOTFS_TYPE_3X,
         "FirmwarePath": firmware,
-        "FirmwareVolumePath": _resolve(_str(h, "firmware_volume")),
-        "MachineAccelerators": _comma_list(_str(h, "machine_accelerators")),
-        "CPUFeatures": _comma_list(_str(h, "cpu_features")),
-        "HypervisorPath": _resolve(_str(h, "path") or DEFAULT_HYPERVISOR_PATH_3X),
+        "FirmwareVolumePath": _resolve(toml_str(h, "firmware_volume")),
+        "MachineAccelerators": _comma_list(toml_str(h, "machine_accelerators")),
+        "CPUFeatures": _comma_list(toml_str(h, "cpu_features")),
+        "HypervisorPath": _resolve(toml_str(h, "path") or DEFAULT_HYPERVISOR_PATH_3X),
         "JailerPath": "",  # the QEMU loader never sets it
         "BlockDeviceDriver": block_driver,
         "HypervisorMachineType": machine_type,
         "MemoryPath": "",
         "DevicesStatePath": "",
-        "EntropySource": _str(h, "entropy_source") or DEFAULT_ENTROPY_SOURCE,
-        "SharedFS": _str(h, "shared_fs") or DEFAULT_SHARED_FS_3X,
+        "EntropySource": toml_str(h, "entropy_source") or DEFAULT_ENTROPY_SOURCE,
+        "SharedFS": toml_str(h, "shared_fs") or DEFAULT_SHARED_FS_3X,
         "SharedPath": "",
-        "VirtioFSDaemon": _str(h, "virtio_fs_daemon"),  # not resolved
-        "VirtioFSCache": _str(h, "virtio_fs_cache") or DEFAULT_VIRTIO_FS_CACHE_3X,
-        "FileBackedMemRootDir": _str(h, "file_mem_backend"),
-        "VhostUserStorePath": _str(h, "vhost_user_store_path") or DEFAULT_VHOST_USER_STORE_PATH,
-        "VhostUserDeviceReconnect": _int(h, "vhost_user_reconnect_timeout_sec"),
-        "GuestMemoryDumpPath": _str(h, "guest_memory_dump_path"),
-        "GuestHookPath": _str(h, "guest_hook_path"),
+        "VirtioFSDaemon": toml_str(h, "virtio_fs_daemon"),  # not resolved
+        "VirtioFSCache": toml_str(h, "virtio_fs_cache") or DEFAULT_VIRTIO_FS_CACHE_3X,
+        "FileBackedMemRootDir": toml_str(h, "file_mem_backend"),
+        "VhostUserStorePath": toml_str(h, "vhost_user_store_path") or DEFAULT_VHOST_USER_STORE_PATH,
+        "VhostUserDeviceReconnect": toml_int(h, "vhost_user_reconnect_timeout_sec"),
+        "GuestMemoryDumpPath": toml_str(h, "guest_memory_dump_path"),
+        "GuestHookPath": toml_str(h, "guest_hook_path"),
         "VMid": "",
         "VMStorePath": "",
         "RunStorePath": "",
         "SELinuxProcessLabel": "",
-        "HypervisorPathList": _str_list(h, "valid_hypervisor_paths"),
+        "HypervisorPathList": toml_str_list(h, "valid_hypervisor_paths"),
         "JailerPathList": None,
-        "EntropySourceList": _str_list(h, "valid_entropy_sources"),
-        "VirtioFSDaemonList": _str_list(h, "valid_virtio_fs_daemon_paths"),
-        "VirtioFSExtraArgs": _str_list(h, "virtio_fs_extra_args"),
-        "EnableAnnotations": _str_list(h, "enable_annotations"),
-        "FileBackedMemRootList": _str_list(h, "valid_file_mem_backends"),
+        "EntropySourceList": toml_str_list(h, "valid_entropy_sources"),
+        "VirtioFSDaemonList": toml_str_list(h, "valid_virtio_fs_daemon_paths"),
+        "VirtioFSExtraArgs": toml_str_list(h, "virtio_fs_extra_args"),
+        "EnableAnnotations": toml_str_list(h, "enable_annotations"),
+        "FileBackedMemRootList": toml_str_list(h, "valid_file_mem_backends"),
         # PFlash(): the configured strings (only checked, not resolved), [] when none.
         "PFlash": pflash,
-        "VhostUserStorePathList": _str_list(h, "valid_vhost_user_store_paths"),
-        "SeccompSandbox": _str(h, "seccompsandbox"),
-        "BlockDeviceAIO": _str(h, "block_device_aio") or DEFAULT_BLOCK_DEVICE_AIO_3X,
+        "VhostUserStorePathList": toml_str_list(h, "valid_vhost_user_store_paths"),
+        "SeccompSandbox": toml_str(h, "seccompsandbox"),
+        "BlockDeviceAIO": toml_str(h, "block_device_aio") or DEFAULT_BLOCK_DEVICE_AIO_3X,
         "RemoteHypervisorSocket": "",  # the remote hypervisor's loader only
         "SandboxName": "",
         "SandboxNamespace": "",
         "User": "",
-        "SnpIdBlock": _str(h, "snp_id_block"),
-        "SnpIdAuth": _str(h, "snp_id_auth"),
+        "SnpIdBlock": toml_str(h, "snp_id_block"),
+        "SnpIdAuth": toml_str(h, "snp_id_auth"),
         # A pointer: DeepCompare compares its address, so a set policy never matches.
-        "SnpGuestPolicy": _optional_uint(h, "snp_guest_policy"),
+        "SnpGuestPolicy": toml_optional_uint(h, "snp_guest_policy"),
         "KernelParams": _kernel_params_3x(h, image, block_driver, agent),
-        "KernelVerityParams": _str(h, "kernel_verity_params"),
+        "KernelVerityParams": toml_str(h, "kernel_verity_params"),
         "HypervisorParams": None,
         "SGXEPCSize": 0,  # cloud-hypervisor only
         "DiskRateLimiterBwMaxRate": 0,  # the disk and net rate limiters: other VMMs only
         "DiskRateLimiterBwOneTimeBurst": 0,
         "DiskRateLimiterOpsMaxRate": 0,
         "DiskRateLimiterOpsOneTimeBurst": 0,
-        "RxRateLimiterMaxRate": _int(h, "rx_rate_limiter_max_rate"),
-        "TxRateLimiterMaxRate": _int(h, "tx_rate_limiter_max_rate"),
+        "RxRateLimiterMaxRate": toml_int(h, "rx_rate_limiter_max_rate"),
+        "TxRateLimiterMaxRate": toml_int(h, "tx_rate_limiter_max_rate"),
         "NetRateLimiterBwMaxRate": 0,
         "NetRateLimiterBwOneTimeBurst": 0,
         "NetRateLimiterOpsMaxRate": 0,
         "NetRateLimiterOpsOneTimeBurst": 0,
-        "MemOffset": _int(h, "memory_offset"),
+        "MemOffset": toml_int(h, "memory_offset"),
         "VFIODevices": None,
         "VhostUserBlkDevices": None,
-        "HotPlugVFIO": _str(h, "hot_plug_vfio") or DEFAULT_VFIO_PORT_3X,
-        "ColdPlugVFIO": _str(h, "cold_plug_vfio") or DEFAULT_VFIO_PORT_3X,
-        "PCIeRootPort": min(_int(h, "pcie_root_port"), MAX_PCIE_ROOT_PORTS_3X),
-        "PCIeSwitchPort": min(_int(h, "pcie_switch_port"), MAX_PCIE_SWITCH_PORTS_3X),
-        "NumVCPUsF": _default_vcpus_3x(_number(h, "default_vcpus")),
-        "DefaultMaxVCPUs": _default_max_vcpus_3x(_int(h, "default_maxvcpus")),
-        "MemorySize": _default_memory(_int(h, "default_memory")),
-        "DefaultMaxMemorySize": _default_max_mem_3x(_int(h, "default_maxmemory")),
+        "HotPlugVFIO": toml_str(h, "hot_plug_vfio") or DEFAULT_VFIO_PORT_3X,
+        "ColdPlugVFIO": toml_str(h, "cold_plug_vfio") or DEFAULT_VFIO_PORT_3X,
+        "PCIeRootPort": min(toml_int(h, "pcie_root_port"), MAX_PCIE_ROOT_PORTS_3X),
+        "PCIeSwitchPort": min(toml_int(h, "pcie_switch_port"), MAX_PCIE_SWITCH_PORTS_3X),
+        "NumVCPUsF": _default_vcpus_3x(toml_number(h, "default_vcpus")),
+        "DefaultMaxVCPUs": _default_max_vcpus_3x(toml_int(h, "default_maxvcpus")),
+        "MemorySize": _default_memory(toml_int(h, "default_memory")),
+        "DefaultMaxMemorySize": _default_max_mem_3x(toml_int(h, "default_maxmemory")),
         "DefaultBridges": (DEFAULT_BRIDGES if bridges == 0 else min(bridges, MAX_PCI_BRIDGES)),
-        "Msize9p": _int(h, "msize_9p") or DEFAULT_MSIZE_9P,
-        "MemSlots": _int(h, "memory_slots") or DEFAULT_MEM_SLOTS,
-        "VirtioFSCacheSize": _int(h, "virtio_fs_cache_size"),
-        "VirtioFSQueueSize": _int(h, "virtio_fs_queue_size"),
+        "Msize9p": toml_int(h, "msize_9p") or DEFAULT_MSIZE_9P,
+        "MemSlots": toml_int(h, "memory_slots") or DEFAULT_MEM_SLOTS,
+        "VirtioFSCacheSize": toml_int(h, "virtio_fs_cache_size"),
+        "VirtioFSQueueSize": toml_int(h, "virtio_fs_queue_size"),
         "Uid": 0,
         "Gid": 0,
         "RemoteHypervisorTimeout": 0,  # the remote hypervisor's loader only
-        "BlockDeviceCacheSet": _bool(h, "block_device_cache_set"),
-        "BlockDeviceCacheDirect": _bool(h, "block_device_cache_direct"),
-        "BlockDeviceCacheNoflush": _bool(h, "block_device_cache_noflush"),
-        "BlockDeviceLogicalSectorSize": _int(h, "block_device_logical_sector_size"),
-        "BlockDevicePhysicalSectorSize": _int(h, "block_device_physical_sector_size"),
-        "DisableBlockDeviceUse": _bool(h, "disable_block_device_use"),
-        "EnableIOThreads": _bool(h, "enable_iothreads"),
-        "IndepIOThreads": _int(h, "indep_iothreads"),
-        "Debug": _bool(h, "enable_debug"),
+        "BlockDeviceCacheSet": toml_bool(h, "block_device_cache_set"),
+        "BlockDeviceCacheDirect": toml_bool(h, "block_device_cache_direct"),
+        "BlockDeviceCacheNoflush": toml_bool(h, "block_device_cache_noflush"),
+        "BlockDeviceLogicalSectorSize": toml_int(h, "block_device_logical_sector_size"),
+        "BlockDevicePhysicalSectorSize": toml_int(h, "block_device_physical_sector_size"),
+        "DisableBlockDeviceUse": toml_bool(h, "disable_block_device_use"),
+        "EnableIOThreads": toml_bool(h, "enable_iothreads"),
+        "IndepIOThreads": toml_int(h, "indep_iothreads"),
+        "Debug": toml_bool(h, "enable_debug"),
         # defaultHypervisorLoglevel(): 0 (or absent) is the package default 1, capped at 3.
         "HypervisorLoglevel": (DEFAULT_HYPERVISOR_LOGLEVEL_3X if loglevel == 0
                                else min(loglevel, MAX_HYPERVISOR_LOGLEVEL_3X)),
-        "MemPrealloc": _bool(h, "enable_mem_prealloc"),
-        "ReclaimGuestFreedMemory": _bool(h, "reclaim_guest_freed_memory"),
-        "HugePages": _bool(h, "enable_hugepages"),
-        "VirtioMem": _bool(h, "enable_virtio_mem"),
-        "IOMMU": _bool(h, "enable_iommu"),
-        "IOMMUPlatform": _bool(h, "enable_iommu_platform"),
+        "MemPrealloc": toml_bool(h, "enable_mem_prealloc"),
+        "ReclaimGuestFreedMemory": toml_bool(h, "reclaim_guest_freed_memory"),
+        "HugePages": toml_bool(h, "enable_hugepages"),
+        "VirtioMem": toml_bool(h, "enable_virtio_mem"),
+        "IOMMU": toml_bool(h, "enable_iommu"),
+        "IOMMUPlatform": toml_bool(h, "enable_iommu_platform"),
         # enable_numa maps host NUMA nodes (sysfs); kata-vmcache boots no guest NUMA nodes,
         # and the validator says so when the key is set.
         "GuestNUMANodes": None,
-        "DisableNestingChecks": _bool(h, "disable_nesting_checks"),
+        "DisableNestingChecks": toml_bool(h, "disable_nesting_checks"),
         "DisableImageNvdimm": disable_nvdimm,
-        "GuestMemoryDumpPaging": _bool(h, "guest_memory_dump_paging"),
-        "ConfidentialGuest": _bool(h, "confidential_guest"),
-        "SevSnpGuest": _bool(h, "sev_snp_guest"),
+        "GuestMemoryDumpPaging": toml_bool(h, "guest_memory_dump_paging"),
+        "ConfidentialGuest": toml_bool(h, "confidential_guest"),
+        "SevSnpGuest": toml_bool(h, "sev_snp_guest"),
         "BootToBeTemplate": False,
         "BootFromTemplate": False,
-        "DisableVhostNet": _bool(h, "disable_vhost_net"),
-        "EnableVhostUserStore": _bool(h, "enable_vhost_user_store"),
-        "GuestSwap": _bool(h, "enable_guest_swap"),
-        "Rootless": _bool(h, "rootless"),
+        "DisableVhostNet": toml_bool(h, "disable_vhost_net"),
+        "EnableVhostUserStore": toml_bool(h, "enable_vhost_user_store"),
+        "GuestSwap": toml_bool(h, "enable_guest_swap"),
+        "Rootless": toml_bool(h, "rootless"),
         "DisableSeccomp": False,  # the QEMU loader never copies disable_seccomp
-        "DisableSeLinux": _bool(h, "disable_selinux"),
+        "DisableSeLinux": toml_bool(h, "disable_selinux"),
         # GetDefaultHypervisorConfig's true is replaced by the table's value (false unset).
-        "DisableGuestSeLinux": _bool(h, "disable_guest_selinux"),
-        "LegacySerial": _bool(h, "use_legacy_serial"),
-        "ExtraMonitorSocket": _str(h, "extra_monitor_socket"),
+        "DisableGuestSeLinux": toml_bool(h, "disable_guest_selinux"),
+        "LegacySerial": toml_bool(h, "use_legacy_serial"),
+        "ExtraMonitorSocket": toml_str(h, "extra_monitor_socket"),
         # qgsPort(): the value as decoded; 0 when absent (no package default since 3.21).
-        "QgsPort": _int(h, "tdx_quote_generation_service_socket_port"),
+        "QgsPort": toml_int(h, "tdx_quote_generation_service_socket_port"),
         "Initdata": "",  # from an annotation only
         "InitdataDigest": None,
         "InitdataImage": "",
         "DefaultGPUs": 0,  # from an annotation only
         "DefaultGPUModel": "",
-        "MeasurementAlgo": _str(h, "measurement_algo") or DEFAULT_MEASUREMENT_ALGO_3X,
+        "MeasurementAlgo": toml_str(h, "measurement_algo") or DEFAULT_MEASUREMENT_ALGO_3X,
     }
 
 
@@ -297,15 +297,15 @@ def agent_config(doc: Mapping[str, Any]) -> dict[str, Any]:
     table = agent_table(doc)
     agent = table if table is not None else {}
     return {
-        "KernelModules": _str_list(agent, "kernel_modules"),
+        "KernelModules": toml_str_list(agent, "kernel_modules"),
         "ContainerPipeSize": 0,  # from an annotation only
-        "DialTimeout": _int(agent, "dial_timeout"),
-        "CdhApiTimeout": _int(agent, "cdh_api_timeout"),
-        "LaunchProcessTimeout": _int(agent, "launch_process_timeout"),
+        "DialTimeout": toml_int(agent, "dial_timeout"),
+        "CdhApiTimeout": toml_int(agent, "cdh_api_timeout"),
+        "LaunchProcessTimeout": toml_int(agent, "launch_process_timeout"),
         "LongLiveConn": table is not None,
-        "Debug": _bool(agent, "enable_debug"),
-        "Trace": _bool(agent, "enable_tracing"),
-        "EnableDebugConsole": _bool(agent, "debug_console_enabled"),
+        "Debug": toml_bool(agent, "enable_debug"),
+        "Trace": toml_bool(agent, "enable_tracing"),
+        "EnableDebugConsole": toml_bool(agent, "debug_console_enabled"),
         "Policy": "",  # from an annotation only
     }
 
@@ -315,20 +315,20 @@ def refusals(h: Mapping[str, Any]) -> list[tuple[str, str]]:
     reason): values outside the loader's accepted lists, virtio-fs without its daemon, a
     kernel parameter with an empty name (`loader_refusals` in the package's face)."""
     out: list[tuple[str, str]] = []
-    shared_fs = _str(h, "shared_fs") or DEFAULT_SHARED_FS_3X
+    shared_fs = toml_str(h, "shared_fs") or DEFAULT_SHARED_FS_3X
     if shared_fs not in SHARED_FS_3X:
         out.append(("shared_fs", f"not one of {', '.join(SHARED_FS_3X)} (got {shared_fs!r})"))
-    elif shared_fs in ("virtio-fs", "virtio-fs-nydus") and not _str(h, "virtio_fs_daemon"):
+    elif shared_fs in ("virtio-fs", "virtio-fs-nydus") and not toml_str(h, "virtio_fs_daemon"):
         default = "" if "shared_fs" in h else " (its default)"
         out.append(("shared_fs", f"{shared_fs}{default} needs virtio_fs_daemon, which is not "
                                  "set; set shared_fs = \"virtio-9p\" or virtio_fs_daemon"))
     for key, allowed in (("block_device_driver", BLOCK_DRIVERS_3X),
                          ("block_device_aio", BLOCK_AIO_3X),
                          ("extra_monitor_socket", EXTRA_MONITOR_3X)):
-        value = _str(h, key)
+        value = toml_str(h, key)
         if value and value not in allowed:
             out.append((key, f"not one of {', '.join(allowed)} (got {value!r})"))
-    for p in _deserialize_params(_kernel_param_fields(_str(h, "kernel_params"))):
+    for p in _deserialize_params(_kernel_param_fields(toml_str(h, "kernel_params"))):
         if p["Key"] == "":
             out.append(("kernel_params", f"a parameter with an empty name (got "
                                          f"\"={p['Value']}\")"))

@@ -21,29 +21,29 @@ from typing import Any, Final
 # A key with the wrong type would make Kata's loader fail outright; our config validator
 # reports those, so here a wrong type simply reads as the Go zero value.
 
-def _table(doc: Mapping[str, Any], *names: str) -> Mapping[str, Any]:
+def toml_table(doc: Mapping[str, Any], *names: str) -> Mapping[str, Any]:
     node: Any = doc
     for name in names:
         node = node.get(name) if isinstance(node, Mapping) else None
     return node if isinstance(node, Mapping) else {}
 
 
-def _str(t: Mapping[str, Any], key: str) -> str:
+def toml_str(t: Mapping[str, Any], key: str) -> str:
     v = t.get(key)
     return v if isinstance(v, str) else ""
 
 
-def _bool(t: Mapping[str, Any], key: str) -> bool:
+def toml_bool(t: Mapping[str, Any], key: str) -> bool:
     v = t.get(key)
     return v if isinstance(v, bool) else False
 
 
-def _int(t: Mapping[str, Any], key: str) -> int:
+def toml_int(t: Mapping[str, Any], key: str) -> int:
     v = t.get(key)
     return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
-def _number(t: Mapping[str, Any], key: str) -> float:
+def toml_number(t: Mapping[str, Any], key: str) -> float:
     v = t.get(key)
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
 
@@ -53,7 +53,7 @@ def _float32(value: float) -> float:
     return float(struct.unpack("f", struct.pack("f", value))[0])
 
 
-def _str_list(t: Mapping[str, Any], key: str) -> list[str] | None:
+def toml_str_list(t: Mapping[str, Any], key: str) -> list[str] | None:
     """A []string: nil (JSON null) when the key is absent, a list (maybe empty) otherwise.
 
     The difference is visible to Kata 1.x, which compares AgentConfig (an interface{}) with
@@ -66,7 +66,7 @@ def _str_list(t: Mapping[str, Any], key: str) -> list[str] | None:
     return [x for x in v if isinstance(x, str)]
 
 
-def _optional_uint(t: Mapping[str, Any], key: str) -> int | None:
+def toml_optional_uint(t: Mapping[str, Any], key: str) -> int | None:
     """A *uint64: nil when absent."""
     v = t.get(key)
     return v if isinstance(v, int) and not isinstance(v, bool) else None

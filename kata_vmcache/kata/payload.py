@@ -21,7 +21,7 @@ from .defaults import (
     HYPERVISOR_TYPE,
 )
 from .generation import GENERATIONS, Generation
-from .go import _table
+from .go import toml_table
 
 
 def _check(generation: str, hypervisor: str = HYPERVISOR_TYPE) -> None:
@@ -39,7 +39,7 @@ def hypervisor_config(doc: Mapping[str, Any], generation: Generation,
     Only QEMU: Kata's checkFactoryConfig refuses a VM cache with any other hypervisor.
     """
     _check(generation, hypervisor)
-    h = _table(doc, "hypervisor", hypervisor)
+    h = toml_table(doc, "hypervisor", hypervisor)
     if generation == "3.x":
         return gen3.hypervisor(h, gen3.agent_table(doc) or {})
     return gen1.hypervisor(h, gen1.agent_table(doc) or {})
@@ -95,4 +95,4 @@ def loader_refusals(doc: Mapping[str, Any], generation: Generation) -> list[tupl
     _check(generation)
     if generation == "1.x":
         return []
-    return gen3.refusals(_table(doc, "hypervisor", HYPERVISOR_TYPE))
+    return gen3.refusals(toml_table(doc, "hypervisor", HYPERVISOR_TYPE))
