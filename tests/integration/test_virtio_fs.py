@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import our_qemus  # tests/conftest.py: the leak guard's own census
+from conftest import (  # tests/conftest.py: the leak guard's own census
+    _descendants,
+    _process_table,
+    our_qemus,
+)
 
 from kata_vmcache.demo.config import render_config
 from kata_vmcache.demo.guest import DemoGuest
@@ -154,7 +156,7 @@ def test_a_vm_goes_out_with_its_virtiofsd_and_the_guest_reads_the_share(
         # virtiofsd holds what the guest looked up until the guest forgets it: detach now.
         subprocess.run(["umount", "--lazy", str(share / "mounted.txt")], check=True)
     # The daemon's stop: its own VMs and their virtiofsd go, the client's stay.
-    others = virtiofsds(workdir) - {pid} - set(children_of(pid))
+    others = virtiofsds(workdir) - {pid} - _descendants(_process_table(), pid)
     assert others
     d.send_signal(signal.SIGTERM)
     assert d.wait(15) == 0
@@ -235,52 +237,3 @@ def test_a_missing_virtio_fs_daemon_is_one_line_at_check_config_and_start(
 def share_modules_here() -> bool:
     version = kernel_version(find_kernel())
     return version is not None and bool(share_modules(version))
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for child in map(int, filter(str.isdigit, os.listdir("/proc"))):
-        with contextlib.suppress(OSError):
-            stat = Path(f"/proc/{child}/stat").read_text()
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
-                found.append(child)
-    return found
-
-
-def test_a_virtiofsd_whose_qemu_never_started_is_found_by_its_share_and_stopped(
-        vfs_config: Callable[..., Path], workdir: Path) -> None:
-    """A daemon that died between launching a VM's virtiofsd and recording it (its record
-    says booting, no pids): the virtiofsd never saw a QEMU, so it would wait forever. Its
-    successor finds it by the share it exports, which only that VM's does, and stops it."""
-    config = vfs_config(1)
-    vm_id = "0123456789ab"
-    own = workdir / "state" / "vms" / vm_id
-    vm_dir = workdir / "vm" / vm_id
-    own.mkdir(parents=True)
-    (vm_dir / "shared").mkdir(parents=True)
-    (own / "vm.json").write_text(json.dumps({
-        "id": vm_id, "state": "booting", "pid": None, "owner_pid": 1,
-        "vm_dir": str(vm_dir), "sandbox_dir": str(workdir / "sbs" / vm_id),
-        "proxy_pid": None, "virtiofsd_pid": None}))
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(vm_dir / "vhost-fs.sock"))
-    listener.listen()
-    fd = listener.fileno()
-    lost = subprocess.Popen([str(VIRTIOFSD), f"--fd={fd}", "-o",
-                             f"source={vm_dir / 'shared'}", "-o", "cache=auto", "--syslog",
-                             "-o", "no_posix_lock", "-f"], pass_fds=(fd,),
-                            start_new_session=True)
-    listener.close()
-    d = Daemon(config, workdir / "cache.sock", workdir / "state")
-    try:
-        assert pid_alive(lost.pid)
-        d.start()
-        assert lost.wait(15) is not None
-        assert f"stopping virtiofsd {lost.pid} of VM {vm_id}" in d.log()
-        assert not vm_dir.exists()
-        d.wait_ready(1)
-    finally:
-        d.stop()
-        if lost.poll() is None:
-            lost.kill()
-            lost.wait()
