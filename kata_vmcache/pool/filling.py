@@ -33,7 +33,7 @@ import time
 
 from .. import fds
 from ..errors import VmcacheError
-from ..vm.owned import VM
+from ..vm.owned import VM, VMState
 from ..vm.priority import Level
 from .activity import failure_class
 from .handout import HandOut
@@ -179,6 +179,13 @@ class Filler:
             pool.background(pool.stop(vm))
             return
         vm.on_exit(self.supervisor.died)
+        if vm.state is not VMState.READY:
+            # It died between its boot and now (its QEMU or virtiofsd exited while it was
+            # being settled), before anyone listened: never offered, replaced.
+            log.warning("VM %s died before it reached the pool (%s); replacing it", vm.id,
+                        vm.reason)
+            self.supervisor.died(vm)
+            return
         log.info("VM %s ready in %.2f s (QEMU pid %s)", vm.id, vm.boot_seconds or 0, vm.pid)
         pool.activity.vm_ready(vm)
         self.handout.offer(vm)
