@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -237,3 +239,42 @@ def test_a_missing_virtio_fs_daemon_is_one_line_at_check_config_and_start(
 def share_modules_here() -> bool:
     version = kernel_version(find_kernel())
     return version is not None and bool(share_modules(version))
+
+
+def test_a_virtiofsd_whose_qemu_never_started_is_found_by_its_share_and_stopped(
+        vfs_config: Callable[..., Path], workdir: Path) -> None:
+    """A daemon that died between launching a VM's virtiofsd and recording it (its record
+    says booting, no pids): the virtiofsd never saw a QEMU, so it would wait forever. Its
+    successor finds it by the share it exports, which only that VM's does, and stops it."""
+    config = vfs_config(1)
+    vm_id = "0123456789ab"
+    own = workdir / "state" / "vms" / vm_id
+    vm_dir = workdir / "vm" / vm_id
+    own.mkdir(parents=True)
+    (vm_dir / "shared").mkdir(parents=True)
+    (own / "vm.json").write_text(json.dumps({
+        "id": vm_id, "state": "booting", "pid": None, "owner_pid": 1,
+        "vm_dir": str(vm_dir), "sandbox_dir": str(workdir / "sbs" / vm_id),
+        "proxy_pid": None, "virtiofsd_pid": None}))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(vm_dir / "vhost-fs.sock"))
+    listener.listen()
+    fd = listener.fileno()
+    lost = subprocess.Popen([str(VIRTIOFSD), f"--fd={fd}", "-o",
+                             f"source={vm_dir / 'shared'}", "-o", "cache=auto", "--syslog",
+                             "-o", "no_posix_lock", "-f"], pass_fds=(fd,),
+                            start_new_session=True)
+    listener.close()
+    d = Daemon(config, workdir / "cache.sock", workdir / "state")
+    try:
+        assert pid_alive(lost.pid)
+        d.start()
+        assert lost.wait(15) is not None
+        assert f"stopping virtiofsd {lost.pid} of VM {vm_id}" in d.log()
+        assert not vm_dir.exists()
+        d.wait_ready(1)
+    finally:
+        d.stop()
+        if lost.poll() is None:
+            lost.kill()
+            lost.wait()
