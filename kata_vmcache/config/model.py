@@ -109,9 +109,9 @@ class DaemonSettings:
     state_dir: Path = Path("/run/kata-vmcache")
     #: VMs booting at the same time.
     boot_parallelism: int = 2
-    #: CPU priority of boots made ahead of demand: "idle" (SCHED_IDLE: they never take a
-    #: core a sandbox wants) or "normal". A boot a caller waits for, and every handed-out
-    #: VM, runs at normal priority either way (priority.py).
+    #: CPU priority of boots made ahead of demand: "idle" (nice 19, and their session's
+    #: autogroup: they never take a core a sandbox wants) or "normal". A boot a caller
+    #: waits for, and every handed-out VM, runs at normal priority either way (priority.py).
     boot_priority: BootPriority = "idle"
     #: Seconds QEMU gets to exit after QMP `quit` before it is killed.
     stop_timeout: float = 3.0

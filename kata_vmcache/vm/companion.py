@@ -74,7 +74,7 @@ class Companion:
 
     def _launch(self, priority: Level, pass_fds: Sequence[int] = ()) -> None:
         """Popen at `priority` (its VM's); LaunchError when it cannot run."""
-        with open(self.log_path, "ab") as logfile, launching(priority):
+        with open(self.log_path, "ab") as logfile, launching(priority) as launched:
             try:
                 self._proc = subprocess.Popen(
                     self.argv, stdin=subprocess.DEVNULL, stdout=logfile,
@@ -83,6 +83,7 @@ class Companion:
             except OSError as exc:
                 raise LaunchError(f"cannot run {self.what} {self.binary}: {exc.strerror}",
                                   argv=self.argv) from exc
+            launched(self._proc.pid)
         self._pidfd = Pidfd.of_child(self._proc, on_exit=self._reaped)
 
     def _reaped(self) -> None:

@@ -195,7 +195,7 @@ class QemuProcess:
         # Kata's DirMode (0750) for its VM directory; the shared directory must exist
         # before QEMU starts (its 9p device exports it).
         self.paths.shared.mkdir(mode=0o750, parents=True, exist_ok=True)
-        with open(self.paths.log, "wb") as logfile, launching(self.priority):
+        with open(self.paths.log, "wb") as logfile, launching(self.priority) as launched:
             try:
                 self._proc = subprocess.Popen(
                     self.argv,
@@ -209,6 +209,7 @@ class QemuProcess:
                 self._state = RunState.EXITED  # nothing ran
                 raise LaunchError(f"cannot run {self.argv[0]}: {exc.strerror}",
                                   argv=self.argv) from exc
+            launched(self._proc.pid)
         self._pidfd = Pidfd.of_child(self._proc, on_exit=self._reaped)
         self._stat_path = f"/proc/{self._proc.pid}/stat"
         try:

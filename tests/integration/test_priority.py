@@ -1,7 +1,8 @@
 """Background boots never compete with running sandboxes, on real QEMU and a real daemon:
-a VM booted ahead of demand runs every QEMU thread at SCHED_IDLE while it boots, every
-thread is back at normal priority once it is paused in the cache (and so when a client
-takes it), and `boot_priority = "normal"` (live on reload) boots at normal priority."""
+a VM booted ahead of demand runs every QEMU thread, and its session's group, at idle
+priority (nice 19) while it boots, every thread and the group are back at normal priority
+once it is paused in the cache (and so when a client takes it), and `boot_priority =
+"normal"` (live on reload) boots at normal priority."""
 
 from __future__ import annotations
 
@@ -16,13 +17,19 @@ from .harness import Daemon, wait_for
 
 pytestmark = [pytest.mark.qemu,
               pytest.mark.skipif(not priority.can_lower(),
-                                 reason="needs CAP_SYS_NICE to leave SCHED_IDLE")]
+                                 reason="needs CAP_SYS_NICE to leave nice 19")]
 
 
 def thread_policies(pid: int) -> set[str]:
-    names = {os.SCHED_IDLE: "idle", os.SCHED_OTHER: "normal"}
-    return {names.get(os.sched_getscheduler(int(tid)), "other")
-            for tid in os.listdir(f"/proc/{pid}/task")}
+    """The level of each of its threads and of its session's group (when the kernel has
+    autogroups)."""
+    names = {priority.IDLE_NICE: "idle", priority.normal_nice(): "normal"}
+    levels = {names.get(os.getpriority(os.PRIO_PROCESS, int(tid)), "other")
+              for tid in os.listdir(f"/proc/{pid}/task")}
+    group = priority.group_nice(pid)
+    if group is not None:
+        levels.add({priority.IDLE_NICE: "idle", 0: "normal"}.get(group, "other"))
+    return levels
 
 
 def booting_pid(daemon: Daemon) -> int:

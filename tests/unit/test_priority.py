@@ -1,8 +1,8 @@
 """CPU priority of what the daemon launches (priority.py), on real processes and the real
-scheduler: a child forked under `launching("idle")` and every thread it makes run at
-SCHED_IDLE, `promote()` brings each of them back, and the pool decides who boots at which
-level (fakes for the VMs: the decision is logic; test_priority in integration proves it on
-QEMU)."""
+scheduler: a child forked under `launching("idle")` and every thread it makes run at nice
+19, and so does its session's autogroup; `promote()` brings each of them back, and the pool
+decides who boots at which level (fakes for the VMs: the decision is logic; test_priority in
+integration proves it on QEMU)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ from kata_vmcache.vm.owned import VM
 from .fakes import FakeFactory, pool_running, until
 
 needs_nice = pytest.mark.skipif(not priority.can_lower(),
-                                reason="needs CAP_SYS_NICE to leave SCHED_IDLE")
+                                reason="needs CAP_SYS_NICE to leave nice 19")
+needs_autogroup = pytest.mark.skipif(not Path("/proc/self/autogroup").exists(),
+                                     reason="a kernel without autogroup scheduling")
 
 # A child that starts three threads, says so, and waits to be told to exit.
 THREADS = """
@@ -37,21 +39,23 @@ sys.stdin.readline()
 """
 
 
-def policies(pid: int) -> set[int]:
-    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+def nices(pid: int) -> set[int]:
+    return {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
 
 
-Spawn = Callable[[priority.Level], subprocess.Popen[str]]
+Spawn = Callable[..., subprocess.Popen[str]]
 
 
 @pytest.fixture
 def spawn() -> Iterator[Spawn]:
     children: list[subprocess.Popen[str]] = []
 
-    def start(level: priority.Level) -> subprocess.Popen[str]:
-        with priority.launching(level):
+    def start(level: priority.Level, session: bool = True) -> subprocess.Popen[str]:
+        with priority.launching(level) as launched:
             child = subprocess.Popen([sys.executable, "-c", THREADS], text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     start_new_session=session)
+            launched(child.pid)
         children.append(child)
         assert child.stdout is not None
         assert child.stdout.readline() == "up\n"
@@ -65,19 +69,65 @@ def spawn() -> Iterator[Spawn]:
 
 @needs_nice
 def test_a_child_launched_idle_and_all_its_threads_are_idle(spawn: Spawn) -> None:
-    before = os.sched_getscheduler(0)
+    before = os.getpriority(os.PRIO_PROCESS, 0)
     child = spawn("idle")
     assert len(os.listdir(f"/proc/{child.pid}/task")) == 4
-    assert policies(child.pid) == {os.SCHED_IDLE}
+    assert nices(child.pid) == {priority.IDLE_NICE}
     assert priority.level_of(child.pid) == "idle"
+    # Never SCHED_IDLE: its threads would not preempt on wakeup (see priority.py).
+    assert os.sched_getscheduler(child.pid) == os.SCHED_OTHER
     # The launching thread is back to what it was.
-    assert os.sched_getscheduler(0) == before
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before
+
+
+@needs_nice
+@needs_autogroup
+def test_the_session_of_a_child_launched_idle_is_an_idle_group(spawn: Spawn) -> None:
+    child = spawn("idle")
+    assert priority.group_nice(child.pid) == priority.IDLE_NICE
+    priority.promote(child.pid)
+    assert priority.group_nice(child.pid) == 0
+
+
+@needs_nice
+@needs_autogroup
+def test_a_group_the_daemon_shares_is_never_changed(spawn: Spawn) -> None:
+    ours = priority.group_nice(os.getpid())
+    child = spawn("idle", session=False)
+    # The child's threads are idle, but its group is ours: left as it was.
+    assert nices(child.pid) == {priority.IDLE_NICE}
+    assert priority.group_nice(child.pid) == ours == priority.group_nice(os.getpid())
+    assert priority.promote(child.pid) == 4
+    assert priority.group_nice(os.getpid()) == ours
+
+
+@needs_nice
+@needs_autogroup
+def test_a_group_that_cannot_be_changed_costs_the_priority_not_the_launch(
+        spawn: Spawn, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    real_open = open
+
+    def read_only_proc(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if str(path).endswith("/autogroup") and "w" in mode:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only_proc)
+    monkeypatch.setattr(priority, "_refusals", [])
+    first, second = spawn("idle"), spawn("idle")
+    monkeypatch.undo()
+    assert nices(first.pid) == nices(second.pid) == {priority.IDLE_NICE}
+    assert priority.group_nice(first.pid) == 0
+    assert [r.message for r in caplog.records].count(
+        "cannot set the CPU priority of a VM's session group (/proc/PID/autogroup: "
+        "Permission denied); its threads' nice still applies") == 1
 
 
 @needs_nice
 def test_normal_launches_change_nothing(spawn: Spawn) -> None:
     child = spawn("normal")
-    assert policies(child.pid) == {os.SCHED_OTHER}
+    assert nices(child.pid) == {priority.normal_nice()}
+    assert priority.group_nice(child.pid) in (None, 0)
     assert priority.promote(child.pid) == 0
 
 
@@ -85,7 +135,7 @@ def test_normal_launches_change_nothing(spawn: Spawn) -> None:
 def test_promote_brings_every_thread_back(spawn: Spawn) -> None:
     child = spawn("idle")
     assert priority.promote(child.pid, None) == 4
-    assert policies(child.pid) == {os.SCHED_OTHER}
+    assert nices(child.pid) == {priority.normal_nice()}
     assert priority.level_of(child.pid) == "normal"
 
 
