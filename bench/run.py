@@ -293,23 +293,13 @@ class Bench:
     def boot_priority(self, rounds: int = 3) -> dict[str, Any]:
         """Refill boots at boot_priority "idle" and "normal" on a host with nothing else to
         run (live reload between them, alternating): the boots ahead of demand that
-        SCHED_IDLE keeps out of running sandboxes' way must be no slower when nobody else
+        idle priority keeps out of running sandboxes' way must be no slower when nobody else
         wants the CPU. Each round empties the cache of 8 and times its refill, read from
         the daemon's own "ready in" lines."""
-        from kata_vmcache.demo.config import render_config
-        from kata_vmcache.demo.guest import build_demo
-
-        build = build_demo(ROOT / ".demo")
         seconds: dict[str, list[float]] = {"idle": [], "normal": []}
         for i in range(rounds * 2):
             level = ("idle", "normal")[i % 2] if rounds % 2 else ("normal", "idle")[i % 2]
-            self.config.write_text(render_config(
-                build.guest, endpoint=self.endpoint, state_dir=self.state, cache_number=CACHE,
-                accelerator=build.accelerator, boot_priority=level))
-            done = subprocess.run([*CLI, "--config", str(self.config), "reload"],
-                                  capture_output=True, text=True, timeout=60)
-            if done.returncode != 0:
-                raise RuntimeError(f"reload to boot_priority {level}: {done.stderr.strip()}")
+            self.reload_priority(level)
             self.wait_full()
             before = len(boot_seconds(self.daemon_log_path))
             self.worker("handoff", "--endpoint", str(self.endpoint), "--count", str(CACHE))
@@ -318,16 +308,54 @@ class Bench:
             seconds[level] += boot_seconds(self.daemon_log_path)[before:]
             log(f"boot_priority {level}: refill boots p50 "
                 f"{statistics.median(seconds[level]):.2f} s")
-        # The daemon keeps the file's default for the phases after this one.
-        self.config.write_text(render_config(build.guest, endpoint=self.endpoint,
-                                             state_dir=self.state, cache_number=CACHE,
-                                             accelerator=build.accelerator))
-        subprocess.run([*CLI, "--config", str(self.config), "reload"], capture_output=True,
-                       timeout=60, check=False)
         self.raw["boot_idle_s"], self.raw["boot_normal_s"] = seconds["idle"], seconds["normal"]
+        kept = self.sandbox_share()
+        # The daemon keeps the file's default for the phases after this one.
+        self.reload_priority(None)
         return {"boot_idle_p50_s": statistics.median(seconds["idle"]),
                 "boot_normal_p50_s": statistics.median(seconds["normal"]),
-                "boot_priority_samples": len(seconds["idle"])}
+                "boot_priority_samples": len(seconds["idle"]),
+                "sandbox_kept_idle": statistics.median(kept["idle"]),
+                "sandbox_kept_normal": statistics.median(kept["normal"]),
+                "sandbox_kept_quiet": statistics.median(kept["quiet"]),
+                "sandbox_share_rounds": len(kept["idle"])}
+
+    def sandbox_share(self, rounds: int = 3, seconds: float = 6.0) -> dict[str, list[float]]:
+        """What running sandboxes keep of the CPU while the cache refills, per level: one
+        CPU-bound stand-in per core, each in a session of its own like a handed-out QEMU,
+        spins for `seconds` right after 8 VMs are taken (the refill boots meanwhile); the
+        share of their cores they got. "quiet" is the same on the full cache, before.
+        Alternating levels, live reload between them."""
+        kept: dict[str, list[float]] = {"idle": [], "normal": [], "quiet": []}
+        for i in range(rounds * 2):
+            level = ("idle", "normal")[i % 2]
+            self.reload_priority(level)
+            self.wait_full()
+            kept["quiet"].append(spinner_share(seconds))
+            self.worker("handoff", "--endpoint", str(self.endpoint), "--count", str(CACHE))
+            self.release_taken()
+            kept[level].append(spinner_share(seconds))
+            self.wait_full()
+            log(f"boot_priority {level}: sandboxes got {kept[level][-1]:.2f} of their cores "
+                f"during a refill of 8 ({kept['quiet'][-1]:.2f} on the full cache)")
+        for key, shares in kept.items():
+            self.raw[f"sandbox_kept_{key}"] = shares
+        return kept
+
+    def reload_priority(self, level: str | None) -> None:
+        """The daemon at `boot_priority = level` (None: the file's default), by live reload."""
+        from kata_vmcache.demo.config import render_config
+        from kata_vmcache.demo.guest import build_demo
+
+        build = build_demo(ROOT / ".demo")
+        extra = {} if level is None else {"boot_priority": level}
+        self.config.write_text(render_config(
+            build.guest, endpoint=self.endpoint, state_dir=self.state, cache_number=CACHE,
+            accelerator=build.accelerator, **extra))
+        done = subprocess.run([*CLI, "--config", str(self.config), "reload"],
+                              capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"reload to boot_priority {level}: {done.stderr.strip()}")
 
     def memory(self) -> dict[str, float]:
         assert self.daemon is not None
@@ -427,6 +455,23 @@ class Bench:
         return cached, cold
 
 
+# A sandbox's vCPU, for spinner_share: spins for argv[1] seconds, prints the CPU seconds
+# it got.
+SPIN = ("import sys, time\nend = time.monotonic() + float(sys.argv[1])\n"
+        "while time.monotonic() < end:\n    pass\nprint(time.process_time())\n")
+
+
+def spinner_share(seconds: float) -> float:
+    """The share of their cores that CPU-bound processes, one per core, each leading its
+    own session (as a handed-out QEMU does), got over `seconds`."""
+    cores = os.cpu_count() or 1
+    spinners = [subprocess.Popen([sys.executable, "-c", SPIN, str(seconds)],
+                                 stdout=subprocess.PIPE, start_new_session=True)
+                for _ in range(cores)]
+    return sum(float(spinner.communicate(timeout=seconds + 60)[0])
+               for spinner in spinners) / (seconds * cores)
+
+
 def boot_seconds(daemon_log: Path) -> list[float]:
     """The daemon's own "VM <id> ready in S s" figures: launch to paused and ready."""
     found = re.findall(r"VM \S+ ready in ([0-9.]+) s", daemon_log.read_text(errors="replace"))
@@ -488,7 +533,12 @@ def priority_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     return [("refill boot at boot_priority idle / normal, idle host, p50 (s)",
              f"{r['boot_idle_p50_s']:.2f} / {r['boot_normal_p50_s']:.2f}",
              f"{r['boot_idle_p50_s'] / r['boot_normal_p50_s']:.2f}x ({r['boot_priority_samples']}"
-             " boots each, alternating)")]
+             " boots each, alternating)"),
+            *([("share of their cores running sandboxes get while 8 VMs refill, idle / normal,"
+                " p50", f"{r['sandbox_kept_idle']:.2f} / {r['sandbox_kept_normal']:.2f}",
+                f"{r['sandbox_kept_quiet']:.2f} on the full cache ({r['sandbox_share_rounds']}"
+                " rounds each, a CPU-bound stand-in per core)")]
+              if "sandbox_kept_quiet" in r else [])]
 
 
 def sync_rows(s: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -717,7 +767,9 @@ def only_priority(bench: Bench, out: Path) -> int:
     result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     result.update(figures)
     raw = result.setdefault("raw", {})
-    raw["boot_idle_s"], raw["boot_normal_s"] = bench.raw["boot_idle_s"], bench.raw["boot_normal_s"]
+    for key in ("boot_idle_s", "boot_normal_s", "sandbox_kept_idle", "sandbox_kept_normal",
+                "sandbox_kept_quiet"):
+        raw[key] = bench.raw[key]
     path.write_text(json.dumps(result, indent=2) + "\n")
     if "handoff_p50_ms" in result:
         (out / "latest.md").write_text(render_markdown(result))
