@@ -326,6 +326,28 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_table() -> dict[int, tuple[str, float]]:
+    """pid -> (command, CPU seconds so far), for every process in /proc."""
+    table: dict[int, tuple[str, float]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                head, _, rest = Path(f"/proc/{entry}/stat").read_text().rpartition(")")
+                fields = rest.split()
+                table[int(entry)] = (head.partition("(")[2], (int(fields[11]) + int(
+                    fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return table
+
+
+def busiest(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+            count: int = 4) -> list[str]:
+    """The processes that used the most CPU between two cpu_tables ("comm pid seconds"):
+    what a run competed with, or was made of."""
+    used = sorted(((cpu - before.get(pid, (comm, 0.0))[1], comm, pid)
+                   for pid, (comm, cpu) in after.items()), reverse=True)
+    return [f"{comm} {pid} {cpu:.2f} s" for cpu, comm, pid in used[:count] if cpu >= 0.05]
+
+
 def parents() -> dict[int, int]:
     """pid -> parent pid, for every process in /proc."""
     parent: dict[int, int] = {}
@@ -498,6 +520,8 @@ def run_container(tools: Tools, config: Path, bundle: Path, cid: str, *,
     and what had to be cleaned up after."""
     if syslog is not None:
         syslog.mark()
+    cpu_at_start = cpu_table()
+    busy: list[str] = []
     started = time.monotonic()
     proc = subprocess.Popen([str(tools.runtime), "--kata-config", str(config), "run",
                              "--bundle", str(bundle), cid], stdin=subprocess.DEVNULL,
@@ -522,6 +546,7 @@ def run_container(tools: Tools, config: Path, bundle: Path, cid: str, *,
                 lines.append(line.decode(errors="replace"))
                 if first_output is None and MARKER in lines[-1]:
                     first_output = time.monotonic() - started
+                    busy = busiest(cpu_at_start, cpu_table())
                     pss = sandbox_pss(cid)
     try:
         rc: int | str = proc.wait(timeout=max(1.0, started + timeout - time.monotonic()))
@@ -537,7 +562,7 @@ def run_container(tools: Tools, config: Path, bundle: Path, cid: str, *,
         "cid": cid, "rc": rc,
         "t_output_s": None if first_output is None else round(first_output, 3),
         "t_exit_s": round(exited, 3), "stdout": lines[:5], "stderr": stderr[-800:],
-        "pss_kib": pss}
+        "pss_kib": pss, "busiest_to_output": busy}
     if syslog is not None:
         log = syslog.lines()
         result["phases"] = phases(log, proc.pid)

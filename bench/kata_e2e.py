@@ -196,7 +196,8 @@ def session(tools: kata1.Tools, work: Path, setup: kata1.Setup, kind: str, runs:
                     result.update(refill_cost(server, before, cpu_before))
             out["runs"].append(result)
             say(f"{kind} {cid}: rc {result['rc']}, first output {result['t_output_s']} s, "
-                f"phases {result.get('phases')}, PSS {result['pss_kib']} KiB"
+                f"phases {result.get('phases')}, PSS {result['pss_kib']} KiB, "
+                f"busiest until then {result['busiest_to_output']}"
                 + (f", error: {result['error']}" if result["error"] else ""))
         out["boot_failures"] = boot_failures(server)
     finally:
