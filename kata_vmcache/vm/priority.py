@@ -110,14 +110,14 @@ def _set_group_nice(pid: int, nice: int) -> bool:
     return True
 
 
-_refusals: list[OSError] = []
+_refused = threading.Event()  # said once
 
 
 def _group_refused(exc: OSError) -> None:
-    if not _refusals:
+    if not _refused.is_set():
+        _refused.set()
         log.warning("cannot set the CPU priority of a VM's session group "
                     "(/proc/PID/autogroup: %s); its threads' nice still applies", exc.strerror)
-    _refusals.append(exc)
 
 
 def group_nice(pid: int) -> int | None:
