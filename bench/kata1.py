@@ -513,15 +513,37 @@ def phases(lines: list[str], runtime_pid: int) -> dict[str, float]:
     return out
 
 
+@contextlib.contextmanager
+def neighbours(count: int) -> Iterator[None]:
+    """`count` CPU-bound processes for the span of the block, each leading a session of its
+    own at normal priority: other tenants' sandboxes on a busy host. Stopped by pid."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                                 start_new_session=True) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
 def run_container(tools: Tools, config: Path, bundle: Path, cid: str, *,
-                  syslog: Syslog | None = None, timeout: float = 90.0) -> dict[str, Any]:
+                  syslog: Syslog | None = None, timeout: float = 90.0,
+                  busy: int = 0) -> dict[str, Any]:
     """`kata-runtime run` of one container: seconds to its first output line and to its
     exit, its exit code, the PSS of its VM's QEMU while it runs, the phases of its start,
-    and what had to be cleaned up after."""
+    and what had to be cleaned up after. `busy` CPU-bound neighbours run beside it until it
+    exits."""
+    with neighbours(busy):
+        return _run_container(tools, config, bundle, cid, syslog=syslog, timeout=timeout)
+
+
+def _run_container(tools: Tools, config: Path, bundle: Path, cid: str, *,
+                   syslog: Syslog | None, timeout: float) -> dict[str, Any]:
     if syslog is not None:
         syslog.mark()
     cpu_at_start = cpu_table()
-    busy: list[str] = []
+    busiest_ones: list[str] = []
     started = time.monotonic()
     proc = subprocess.Popen([str(tools.runtime), "--kata-config", str(config), "run",
                              "--bundle", str(bundle), cid], stdin=subprocess.DEVNULL,
@@ -546,7 +568,7 @@ def run_container(tools: Tools, config: Path, bundle: Path, cid: str, *,
                 lines.append(line.decode(errors="replace"))
                 if first_output is None and MARKER in lines[-1]:
                     first_output = time.monotonic() - started
-                    busy = busiest(cpu_at_start, cpu_table())
+                    busiest_ones = busiest(cpu_at_start, cpu_table())
                     pss = sandbox_pss(cid)
     try:
         rc: int | str = proc.wait(timeout=max(1.0, started + timeout - time.monotonic()))
@@ -562,7 +584,7 @@ def run_container(tools: Tools, config: Path, bundle: Path, cid: str, *,
         "cid": cid, "rc": rc,
         "t_output_s": None if first_output is None else round(first_output, 3),
         "t_exit_s": round(exited, 3), "stdout": lines[:5], "stderr": stderr[-800:],
-        "pss_kib": pss, "busiest_to_output": busy}
+        "pss_kib": pss, "busiest_to_output": busiest_ones}
     if syslog is not None:
         log = syslog.lines()
         result["phases"] = phases(log, proc.pid)

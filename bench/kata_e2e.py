@@ -143,13 +143,13 @@ def not_served(server: kata1.CacheServer, waited: float, syslog: kata1.Syslog,
 
 def session(tools: kata1.Tools, work: Path, setup: kata1.Setup, kind: str, runs: int,
             round_no: int, syslog: kata1.Syslog, bundle: Path, logs: Path,
-            ready_timeout: float) -> dict[str, Any]:
+            ready_timeout: float, busy: int = 0) -> dict[str, Any]:
     """One server's turn: start it on the file, `runs` containers each from a full cache,
     stop it. A server that never fills its cache is still asked, as kata-runtime asks it,
     while it listens (each run then fails with kata-runtime's own error); one that does not
     listen is not, and its runs are recorded as failed with why."""
     if kind == "none":
-        return no_cache(tools, work, setup, runs, round_no, syslog, bundle)
+        return no_cache(tools, work, setup, runs, round_no, syslog, bundle, busy)
     config = work / "configuration.toml"
     server = kata1.CacheServer(kind, tools, config, work / "cache.sock",
                                logs / f"{kind}-server.log")
@@ -189,7 +189,7 @@ def session(tools: kata1.Tools, work: Path, setup: kata1.Setup, kind: str, runs:
                 continue
             assert server.proc is not None
             cpu_before = kata1.cpu_seconds(server.proc.pid)
-            result = kata1.run_container(tools, config, bundle, cid, syslog=syslog)
+            result = kata1.run_container(tools, config, bundle, cid, syslog=syslog, busy=busy)
             result["error"] = failure(result)
             if ready and result["error"] is None:
                 with contextlib.suppress(RuntimeError):
@@ -213,7 +213,7 @@ def session(tools: kata1.Tools, work: Path, setup: kata1.Setup, kind: str, runs:
 
 
 def no_cache(tools: kata1.Tools, work: Path, setup: kata1.Setup, runs: int, round_no: int,
-             syslog: kata1.Syslog, bundle: Path) -> dict[str, Any]:
+             syslog: kata1.Syslog, bundle: Path, busy: int = 0) -> dict[str, Any]:
     """`runs` containers on the same file with no cache (vm_cache_number = 0, no template)."""
     config = work / "configuration.toml"
     plain = work / "no-cache.toml"
@@ -224,7 +224,8 @@ def no_cache(tools: kata1.Tools, work: Path, setup: kata1.Setup, runs: int, roun
     for i in range(runs):
         time.sleep(1.0)
         result = kata1.run_container(tools, plain, bundle,
-                                     f"kb-none-{round_no}-{i}-{int(time.time())}", syslog=syslog)
+                                     f"kb-none-{round_no}-{i}-{int(time.time())}", syslog=syslog,
+                                     busy=busy)
         result["error"] = failure(result)
         out["runs"].append(result)
         say(f"no cache: rc {result['rc']}, first output {result['t_output_s']} s"
@@ -299,7 +300,9 @@ def render(report: dict[str, Any]) -> str:
              f"{report['host']}; `kata-runtime run` -> first output; {report['rounds']} "
              f"interleaved rounds of {report['runs_per_round']} runs per server and mode "
              f"({', '.join(COLUMNS[x] for x in servers)}; no cache in the first mode only), "
-             f"shared_fs {report['shared_fs']}, vm_cache_number {report['cache_number']}.", ""]
+             f"shared_fs {report['shared_fs']}, vm_cache_number {report['cache_number']}"
+             + (f", {n} CPU-bound neighbours beside each run (each in its own session)"
+                if (n := report.get("busy_neighbours")) else "") + ".", ""]
     for mode, summary in report["modes"].items():
         cols = [x for x in COLUMNS if x in summary]
         c = [summary[x] for x in cols]
@@ -409,6 +412,9 @@ def main() -> int:
                     help="seconds a cache server has to fill its cache (default 120)")
     ap.add_argument("--syslog-file", type=Path,
                     help="the file a /dev/log listener already running appends to")
+    ap.add_argument("--busy", type=int, default=0,
+                    help="CPU-bound neighbours (other tenants' sandboxes, each in its own "
+                         "session) running beside each container's start (default 0)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--name", default="kata-e2e", help="results file name, without suffix")
     a = ap.parse_args()
@@ -430,7 +436,8 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"), "host": f"{os.cpu_count()} cores",
         "rounds": a.rounds, "runs_per_round": a.runs, "servers": servers,
         "ready_timeout_s": a.ready_timeout, "shared_fs": a.shared_fs,
-        "cache_number": a.cache_number, "tools": {k: str(v) for k, v in vars(tools).items()},
+        "cache_number": a.cache_number, "busy_neighbours": a.busy,
+        "tools": {k: str(v) for k, v in vars(tools).items()},
         "modes": {}, "sessions": {}}
     work = Path(tempfile.mkdtemp(prefix="kb-", dir="/run" if Path("/run").is_dir() else None))
     # The servers' logs outlive the run (they say why a boot failed); the rest does not.
@@ -457,7 +464,8 @@ def main() -> int:
                             continue  # no cache: the same runs in every mode
                         try:
                             sessions.append(session(tools, work, setup, kind, a.runs, r,
-                                                    syslog, bundle, logs, a.ready_timeout))
+                                                    syslog, bundle, logs, a.ready_timeout,
+                                                    a.busy))
                         except Exception as e:  # the other servers still run
                             say(f"{kind}: round {r} failed in the harness: {e!r}")
                             sessions.append({"server": kind, "round": r, "runs": [],
