@@ -426,6 +426,10 @@ def main() -> int:
     if a.shared_fs == "virtio-fs" and (why := kata1.missing_virtiofsd(tools)):
         print(f"bench-kata: {why}", file=sys.stderr)
         return 1
+    if a.busy < 0:
+        print(f"bench-kata: --busy {a.busy}: a number of neighbours, 0 or more",
+              file=sys.stderr)
+        return 2
     servers = [s for s in a.servers.split(",") if s] or ["none"]
     if unknown := [s for s in servers if s not in COLUMNS]:
         print(f"bench-kata: unknown server(s) {', '.join(unknown)}; known: "
