@@ -39,6 +39,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -444,7 +445,8 @@ def main() -> int:
         "tools": {k: str(v) for k, v in vars(tools).items()},
         "modes": {}, "sessions": {}}
     work = Path(tempfile.mkdtemp(prefix="kb-", dir="/run" if Path("/run").is_dir() else None))
-    # The servers' logs outlive the run (they say why a boot failed); the rest does not.
+    # The servers' logs outlive the run when something failed (they say why); the rest
+    # never does.
     logs = Path(tempfile.mkdtemp(prefix="kata-e2e-logs-"))
     say(f"the cache servers' logs: {logs}")
     kata1.become_subreaper()  # what the runs leave running stays ours to find and stop
@@ -483,6 +485,13 @@ def main() -> int:
                 report["sessions"][mode] = sessions
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
+        # The servers' logs are kept only when they have something to explain.
+        if any(run.get("error") or session.get("not_ready") or session.get("harness_error")
+               for sessions in report["sessions"].values() for session in sessions
+               for run in session["runs"] or [{}]):
+            say(f"kept the cache servers' logs (a run or a server failed): {logs}")
+        else:
+            shutil.rmtree(logs, ignore_errors=True)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{a.name}.json").write_text(json.dumps(report, indent=1))
     markdown = render(report)
