@@ -292,6 +292,20 @@ def summarize(sessions: list[dict[str, Any]]) -> dict[str, Any]:
 COLUMNS = {"none": "no cache", "kata": "Kata's own cache", "vmcache": "kata-vmcache"}
 
 
+def paired_ratios(sessions: list[dict[str, Any]]) -> list[float]:
+    """Per round, our median time to first output over Kata's, for the rounds where both
+    had a successful run: both servers met the same minutes of the host, whose speed
+    drifts, so the ratio within a round is what the drift does not move."""
+    medians: dict[int, dict[str, float]] = collections.defaultdict(dict)
+    for entry in sessions:
+        times = [run["t_output_s"] for run in entry.get("runs", [])
+                 if run.get("t_output_s") is not None and not run.get("error")]
+        if times:
+            medians[entry["round"]][entry["server"]] = statistics.median(times)
+    return [m["vmcache"] / m["kata"] for _, m in sorted(medians.items())
+            if "vmcache" in m and "kata" in m]
+
+
 def render(report: dict[str, Any]) -> str:
     def s(v: Any) -> str:
         return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
@@ -327,6 +341,10 @@ def render(report: dict[str, Any]) -> str:
             row("ours / Kata's, p50",
                 [ratio(x, summary["kata"]) if k == "vmcache" else None
                  for k, x in zip(cols, c, strict=True)])
+            paired = paired_ratios(report["sessions"].get(mode, []))
+            row("ours / Kata's, paired by round: median (range, rounds)",
+                [f"{statistics.median(paired):.2f} ({min(paired):.2f}-{max(paired):.2f}, "
+                 f"{len(paired)})" if k == "vmcache" and paired else None for k in cols])
         row("runs (failed, from the cache)",
             [f"{x['runs']} ({x['failed']}, {x['from_cache']})" if k != "none"
              else f"{x['runs']} ({x['failed']})" for k, x in zip(cols, c, strict=True)])
