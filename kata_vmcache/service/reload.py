@@ -55,7 +55,7 @@ from typing import Literal
 
 from .. import config as configmod
 from ..config import Config
-from ..errors import ConfigError, VmcacheError
+from ..errors import ConfigError, ConfigProblem, VmcacheError
 from ..factory import Factory, host
 from ..pool.autoscale import Autoscaler
 from ..pool.cache import VMCache
@@ -199,14 +199,14 @@ class Reloader:
         while True:
             await requested.wait()
             requested.clear()
-            self.reload()
+            await self.reload()
 
-    def reload(self) -> Outcome:
+    async def reload(self) -> Outcome:
         self.generation += 1
         self.notifier.reloading()
         log.info("reloading the configuration from %s", self.config.source)
         try:
-            result, message = self._reload()
+            result, message = await self._reload()
         except VmcacheError as exc:
             result, message = "refused", str(exc)
             log.error("configuration reload refused: %s", exc)
@@ -221,14 +221,13 @@ class Reloader:
             log.warning("cannot record the reload result in %s: %s", self.state_dir, exc)
         return outcome
 
-    def _reload(self) -> tuple[Result, str]:
+    async def _reload(self) -> tuple[Result, str]:
         old = self.config
         keep = "still serving with the previous settings"
         try:
-            new, warnings = configmod.load(old.source)
-            # As at start: what the file cannot tell (QEMU's machine types, the VM's
-            # virtiofsd, kata-proxy, ...), checked on this host.
-            warnings = [*warnings, *host.require(new)]
+            # Off the loop: the host's checks run subprocesses (virtiofsd's and QEMU's
+            # probes), and the loop keeps handing out VMs meanwhile.
+            new, warnings = await asyncio.to_thread(load_checked, old.source)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("configuration reload refused: %s", problem)
@@ -304,6 +303,14 @@ class Reloader:
         if keys & {"factory.vm_cache_number", "vmcache.memory_budget_mib",
                    "hypervisor.qemu.memory_mib"} and (note := new.budget_note()):
             log.warning("%s", note)
+
+
+def load_checked(source: Path | None) -> tuple[Config, list[ConfigProblem]]:
+    """The file at `source` and, as at start, what the file cannot tell (QEMU's machine
+    types, the VM's virtiofsd, kata-proxy, ...) checked on this host: the configuration and
+    its warnings, or ConfigError."""
+    new, warnings = configmod.load(source)
+    return new, [*warnings, *host.require(new)]
 
 
 def _keep_accelerator(factory: Factory, previous: Factory) -> None:
