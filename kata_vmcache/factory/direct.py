@@ -262,7 +262,7 @@ class DirectFactory:
         try:
             await vm.process.start()
         except LaunchError as exc:
-            code = vm.virtiofsd.exited_now() if vm.virtiofsd is not None else None
+            code = vm.virtiofsd.returncode_now() if vm.virtiofsd is not None else None
             if code is None:
                 raise
             # Started with --syslog, as Kata starts it: its reasons are in the journal.

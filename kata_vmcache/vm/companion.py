@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import subprocess
 from collections.abc import Callable, Sequence
@@ -116,18 +115,19 @@ class Companion:
     def problem_now(self) -> str | None:
         """Why its VM cannot be handed out because of it, or None (synchronous: a waitid
         on the pidfd, which sees an exit the loop has not dispatched yet)."""
-        pidfd = self._pidfd.fd if self._pidfd is not None else None
-        if self._proc is None or self._exited.is_set() or pidfd is None:
+        if (self._proc is None or self._exited.is_set() or self._pidfd is None
+                or self._pidfd.fd is None):
             return f"its {self.what} is not running"
         try:
-            info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            info = self._pidfd.status_now()
         except OSError as exc:
             return f"its {self.what} is gone ({exc.strerror})"
         return f"its {self.what} has exited" if info is not None else None
 
-    def exited_now(self) -> int | None:
-        """Its exit code if it has exited, even if the loop has not seen it yet (reaps it:
-        the pidfd watch then finds it reaped); None while it runs."""
+    def returncode_now(self) -> int | None:
+        """Its exit code if it has exited, even if the loop has not seen it yet (reaps it,
+        unlike QemuProcess.exited_now: the pidfd watch then finds it reaped); None while it
+        runs."""
         return self._proc.poll() if self._proc is not None else None
 
     def expect_exit(self) -> None:
@@ -139,8 +139,8 @@ class Companion:
         """Its VM's QEMU has exited, the VM being handed out: SIGTERM, once, even though
         released (a virtiofsd has usually exited already, with QEMU's connection). Reaped
         when it goes, as always; nothing waits for it here."""
-        if self.running and self._pidfd is not None:
-            self._stopping = True
+        self.expect_exit()
+        if self._pidfd is not None:
             self._pidfd.signal(signal.SIGTERM)
 
     def release(self) -> None:

@@ -391,12 +391,10 @@ class QemuProcess:
     def exited_now(self) -> bool:
         """Whether QEMU has exited, even if the loop has not run our exit callback yet (a
         waitid on the pidfd, without reaping)."""
-        pidfd = self._pidfd.fd if self._pidfd is not None else None
-        if self._exited.is_set() or pidfd is None:
+        if self._exited.is_set() or self._pidfd is None or self._pidfd.fd is None:
             return self._proc is not None
         try:
-            return os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT) \
-                is not None
+            return self._pidfd.status_now() is not None
         except OSError:
             return True
 
@@ -408,12 +406,11 @@ class QemuProcess:
         in /proc, which shows a stop before every thread of a busy QEMU has stopped. A
         QEMU alive but stuck otherwise (a deadlock) is the supervisor's to find: asking
         QMP here would put a round trip on every hand-off."""
-        pidfd = self._pidfd.fd if self._pidfd is not None else None
-        if self._proc is None or self._exited.is_set() or pidfd is None:
+        if (self._proc is None or self._exited.is_set() or self._pidfd is None
+                or self._pidfd.fd is None):
             return "QEMU is not running"
         try:
-            info = os.waitid(os.P_PIDFD, pidfd,
-                             os.WEXITED | os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+            info = self._pidfd.status_now(stopped=True)
             if info is None:
                 fd = os.open(self._stat_path, os.O_RDONLY | os.O_CLOEXEC)
                 try:

@@ -287,6 +287,15 @@ class Pidfd:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._fd, sig)
 
+    def status_now(self, *, stopped: bool = False) -> os.waitid_result | None:
+        """Its exit (or, with `stopped`, a stop of the whole thread group) even if the loop
+        has not dispatched it yet: a waitid on the pidfd that neither blocks nor reaps;
+        None while it runs. OSError once the pidfd is closed or the process gone."""
+        if self._fd is None:
+            raise ProcessLookupError(f"process {self.pid} is no longer watched")
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT | (os.WSTOPPED if stopped else 0)
+        return os.waitid(os.P_PIDFD, self._fd, flags)
+
     async def wait(self, timeout: float | None) -> bool:
         """Whether the process exited within `timeout`."""
         with contextlib.suppress(TimeoutError):
