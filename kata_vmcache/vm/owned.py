@@ -144,8 +144,11 @@ class VM:
         self.write_record()
 
     def on_exit(self, callback: Any) -> None:
-        """Call `callback(vm)` when QEMU exits while we own the VM."""
+        """Call `callback(vm)` when QEMU exits while we own the VM, or at once if it has
+        died already: a listener added late misses no death."""
         self._exit_listeners.append(callback)
+        if self.state is VMState.DEAD:
+            callback(self)
 
     def _qemu_exited(self, returncode: int) -> None:
         if self.virtiofsd is not None:
