@@ -93,31 +93,26 @@ def can_lower() -> bool:
     return result[0]
 
 
-def _set_group_nice(pid: int, nice: int) -> bool:
+def _set_group_nice(pid: int, nice: int) -> None:
     """The nice of `pid`'s autogroup, if `pid` leads its own session (the group is then
-    its own); whether it was set. A kernel without autogroups has no file: nothing to do.
-    A refusal (a read-only /proc) costs the VM its priority, never its boot: logged once."""
+    its own). A kernel without autogroups has no file: nothing to do. A refusal (a
+    read-only /proc) costs the VM its priority, never its boot: logged once."""
     try:
         if os.getsid(pid) != pid:
-            return False
+            return
         with open(f"/proc/{pid}/autogroup", "w") as group:
             group.write(str(nice))
     except (FileNotFoundError, ProcessLookupError):
-        return False
+        return
     except OSError as exc:
-        _group_refused(exc)
-        return False
-    return True
+        _group_refused(exc.strerror)
 
 
-_refused = threading.Event()  # said once
-
-
-def _group_refused(exc: OSError) -> None:
-    if not _refused.is_set():
-        _refused.set()
-        log.warning("cannot set the CPU priority of a VM's session group "
-                    "(/proc/PID/autogroup: %s); its threads' nice still applies", exc.strerror)
+@functools.cache
+def _group_refused(why: str | None) -> None:
+    """Said once (per reason)."""
+    log.warning("cannot set the CPU priority of a VM's session group "
+                "(/proc/PID/autogroup: %s); its threads' nice still applies", why)
 
 
 def group_nice(pid: int) -> int | None:
@@ -164,8 +159,7 @@ def promote(*pids: int | None) -> int:
     for pid in pids:
         if pid is None:
             continue
-        if group_nice(pid) not in (None, 0):
-            _set_group_nice(pid, 0)
+        _set_group_nice(pid, 0)
         while True:
             this_pass = 0
             try:

@@ -11,7 +11,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -114,7 +113,7 @@ def test_a_group_that_cannot_be_changed_costs_the_priority_not_the_launch(
         return real_open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", read_only_proc)
-    monkeypatch.setattr(priority, "_refused", threading.Event())
+    priority._group_refused.cache_clear()
     first, second = spawn("idle"), spawn("idle")
     monkeypatch.undo()
     assert nices(first.pid) == nices(second.pid) == {priority.IDLE_NICE}
