@@ -45,52 +45,6 @@ log = logging.getLogger(__name__)
 PROBE_DEADLINE_MARGIN = 1.0
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def booted(vm: VM, started: float, *, paused: bool = True) -> None:
     """The end of a successful boot (guest ready; paused unless `paused` says otherwise):
     ready, with its hand-off data. Paused, it needs no CPU: back at normal priority before
@@ -320,7 +274,7 @@ class DirectFactory:
     def _fall_back_to_tcg(self, timeout: float) -> None:
         """Accelerator auto, and a guest that never said a word under KVM: the hosts where
         guests hang under KVM (this project's build machine) get TCG from now on."""
-        self.spec = spec_from_config(self.config, "tcg")
+        self.use_accelerator("tcg")
         log.warning("accelerator auto: the guest did not come up under KVM in %g s; "
                     "using TCG for the next boots", timeout)
 

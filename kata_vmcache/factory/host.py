@@ -9,6 +9,10 @@ boots: at `check-config`, at start (`daemon.serve`) and at every reload.
   everyone, like /tmp) or belongs to another user is refused, with the suggestion of a
   directory of its own inside it. One that does not exist is created with mode 0700
   (`claim_state_dir`), and only that one is chmod-ed, since we made it.
+- What the configured VM needs of the host (`check_host`): its agent channel (vsock for
+  3.x), its kata-proxy, and for virtio-fs a virtiofsd that takes the generation's
+  arguments, shared guest RAM and QEMU's DAX window (`check_shared_fs`). `require` runs
+  both parts; `serve()` runs only the first, `init` having run `require`.
 
 Every problem is a `ConfigProblem` naming the key, as the file's own problems are.
 """
@@ -227,7 +231,7 @@ def resolve_accelerator(setting: str) -> Literal["kvm", "tcg"]:
 
 def check_host(config: Config) -> list[ConfigProblem]:
     """What this host must have for the configured Kata VM, checked before anything boots
-    (`init` and `check-config`): raises ConfigError naming each missing piece, returns
+    (`init`, `check-config` and every reload): raises ConfigError naming each missing piece, returns
     warnings. Not part of config.load(): a file is valid or not on any host."""
     problems: list[ConfigProblem] = []
     warnings: list[ConfigProblem] = []

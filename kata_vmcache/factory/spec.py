@@ -18,9 +18,10 @@ from typing import Any, Literal
 from .. import kata
 from ..config import Config
 from ..errors import ConfigError, ConfigProblem
-from ..kata.go import toml_bool, toml_int, toml_str, toml_table
+from ..kata.defaults import EXTRA_MONITOR_3X
+from ..kata.go import toml_table
 from ..vm.devices import AGENT_CHANNEL_NAME, AGENT_VSOCK_PORT, running_nested
-from ..vm.line3 import MACHINES_3X, MAX_PCIE_PORTS_3X, kernel_root_params_3x
+from ..vm.line3 import MACHINES_3X, kernel_root_params_3x
 from ..vm.paths import sandbox_storage
 from ..vm.spec import VMSpec
 
@@ -74,10 +75,8 @@ def spec_from_config(config: Config, accelerator: Literal["kvm", "tcg"]) -> VMSp
 
 def kata3_fields(config: Config, kata_hv: Mapping[str, Any]) -> dict[str, Any]:
     """The VMSpec fields only Kata 3.x's device model reads (vm/line3.py Kata3Line), from
-    Kata's HypervisorConfig (kata/), and where that has no key, from the file as
-    kata-containers 3.30.0's loader reads it (src/runtime/pkg/katautils/config.go,
-    newQemuHypervisorConfig)."""
-    q = qemu_table(config)
+    Kata's HypervisorConfig (kata/) as kata-containers 3.30.0's loader derives it
+    (src/runtime/pkg/katautils/config.go, newQemuHypervisorConfig)."""
     return {
         "machine_type": kata_hv["HypervisorMachineType"],
         "virtio_fs_queue_size": kata_hv["VirtioFSQueueSize"],
@@ -85,8 +84,7 @@ def kata3_fields(config: Config, kata_hv: Mapping[str, Any]) -> dict[str, Any]:
         # memory. Our [vmcache] max_memory, when set, still wins: it is the user's word.
         "max_memory_mib": config.daemon.max_memory_mib or kata_hv["DefaultMaxMemorySize"],
         "memory_offset_mib": kata_hv["MemOffset"],
-        # config.go pcieRootPort(): capped at maxPCIeRootPorts (16).
-        "pcie_root_port": min(kata_hv["PCIeRootPort"], MAX_PCIE_PORTS_3X),
+        "pcie_root_port": kata_hv["PCIeRootPort"],  # capped as config.go caps it
         "pcie_switch_port": kata_hv["PCIeSwitchPort"],
         "hot_plug_vfio": kata_hv["HotPlugVFIO"],
         "cold_plug_vfio": kata_hv["ColdPlugVFIO"],
@@ -94,18 +92,14 @@ def kata3_fields(config: Config, kata_hv: Mapping[str, Any]) -> dict[str, Any]:
         "iommu": kata_hv["IOMMU"],
         "legacy_serial": kata_hv["LegacySerial"],
         "rootfs_type": kata_hv["RootfsType"],
-        # config.go kernelVerityParams(): the string as written (HypervisorConfig's
-        # KernelVerityParams, which kata/ does not emit).
-        "kernel_verity_params": toml_str(q, "kernel_verity_params"),
+        "kernel_verity_params": kata_hv["KernelVerityParams"],
         "mem_prealloc": kata_hv["MemPrealloc"],
         "hugepages": kata_hv["HugePages"],
         "vhost_user_store": kata_hv["EnableVhostUserStore"],
         "pvpanic": kata_hv["GuestMemoryDumpPath"] != "",
-        # config.go: reclaim_guest_freed_memory and indep_iothreads (defaults false and 0,
-        # config-settings.go.in), which kata/ does not emit.
-        "balloon": toml_bool(q, "reclaim_guest_freed_memory"),
+        "balloon": kata_hv["ReclaimGuestFreedMemory"],
         "iothreads": kata_hv["EnableIOThreads"],
-        "indep_iothreads": max(toml_int(q, "indep_iothreads"), 0),
+        "indep_iothreads": max(kata_hv["IndepIOThreads"], 0),
         "seccomp_sandbox": kata_hv["SeccompSandbox"],
         "firmware": Path(kata_hv["FirmwarePath"]) if kata_hv["FirmwarePath"] else None,
         "pflash": tuple(kata_hv["PFlash"] or ()),
@@ -134,15 +128,11 @@ def file_backed_memory(kata_hv: Mapping[str, Any]) -> Path | None:
     return Path(target) if os.path.isdir(target) else None
 
 
-#: config.go extraMonitorSocket(): the protocols Kata 3.x accepts.
-EXTRA_MONITORS_3X = ("hmp", "qmp", "qmp-pretty")
-
 
 def check_kata3(config: Config) -> list[ConfigProblem]:
     """What in a Kata 3.x file Kata 3.30.0 itself refuses when it builds the VM, or what
     kata-vmcache cannot build the way Kata does. File-level rules, kept beside the 3.x
     device model (vm/line3.py Kata3Line) whose assumptions they state."""
-    q = qemu_table(config)
     hv = config.kata_hypervisor  # a 3.x file: its 3.x derivation
     source = config.source
     problems: list[ConfigProblem] = []
@@ -162,7 +152,7 @@ def check_kata3(config: Config) -> list[ConfigProblem]:
                 "Kata 3.x adds intel-iommu on q35 only)")
     if hv["ImagePath"]:
         try:
-            kernel_root_params_3x(hv["RootfsType"], True, toml_str(q, "kernel_verity_params"))
+            kernel_root_params_3x(hv["RootfsType"], True, hv["KernelVerityParams"])
         except ValueError as exc:
             key = "rootfs_type" if "rootfs" in str(exc) else "kernel_verity_params"
             problem(key, f"{exc} (Kata 3.x refuses it)")
@@ -178,9 +168,9 @@ def check_kata3(config: Config) -> list[ConfigProblem]:
                 '"virtio-fs", "virtio-9p" or "none": virtio-fs-nydus needs a nydusd per '
                 "VM, which kata-vmcache does not run)")
     monitor = hv["ExtraMonitorSocket"]
-    if monitor and monitor not in EXTRA_MONITORS_3X:
+    if monitor and monitor not in EXTRA_MONITOR_3X:
         problem("extra_monitor_socket", f"got {monitor!r}; expected one of "
-                f"{', '.join(EXTRA_MONITORS_3X)}")
+                f"{', '.join(EXTRA_MONITOR_3X)}")
     return problems
 
 
