@@ -44,12 +44,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kata_vmcache.procs import cmdline
+from kata_vmcache.procs import cmdline, pids
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -328,23 +328,16 @@ def cpu_seconds(pid: int) -> float:
 
 def cpu_table() -> dict[int, tuple[str, float]]:
     """pid -> (command, CPU seconds so far), for every process in /proc."""
-    table: dict[int, tuple[str, float]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                head, _, rest = Path(f"/proc/{entry}/stat").read_text().rpartition(")")
-                fields = rest.split()
-                table[int(entry)] = (head.partition("(")[2], (int(fields[11]) + int(
-                    fields[12])) / os.sysconf("SC_CLK_TCK"))
-    return table
+    return {pid: (comm(pid), cpu_seconds(pid)) for pid in pids()}
 
 
 def busiest(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
-            count: int = 4) -> list[str]:
+            count: int = 4, exclude: Collection[int] = ()) -> list[str]:
     """The processes that used the most CPU between two cpu_tables ("comm pid seconds"):
-    what a run competed with, or was made of."""
+    what a run competed with, or was made of; `exclude`d ones aside."""
     used = sorted(((cpu - before.get(pid, (comm, 0.0))[1], comm, pid)
-                   for pid, (comm, cpu) in after.items()), reverse=True)
+                   for pid, (comm, cpu) in after.items() if pid not in exclude),
+                  reverse=True)
     return [f"{comm} {pid} {cpu:.2f} s" for cpu, comm, pid in used[:count] if cpu >= 0.05]
 
 
@@ -514,13 +507,14 @@ def phases(lines: list[str], runtime_pid: int) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def neighbours(count: int) -> Iterator[None]:
+def neighbours(count: int) -> Iterator[list[int]]:
     """`count` CPU-bound processes for the span of the block, each leading a session of its
-    own at normal priority: other tenants' sandboxes on a busy host. Stopped by pid."""
+    own at normal priority: other tenants' sandboxes on a busy host (their pids, yielded).
+    Stopped by pid."""
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
                                  start_new_session=True) for _ in range(count)]
     try:
-        yield
+        yield [spinner.pid for spinner in spinners]
     finally:
         for spinner in spinners:
             spinner.kill()
@@ -534,14 +528,28 @@ def run_container(tools: Tools, config: Path, bundle: Path, cid: str, *,
     exit, its exit code, the PSS of its VM's QEMU while it runs, the phases of its start,
     and what had to be cleaned up after. `busy` CPU-bound neighbours run beside it until it
     exits."""
-    with neighbours(busy):
-        return _run_container(tools, config, bundle, cid, syslog=syslog, timeout=timeout)
-
-
-def _run_container(tools: Tools, config: Path, bundle: Path, cid: str, *,
-                   syslog: Syslog | None, timeout: float) -> dict[str, Any]:
     if syslog is not None:
         syslog.mark()
+    with neighbours(busy) as spinners:
+        result, pid = _run(tools, config, bundle, cid, timeout, spinners)
+    if syslog is not None:
+        log = syslog.lines()
+        result["phases"] = phases(log, pid)
+        result["from_cache"] = any(f"kata-runtime[{pid}]" in line
+                                   and "assign vm to sandbox" in line for line in log)
+        # The evidence: kata-runtime's own lines of the take-over, as it logged them.
+        result["takeover_log"] = [short(line) for line in log
+                                  if f"kata-runtime[{pid}]" in line
+                                  and any(needle in line for needle in TAKEOVER)]
+        result["agent_duplicate_stream"] = sum("duplicate stream" in line for line in log)
+    result["cleanup"] = cleanup(tools, config, cid)
+    return result
+
+
+def _run(tools: Tools, config: Path, bundle: Path, cid: str, timeout: float,
+         spinners: list[int]) -> tuple[dict[str, Any], int]:
+    """`kata-runtime run` to its exit, beside `spinners` (left out of the busiest): the
+    run's figures, and kata-runtime's pid."""
     cpu_at_start = cpu_table()
     busiest_ones: list[str] = []
     started = time.monotonic()
@@ -568,7 +576,7 @@ def _run_container(tools: Tools, config: Path, bundle: Path, cid: str, *,
                 lines.append(line.decode(errors="replace"))
                 if first_output is None and MARKER in lines[-1]:
                     first_output = time.monotonic() - started
-                    busiest_ones = busiest(cpu_at_start, cpu_table())
+                    busiest_ones = busiest(cpu_at_start, cpu_table(), exclude=spinners)
                     pss = sandbox_pss(cid)
     try:
         rc: int | str = proc.wait(timeout=max(1.0, started + timeout - time.monotonic()))
@@ -580,23 +588,10 @@ def _run_container(tools: Tools, config: Path, bundle: Path, cid: str, *,
     stderr = proc.stderr.read().decode(errors="replace").strip()
     proc.stdout.close()
     proc.stderr.close()
-    result: dict[str, Any] = {
-        "cid": cid, "rc": rc,
-        "t_output_s": None if first_output is None else round(first_output, 3),
-        "t_exit_s": round(exited, 3), "stdout": lines[:5], "stderr": stderr[-800:],
-        "pss_kib": pss, "busiest_to_output": busiest_ones}
-    if syslog is not None:
-        log = syslog.lines()
-        result["phases"] = phases(log, proc.pid)
-        result["from_cache"] = any(f"kata-runtime[{proc.pid}]" in line
-                                   and "assign vm to sandbox" in line for line in log)
-        # The evidence: kata-runtime's own lines of the take-over, as it logged them.
-        result["takeover_log"] = [short(line) for line in log
-                                  if f"kata-runtime[{proc.pid}]" in line
-                                  and any(needle in line for needle in TAKEOVER)]
-        result["agent_duplicate_stream"] = sum("duplicate stream" in line for line in log)
-    result["cleanup"] = cleanup(tools, config, cid)
-    return result
+    return {"cid": cid, "rc": rc,
+            "t_output_s": None if first_output is None else round(first_output, 3),
+            "t_exit_s": round(exited, 3), "stdout": lines[:5], "stderr": stderr[-800:],
+            "pss_kib": pss, "busiest_to_output": busiest_ones}, proc.pid
 
 
 def sandbox_pss(cid: str) -> int | None:

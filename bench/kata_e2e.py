@@ -503,13 +503,12 @@ def main() -> int:
                 report["sessions"][mode] = sessions
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
-        # The servers' logs are kept only when they have something to explain.
-        if any(run.get("error") or session.get("not_ready") or session.get("harness_error")
-               for sessions in report["sessions"].values() for session in sessions
-               for run in session["runs"] or [{}]):
-            say(f"kept the cache servers' logs (a run or a server failed): {logs}")
-        else:
-            shutil.rmtree(logs, ignore_errors=True)
+    # A run that finished with nothing failed has nothing for its servers' logs to explain.
+    if any(s["failed"] or s["not_ready"] for mode in report["modes"].values()
+           for s in mode.values()):
+        say(f"kept the cache servers' logs (a run or a server failed): {logs}")
+    else:
+        shutil.rmtree(logs, ignore_errors=True)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{a.name}.json").write_text(json.dumps(report, indent=1))
     markdown = render(report)

@@ -143,18 +143,23 @@ class Bench:
     # set-up
 
     def start(self) -> None:
-        from kata_vmcache.demo.config import render_config
         from kata_vmcache.demo.guest import build_demo
 
-        build = build_demo(ROOT / ".demo")
-        self.accelerator = build.accelerator
+        self.build = build_demo(ROOT / ".demo")
+        self.accelerator = self.build.accelerator
         self.endpoint = self.tmp / "cache.sock"
         self.state = self.tmp / "state"
         self.config = self.tmp / "configuration.toml"
-        self.config.write_text(render_config(build.guest, endpoint=self.endpoint,
-                                             state_dir=self.state, cache_number=CACHE,
-                                             accelerator=build.accelerator))
+        self.write_config()
         self.start_daemon(self.config, self.tmp / "daemon.log")
+
+    def write_config(self, **vmcache: object) -> None:
+        """The daemon's file: the demo guest's, with a cache of CACHE and `vmcache` keys."""
+        from kata_vmcache.demo.config import render_config
+
+        self.config.write_text(render_config(
+            self.build.guest, endpoint=self.endpoint, state_dir=self.state,
+            cache_number=CACHE, accelerator=self.build.accelerator, **vmcache))
 
     def start_pool_only(self) -> None:
         """The paths the pool runs use, without the first daemon."""
@@ -344,14 +349,7 @@ class Bench:
 
     def reload_priority(self, level: str | None) -> None:
         """The daemon at `boot_priority = level` (None: the file's default), by live reload."""
-        from kata_vmcache.demo.config import render_config
-        from kata_vmcache.demo.guest import build_demo
-
-        build = build_demo(ROOT / ".demo")
-        extra = {} if level is None else {"boot_priority": level}
-        self.config.write_text(render_config(
-            build.guest, endpoint=self.endpoint, state_dir=self.state, cache_number=CACHE,
-            accelerator=build.accelerator, **extra))
+        self.write_config(**({} if level is None else {"boot_priority": level}))
         done = subprocess.run([*CLI, "--config", str(self.config), "reload"],
                               capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
@@ -767,9 +765,8 @@ def only_priority(bench: Bench, out: Path) -> int:
     result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     result.update(figures)
     raw = result.setdefault("raw", {})
-    for key in ("boot_idle_s", "boot_normal_s", "sandbox_kept_idle", "sandbox_kept_normal",
-                "sandbox_kept_quiet"):
-        raw[key] = bench.raw[key]
+    raw.update({key: samples for key, samples in bench.raw.items()
+                if key.startswith(("boot_", "sandbox_kept_"))})
     path.write_text(json.dumps(result, indent=2) + "\n")
     if "handoff_p50_ms" in result:
         (out / "latest.md").write_text(render_markdown(result))
