@@ -1,5 +1,5 @@
 """A newc ("new ASCII", 070701) cpio archive writer in pure Python: the format the kernel
-unpacks as an initramfs (demo_initramfs.py lays out the demo guest's).
+unpacks as an initramfs (initramfs.py lays out the demo guest's).
 
 Deterministic on purpose: entries are written in the given order, inode numbers count from
 1, owners are root and every entry's mtime is FIXED_MTIME: the same entries give the same

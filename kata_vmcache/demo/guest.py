@@ -6,7 +6,7 @@
   kernel.py);
 - `dest/initrd.img`: a gzip'd newc cpio archive (cpio.py, in pure Python) holding busybox,
   the guest's `/init` and, when the kernel has them, the modules the guest needs to mount a
-  virtio-fs share (its `share` command): demo_initramfs.py lays it out.
+  virtio-fs share (its `share` command): initramfs.py lays it out.
 
 The archive is deterministic (sorted entries, fixed inode numbers, owners and mtimes, a
 gzip header without time or name): the same inputs give the same bytes. A stamp in `dest`

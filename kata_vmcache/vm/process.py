@@ -6,7 +6,7 @@ members are what is used through `vm.process`, by whom:
 
     the VM (owned.py)        pid, running, priority, on_end, problem_now, release_idle,
                              reclaim, stop, kill
-    the pool (pool/)         running, released, probing, idle, probe_status
+    the pool (pool/)         running, released, probing, idle, probe_status, exited_now
     a factory (factory/)     start, execute, qmp, wait, returncode, argv, log_tail, on_end
     getvm.py                 release
 

@@ -126,7 +126,7 @@ def fake(vm: VM) -> FakeProcess:
     return process
 
 
-LOG = logging.getLogger("test_cache")
+LOG = logging.getLogger("fakes")
 
 
 class FakeFactory:
