@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..errors import LaunchError
-from .priority import Level, launching
+from .priority import Level, spawn
 from .qmp import Pidfd, stop_process
 
 
@@ -73,16 +73,15 @@ class Companion:
 
     def _launch(self, priority: Level, pass_fds: Sequence[int] = ()) -> None:
         """Popen at `priority` (its VM's); LaunchError when it cannot run."""
-        with open(self.log_path, "ab") as logfile, launching(priority) as launched:
+        with open(self.log_path, "ab") as logfile:
             try:
-                self._proc = subprocess.Popen(
-                    self.argv, stdin=subprocess.DEVNULL, stdout=logfile,
-                    stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                    pass_fds=tuple(pass_fds))
+                self._proc = spawn(self.argv, priority, stdin=subprocess.DEVNULL,
+                                   stdout=logfile, stderr=subprocess.STDOUT,
+                                   start_new_session=True, close_fds=True,
+                                   pass_fds=tuple(pass_fds))
             except OSError as exc:
                 raise LaunchError(f"cannot run {self.what} {self.binary}: {exc.strerror}",
                                   argv=self.argv) from exc
-            launched(self._proc.pid)
         self._pidfd = Pidfd.of_child(self._proc, on_exit=self._reaped)
 
     def _reaped(self) -> None:

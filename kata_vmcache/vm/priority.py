@@ -24,11 +24,11 @@ boots at once on 2 cores took 1.39x as long as at normal priority on an idle hos
 1.01x). The autogroup is changed only for a process that leads its own session: never a
 group the daemon shares.
 
-- `launching(level)`: processes forked inside the block start at `level`. A thread inherits
-  the nice of the thread that created it, so the nice is set on our launching thread for
-  the span of the fork, and QEMU's vCPU threads, its companions' threads and everything
-  they start are born at that level (setting it afterwards would miss the threads made
-  meanwhile); `launched(pid)`, which the block receives, lowers the new session's group.
+- `spawn(argv, level, **popen)`: `subprocess.Popen` at `level`. A thread inherits the nice
+  of the thread that created it, so the nice is set on our launching thread for the span of
+  the fork, and QEMU's vCPU threads, its companions' threads and everything they start are
+  born at that level (setting it afterwards would miss the threads made meanwhile); then
+  the new session's group is lowered.
 - `promote(pid, ...)`: every thread of those processes, and their groups, back to normal:
   once the VM is paused in the cache (it needs no CPU then, and the hand-off has nothing
   left to do), or as soon as a caller waits for its boot.
@@ -44,9 +44,10 @@ import contextlib
 import functools
 import logging
 import os
+import subprocess
 import threading
-from collections.abc import Callable, Iterator
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -124,29 +125,23 @@ def group_nice(pid: int) -> int | None:
         return None
 
 
-def _nothing(pid: int) -> None:
-    return None
-
-
-def _lower_group(pid: int) -> None:
-    _set_group_nice(pid, IDLE_NICE)
-
-
-@contextlib.contextmanager
-def launching(level: Level) -> Iterator[Callable[[int], None]]:
-    """Processes forked in the block start at `level` (the calling thread's nice while the
-    block runs: keep it to the fork, it is synchronous); the block calls what it receives
-    with the new process's pid, so that its session's group is at `level` too."""
+def spawn(argv: Sequence[str], level: Level, **popen: Any) -> subprocess.Popen[Any]:
+    """`subprocess.Popen(argv, **popen)` at `level`: its threads are born at it and, when it
+    leads a session of its own (`start_new_session=True`), so is its session's group.
+    OSError when it cannot run."""
     if level == "normal" or not can_lower():
-        yield _nothing
-        return
+        return subprocess.Popen(argv, **popen)
+    # Our launching thread's nice for the span of the fork (synchronous: nothing else of
+    # ours runs on this thread meanwhile), so the child's first thread inherits it.
     tid = threading.get_native_id()
     before = os.getpriority(os.PRIO_PROCESS, tid)
     _set_nice(tid, IDLE_NICE)
     try:
-        yield _lower_group
+        proc = subprocess.Popen(argv, **popen)
     finally:
         _set_nice(tid, before)
+    _set_group_nice(proc.pid, IDLE_NICE)
+    return proc
 
 
 def promote(*pids: int | None) -> int:
@@ -177,11 +172,3 @@ def promote(*pids: int | None) -> int:
                 break
     return changed
 
-
-def level_of(pid: int) -> Level | None:
-    """The level of a process's main thread (None once it is gone)."""
-    try:
-        nice = os.getpriority(os.PRIO_PROCESS, pid)
-    except OSError:
-        return None
-    return "idle" if nice > normal_nice() else "normal"

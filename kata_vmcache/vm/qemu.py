@@ -69,7 +69,7 @@ from qemu.qmp import ExecuteError, QMPClient, QMPError
 from ..errors import LaunchError, VMDead, VMStateError
 from ..procs import cmdline, pid_alive
 from .paths import VMPaths, qemu_name
-from .priority import Level, launching
+from .priority import Level, spawn
 from .qmp import (
     KILL_WAIT,
     Pidfd,
@@ -195,21 +195,15 @@ class QemuProcess:
         # Kata's DirMode (0750) for its VM directory; the shared directory must exist
         # before QEMU starts (its 9p device exports it).
         self.paths.shared.mkdir(mode=0o750, parents=True, exist_ok=True)
-        with open(self.paths.log, "wb") as logfile, launching(self.priority) as launched:
+        with open(self.paths.log, "wb") as logfile:
             try:
-                self._proc = subprocess.Popen(
-                    self.argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=logfile,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                )
+                self._proc = spawn(self.argv, self.priority, stdin=subprocess.DEVNULL,
+                                   stdout=logfile, stderr=subprocess.STDOUT,
+                                   start_new_session=True, close_fds=True)
             except OSError as exc:
                 self._state = RunState.EXITED  # nothing ran
                 raise LaunchError(f"cannot run {self.argv[0]}: {exc.strerror}",
                                   argv=self.argv) from exc
-            launched(self._proc.pid)
         self._pidfd = Pidfd.of_child(self._proc, on_exit=self._reaped)
         self._stat_path = f"/proc/{self._proc.pid}/stat"
         try:
