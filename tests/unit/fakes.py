@@ -21,7 +21,6 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import pytest
 from qemu.qmp import QMPClient
 
 from kata_vmcache.errors import LaunchError
@@ -183,27 +182,26 @@ class FakeFactory:
 
 @contextlib.asynccontextmanager
 async def pool_running(cache: VMCache) -> AsyncIterator[VMCache]:
-    """The pool's run() for the block; afterwards it is cancelled and the cache closed."""
+    """The pool's run() for the block; afterwards it is cancelled and the cache closed.
+    run() must end by that cancellation (or by the cache's close): an error of its own
+    fails the test."""
     task = asyncio.create_task(cache.run())
     try:
         yield cache
     finally:
         task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.wait([task])
         await cache.close()
+    if not task.cancelled():
+        task.result()
 
 
 @contextlib.asynccontextmanager
 async def fake_pool(directory: Path, target: int) -> AsyncIterator[tuple[VMCache, FakeFactory]]:
-    """A running pool of `target` fake VMs; run() must end by its cancellation."""
+    """A running pool of `target` fake VMs (pool_running)."""
     factory = FakeFactory(directory)
-    cache = VMCache(factory, target, parallelism=2)
-    task = asyncio.create_task(cache.run())
-    yield cache, factory
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await cache.close()
+    async with pool_running(VMCache(factory, target, parallelism=2)) as cache:
+        yield cache, factory
 
 
 async def until(cache: VMCache, predicate: Callable[[], object], timeout: float = 5.0) -> None:
