@@ -388,7 +388,8 @@ class VMHandle:
         after = await self._guest_call(guest.online(timeout), timeout, "online")
         qmp_cpus, qmp_mib = await self.query_resources()
         self.vcpus, self.memory_mib = qmp_cpus, qmp_mib
-        check_result(self.id, (cpus, memory_mib), (qmp_cpus, qmp_mib), before, after, add_mib)
+        check_result(self.id, cpus=cpus, memory_mib=memory_mib, qmp_cpus=qmp_cpus,
+                     qmp_mib=qmp_mib, before=before, after=after, add_mib=add_mib)
         self.log.info("hot-added %d vCPUs and %d MiB in %.2f s: %d vCPUs, %d MiB",
                       add_cpus, add_mib, time.monotonic() - started, cpus, memory_mib)
 

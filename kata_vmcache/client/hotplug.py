@@ -111,12 +111,10 @@ async def acknowledged(vm_id: str, events: EventListener, devices: Iterable[str]
             return
 
 
-def check_result(vm_id: str, want: tuple[int, int], qemu: tuple[int, int],
+def check_result(vm_id: str, *, cpus: int, memory_mib: int, qmp_cpus: int, qmp_mib: int,
                  before: GuestInfo, after: GuestInfo, add_mib: int) -> None:
-    """HotplugError unless QEMU has the (vCPUs, MiB) wanted, the guest has the vCPUs
-    online, and its memory grew by what was added."""
-    cpus, memory_mib = want
-    qmp_cpus, qmp_mib = qemu
+    """HotplugError unless QEMU has the `cpus` and `memory_mib` wanted, the guest has the
+    vCPUs online, and its memory grew by the `add_mib` added."""
     problems = []
     if (qmp_cpus, qmp_mib) != (cpus, memory_mib):
         problems.append(f"QEMU has {qmp_cpus} vCPUs and {qmp_mib} MiB")
