@@ -177,7 +177,7 @@ class Config:
     @functools.cached_property
     def kata_proxy(self) -> Mapping[str, Any]:
         """Kata 1.x's ProxyConfig for this file (Path, Debug), derived once."""
-        return MappingProxyType(kata.vm_config(self.document, "1.x")["ProxyConfig"])
+        return MappingProxyType(kata.proxy_config(self.document)[1])
 
     @property
     def max_memory_mib(self) -> int:

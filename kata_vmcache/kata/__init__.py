@@ -66,6 +66,7 @@ from .payload import (
     default_hypervisor_path,
     hypervisor_config,
     loader_refusals,
+    proxy_config,
     vm_config,
 )
 from .resolved import HypervisorValues, resolve
@@ -75,5 +76,6 @@ __all__ = [
     "DEFAULT_MEMORY_MIB", "DEFAULT_PROXY_PATH", "GENERATIONS", "MIN_HYPERVISOR_MEMORY_MIB",
     "RESET_HYPERVISOR_FIELDS", "VHOST_VSOCK_DEVICE", "Generation", "HypervisorValues",
     "agent_config", "default_hypervisor_path", "detect_generation", "host_has_vhost_vsock",
-    "hypervisor_config", "loader_refusals", "reset_for_compare", "resolve", "vm_config",
+    "hypervisor_config", "loader_refusals", "proxy_config", "reset_for_compare", "resolve",
+    "vm_config",
 ]

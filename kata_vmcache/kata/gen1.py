@@ -70,7 +70,7 @@ from .go import (
 from .kernel_params import _boot_params, _deserialize_params, _param
 
 
-def _use_vsock(h: Mapping[str, Any]) -> bool:
+def use_vsock(h: Mapping[str, Any]) -> bool:
     # newQemuHypervisorConfig: use_vsock only sticks when the host has vsock; otherwise Kata
     # warns and falls back to the serial port.
     return toml_bool(h, "use_vsock") and host._host_supports_vsock()
@@ -191,7 +191,7 @@ def hypervisor(h: Mapping[str, Any], agent: Mapping[str, Any]) -> dict[str, Any]
         "Realtime": False,  # no configuration key; never set by the loader
         "Mlock": not toml_bool(h, "enable_swap"),
         "DisableNestingChecks": toml_bool(h, "disable_nesting_checks"),
-        "UseVSock": _use_vsock(h),
+        "UseVSock": use_vsock(h),
         "DisableImageNvdimm": disable_nvdimm,
         "HotplugVFIOOnRootBus": toml_bool(h, "hotplug_vfio_on_root_bus"),
         "PCIeRootPort": toml_int(h, "pcie_root_port"),
@@ -218,7 +218,7 @@ def agent_config(doc: Mapping[str, Any]) -> dict[str, Any]:
     agent = table if table is not None else {}
     return {
         "LongLiveConn": False,
-        "UseVSock": table is not None and _use_vsock(toml_table(doc, "hypervisor",
+        "UseVSock": table is not None and use_vsock(toml_table(doc, "hypervisor",
                                                             HYPERVISOR_TYPE)),
         "Debug": toml_bool(agent, "enable_debug"),
         "Trace": toml_bool(agent, "enable_tracing"),

@@ -52,6 +52,13 @@ def agent_config(doc: Mapping[str, Any], generation: Generation) -> dict[str, An
     return gen3.agent_config(doc) if generation == "3.x" else gen1.agent_config(doc)
 
 
+def proxy_config(doc: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Kata 1.x's ProxyType and ProxyConfig (3.x has no proxy): kata-proxy unless the
+    hypervisor's UseVSock holds, derived as its hypervisor getter derives it."""
+    return gen1.proxy_config(doc, gen1.use_vsock(toml_table(doc, "hypervisor",
+                                                            HYPERVISOR_TYPE)))
+
+
 def vm_config(doc: Mapping[str, Any], generation: Generation) -> dict[str, Any]:
     """The whole VMConfig JSON for GrpcVMConfig.Data, for `generation`.
 
@@ -67,14 +74,14 @@ def vm_config(doc: Mapping[str, Any], generation: Generation) -> dict[str, Any]:
             "AgentConfig": agent_config(doc, generation),
             "HypervisorConfig": hypervisor,
         }
-    proxy_type, proxy_config = gen1.proxy_config(doc, hypervisor["UseVSock"])
+    proxy_type, proxy = gen1.proxy_config(doc, hypervisor["UseVSock"])
     return {
         "HypervisorType": HYPERVISOR_TYPE,
         "HypervisorConfig": hypervisor,
         "AgentType": AGENT_TYPE,
         "AgentConfig": agent_config(doc, generation),
         "ProxyType": proxy_type,
-        "ProxyConfig": proxy_config,
+        "ProxyConfig": proxy,
     }
 
 

@@ -560,6 +560,8 @@ def test_vsock_needs_both_the_setting_and_the_host(assets: dict[str, str],
     assert vc["AgentConfig"]["UseVSock"] is True
     assert vc["ProxyType"] == "noProxy"
     assert vc["ProxyConfig"] == {"Path": "", "Debug": True}
+    # The proxy alone (what the daemon launches) is derived the same way.
+    assert kata.proxy_config(doc) == ("noProxy", vc["ProxyConfig"])
 
 
 def test_proxy_table_sets_proxy_config(assets: dict[str, str]) -> None:
@@ -568,6 +570,7 @@ def test_proxy_table_sets_proxy_config(assets: dict[str, str]) -> None:
     vc = kata.vm_config(doc, "1.x")
     assert vc["ProxyType"] == "kataProxy"
     assert vc["ProxyConfig"] == {"Path": assets["qemu"], "Debug": True}
+    assert kata.proxy_config(doc) == ("kataProxy", vc["ProxyConfig"])
 
 
 def test_agent_config_without_agent_table_is_kata_zero_value() -> None:
