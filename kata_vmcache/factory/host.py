@@ -79,15 +79,17 @@ def check(config: Config) -> list[ConfigProblem]:
     return problems
 
 
-def require(config: Config) -> list[ConfigProblem]:
+def require(config: Config, *, vm_needs: bool = True) -> list[ConfigProblem]:
     """Everything this host must have for `config`, as check-config, the start and every
     reload check it: ConfigError naming each missing piece (what the file alone cannot
     tell first: QEMU's machine types, the state directory; then what the VM needs: its
-    agent channel, kata-proxy, virtiofsd, ...), else the warnings."""
+    agent channel, kata-proxy, virtiofsd, ...), else the warnings. `vm_needs=False` checks
+    the first part only (the daemon's start, after `init` checked the rest: those probes
+    run subprocesses, once is enough)."""
     problems = check(config)
     if problems:
         raise ConfigError(problems)
-    return check_host(config)
+    return check_host(config) if vm_needs else []
 
 
 # --- QEMU's machine types ------------------------------------------------------------------

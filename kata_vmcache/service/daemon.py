@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..errors import ConfigError, EndpointInUse, UsageError
+from ..errors import EndpointInUse, UsageError
 from ..factory import Factory, host
 from ..factory.direct import DirectFactory
 from ..factory.template import TemplateFactory
@@ -261,11 +261,7 @@ async def serve(config: Config, *, shutdown: asyncio.Event | None = None,
     try:
         # What the file cannot tell (QEMU's machine types, whose state_dir): before
         # anything is touched. An existing state_dir is never re-moded (factory/host.py).
-        # The VM's own needs (virtiofsd, kata-proxy, ...) were checked by `init` already
-        # (host.require): their probes run subprocesses, once is enough.
-        problems = await asyncio.to_thread(host.check, config)
-        if problems:
-            raise ConfigError(problems)
+        await asyncio.to_thread(host.require, config, vm_needs=False)
         prepare_endpoint(endpoint)
         host.claim_state_dir(config)
         lock = lock_state_dir(state_dir)
