@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tree_wheels import build_wheels
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "scripts" / "install.sh"
@@ -24,14 +25,7 @@ INSTALL = REPO / "scripts" / "install.sh"
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Our wheel, built from this tree (the image holds it with its dependencies)."""
-    out = tmp_path_factory.mktemp("wheels")
-    build = tmp_path_factory.mktemp("src")
-    shutil.copytree(REPO, build / "src", ignore=shutil.ignore_patterns(
-        ".venv", ".demo", ".git", "*_cache", ".cache", "build", "*.egg-info", "bench"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(out), str(build / "src")],
-                   check=True, timeout=120)
-    return out
+    return build_wheels(tmp_path_factory.mktemp("wheels"), deps=False)
 
 
 def install(root: Path, wheels: Path) -> subprocess.CompletedProcess[str]:

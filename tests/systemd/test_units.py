@@ -45,8 +45,10 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from tree_wheels import build_wheels
 
 from . import bed
 
@@ -68,16 +70,16 @@ pytestmark = [
 DROP_IN = "[Service]\nWatchdogSec=6s\n"
 
 
-def _wheels(out: Path) -> Path:
-    """Our wheel and its dependencies', built from this tree (the DaemonSet image's way)."""
-    src = out / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".venv", ".demo", ".git", "*_cache", ".cache", "build", "*.egg-info", "bench"))
-    wheels = out / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
-                    "-w", str(wheels), str(src)], check=True, timeout=300,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return wheels
+def until(check: Callable[[], Any], timeout: float, what: Callable[[], object],
+          interval: float = 0.2) -> Any:
+    """Poll `check` (another process's state, seen through systemctl or our CLI: nothing
+    to await) until it gives a true value, and return it; fail with `what()` once
+    `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, what()
+        time.sleep(interval)
+    return value
 
 
 def _configure(root: Path) -> None:
@@ -123,7 +125,7 @@ def container() -> Iterator[bed.Container]:
                        timeout=300)
         timings["private copy"] = time.monotonic() - started
         started = time.monotonic()
-        wheels = _wheels(work)
+        wheels = build_wheels(work, deps=True)
         # Not this machine's pip settings (PIP_FIND_LINKS...): the wheels are all it needs.
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("PIP_")},
                "ROOT": str(root), "CHROOT": "yes", "WHEELS": str(wheels),
@@ -170,10 +172,8 @@ def owned_pids(c: bed.Container, endpoint: str = ENDPOINT) -> set[int]:
 
 def wait_owned(c: bed.Container, endpoint: str = ENDPOINT, timeout: float = 120) -> set[int]:
     """The pids of the cache's ready VMs, once it has one."""
-    deadline = time.monotonic() + timeout
-    while not (pids := owned_pids(c, endpoint)):
-        assert time.monotonic() < deadline, "the cache readied no VM"
-        time.sleep(0.5)  # polling another process's state through the CLI
+    pids: set[int] = until(lambda: owned_pids(c, endpoint), timeout,
+                           lambda: "the cache readied no VM", interval=0.5)
     return pids
 
 
@@ -258,10 +258,7 @@ def test_reload_refuses_a_bad_edit_and_applies_a_good_one(service: bed.Container
         config.write_text(good.replace("vm_cache_number = 1", "vm_cache_number = 2"))
         c.run("systemctl", "reload", UNIT)
         assert "configuration reloaded" in journal(c), journal(c)
-        deadline = time.monotonic() + 120
-        while len(owned_pids(c)) < 2:
-            assert time.monotonic() < deadline, status(c)
-            time.sleep(0.5)  # polling another process's state through the CLI
+        until(lambda: len(owned_pids(c)) >= 2, 120, lambda: status(c), interval=0.5)
     finally:
         config.write_text(good)
 
@@ -279,21 +276,18 @@ def test_watchdog_restarts_a_stopped_daemon(service: bed.Container,
     stopped = time.monotonic()
     # WatchdogSec=6s (the drop-in): systemd sends SIGABRT (with SIGCONT), Restart=on-failure
     # starts a new daemon RestartSec=2s later; it stops the VMs its predecessor still owned.
-    deadline = stopped + 60
-    while True:
+    def restarted() -> dict[str, str] | None:
         now = show(c, "MainPID", "NRestarts", "ActiveState")
-        if now["ActiveState"] == "active" and now["MainPID"] not in ("0", old["MainPID"]):
-            break
-        assert time.monotonic() < deadline, now
-        time.sleep(0.2)  # polling systemd's view of the unit
+        serving = now["ActiveState"] == "active" and now["MainPID"] not in ("0", old["MainPID"])
+        return now if serving else None
+
+    now = until(restarted, 60, lambda: show(c, "MainPID", "NRestarts", "ActiveState"))
     report("SIGSTOP to a new daemon serving", f"{time.monotonic() - stopped:.1f} s")
     assert int(now["NRestarts"]) == int(old["NRestarts"]) + 1
     assert "Watchdog timeout" in journal(c), journal(c)
     assert status(c)["pid"] == int(now["MainPID"])
-    deadline = time.monotonic() + 60
-    while not set(qemus(c)).isdisjoint(owned):
-        assert time.monotonic() < deadline, (qemus(c), owned)
-        time.sleep(0.2)  # polling for the new daemon's clean-up
+    # The new daemon's clean-up of the VMs its predecessor owned.
+    until(lambda: set(qemus(c)).isdisjoint(owned), 60, lambda: (qemus(c), owned))
     assert mine <= set(qemus(c))
 
 
