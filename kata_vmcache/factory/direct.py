@@ -198,6 +198,9 @@ class DirectFactory:
             await probe.attach(vm.paths)
             await vm.process.execute("cont")
             await self.wait_ready(vm, probe, timeout)
+            if isinstance(probe, KataAgentProbe | KataTtrpcProbe):
+                # Said before the VM's record can say ready: a reader of both sees them in order.
+                vm.log.info("the agent answered its health check (%s)", probe.answer)
             if pause:
                 await vm.process.execute("stop")
             booted(vm, started, paused=pause)
@@ -207,8 +210,6 @@ class DirectFactory:
         finally:
             if probe is not None:
                 await probe.close()
-        if isinstance(probe, KataAgentProbe | KataTtrpcProbe):
-            vm.log.info("the agent answered its health check (%s)", probe.answer)
 
     async def start_qemu(self, vm: VM) -> None:
         """QEMU's start; when it fails because its virtiofsd has exited (QEMU then cannot
