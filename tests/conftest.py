@@ -185,12 +185,25 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 _SYSLOG: dict[str, Any] = {}
 
 
+def _pytest_temp_root() -> Path:
+    """Where pytest makes each run's tmp_path directories (`pytest-of-<user>`)."""
+    import getpass
+    import tempfile
+    return Path(os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir()) / \
+        f"pytest-of-{getpass.getuser()}"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     import socket
     import threading
 
     from kata_vmcache.factory.host import syslog_listens
-    if hasattr(config, "workerinput") or syslog_listens():
+    if hasattr(config, "workerinput"):
+        return
+    # tmp_path_retention_policy = "failed" (pyproject.toml) removes a passing run's
+    # directories but not pytest's root above them: removed at the end if this run made it.
+    _SYSLOG["made_temp_root"] = not _pytest_temp_root().exists()
+    if syslog_listens():
         return
     with contextlib.suppress(FileNotFoundError):
         os.unlink("/dev/log")  # a stale socket: nobody receives on it
@@ -208,6 +221,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SYSLOG.pop("made_temp_root", False):
+        root = _pytest_temp_root()
+        current = root / "pytest-current"  # pytest's link to this run's directory
+        with contextlib.suppress(OSError):  # not empty: a failed test's directory stays
+            if current.is_symlink() and not current.exists():
+                current.unlink()
+            root.rmdir()
     sock = _SYSLOG.pop("socket", None)
     if sock is not None:
         with contextlib.suppress(FileNotFoundError):

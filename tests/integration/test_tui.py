@@ -11,9 +11,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -123,8 +124,18 @@ def tmux() -> Iterator[list[str]]:
     """A private tmux server (its own socket), killed afterwards."""
     if not shutil.which("tmux"):
         pytest.fail("tmux is not installed (run `make setup`)")
-    base = ["tmux", "-L", f"kvc-{uuid.uuid4().hex[:8]}", "-f", "/dev/null"]
-    yield base
+    # Its socket in a directory of ours (-S), not tmux's shared /tmp/tmux-UID (-L), whose
+    # socket file would outlive the server.
+    sockets = Path(tempfile.mkdtemp(prefix="kvc-tmux-"))
+    base = ["tmux", "-S", str(sockets / "tmux.sock"), "-f", "/dev/null"]
+    try:
+        yield base
+    finally:
+        _kill_tmux(base)
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+def _kill_tmux(base: list[str]) -> None:
     server_pid = subprocess.run([*base, "display-message", "-p", "#{pid}"],
                                 capture_output=True, text=True).stdout.strip()
     subprocess.run([*base, "kill-server"], capture_output=True)
