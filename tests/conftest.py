@@ -182,7 +182,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 # whole run when nobody else does, and removes the socket it made at the end. Workers
 # never touch it: one socket for every worker, alive until all are done.
 
-_SYSLOG: dict[str, Any] = {}
+#: What the run's controlling process set up for the run, undone at its end.
+_RUN: dict[str, Any] = {}
 
 
 def _pytest_temp_root() -> Path:
@@ -202,7 +203,7 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     # tmp_path_retention_policy = "failed" (pyproject.toml) removes a passing run's
     # directories but not pytest's root above them: removed at the end if this run made it.
-    _SYSLOG["made_temp_root"] = not _pytest_temp_root().exists()
+    _RUN["made_temp_root"] = not _pytest_temp_root().exists()
     if syslog_listens():
         return
     with contextlib.suppress(FileNotFoundError):
@@ -217,18 +218,18 @@ def pytest_configure(config: pytest.Config) -> None:
                 sock.recv(65536)
 
     threading.Thread(target=drain, daemon=True, name="devlog").start()
-    _SYSLOG["socket"] = sock
+    _RUN["socket"] = sock
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if _SYSLOG.pop("made_temp_root", False):
+    if _RUN.pop("made_temp_root", False):
         root = _pytest_temp_root()
         current = root / "pytest-current"  # pytest's link to this run's directory
         with contextlib.suppress(OSError):  # not empty: a failed test's directory stays
             if current.is_symlink() and not current.exists():
                 current.unlink()
             root.rmdir()
-    sock = _SYSLOG.pop("socket", None)
+    sock = _RUN.pop("socket", None)
     if sock is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink("/dev/log")

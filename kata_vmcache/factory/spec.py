@@ -128,7 +128,6 @@ def file_backed_memory(kata_hv: Mapping[str, Any]) -> Path | None:
     return Path(target) if os.path.isdir(target) else None
 
 
-
 def check_kata3(config: Config) -> list[ConfigProblem]:
     """What in a Kata 3.x file Kata 3.30.0 itself refuses when it builds the VM, or what
     kata-vmcache cannot build the way Kata does. File-level rules, kept beside the 3.x

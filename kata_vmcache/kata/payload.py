@@ -74,7 +74,7 @@ def vm_config(doc: Mapping[str, Any], generation: Generation) -> dict[str, Any]:
             "AgentConfig": agent_config(doc, generation),
             "HypervisorConfig": hypervisor,
         }
-    proxy_type, proxy = gen1.proxy_config(doc, hypervisor["UseVSock"])
+    proxy_type, proxy = proxy_config(doc)
     return {
         "HypervisorType": HYPERVISOR_TYPE,
         "HypervisorConfig": hypervisor,

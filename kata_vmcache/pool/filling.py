@@ -178,13 +178,11 @@ class Filler:
         if pool.closed:
             pool.background(pool.stop(vm))
             return
-        died = vm.state is not VMState.READY
-        if died:
+        vm.on_exit(self.supervisor.died)  # which replaces one dead already at once
+        if vm.state is not VMState.READY:
             # Its QEMU or virtiofsd exited while it was being settled: never offered.
             log.warning("VM %s died before it reached the pool (%s); replacing it", vm.id,
                         vm.reason)
-        vm.on_exit(self.supervisor.died)  # which replaces one dead already at once
-        if died:
             return
         log.info("VM %s ready in %.2f s (QEMU pid %s)", vm.id, vm.boot_seconds or 0, vm.pid)
         pool.activity.vm_ready(vm)
